@@ -1,0 +1,247 @@
+"""Edit requests: the one type every editor, evaluator and the CLI agrees on.
+
+Accepted record layouts (one JSON object each, from a ``.jsonl`` file or a ``.json`` list):
+
+* ours:         ``{"id"?, "prompt", "subject", "target_new", "target_true"?}`` where
+                ``prompt`` holds ``{}`` for the subject or contains the subject verbatim;
+* ROME/MEMIT:   ``{"case_id", "requested_rewrite": {"prompt", "subject", "target_new": {"str"},
+                "target_true": {"str"}}, "paraphrase_prompts", "neighborhood_prompts", ...}``;
+* MEND/EasyEdit CounterFact: ``{"case_id", "prompt", "subject", "target_new", "ground_truth",
+                "rephrase_prompt", "locality_prompt", "locality_ground_truth"}``;
+* MEND zsRE:    ``{"subject", "src", "alt", "answers", "rephrase", "loc", "loc_ans"}``.
+
+Parsing never guesses silently: a record that fits none of them raises
+:class:`~rlsedit.errors.InvalidRequestError` naming the record and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import InvalidRequestError
+
+SUBJECT_SLOT = "{}"
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to write: ``prompt.replace("{}", subject)`` should continue with ``target_new``.
+
+    Attributes:
+        id: stable identifier (journal key, undo handle); the record's own id or ``case_id``,
+            else its position in the file.
+        prompt: template with exactly one ``{}`` where the subject goes.
+        subject: the entity whose fact changes; keys are read at its last token.
+        target_new: the new object, without a leading space (tokenizers add it, see
+            :func:`target_text`).
+        target_true: the old object, when the record knows it (evaluation only).
+        paraphrases: full prompts that should also yield ``target_new`` (generalization).
+        neighborhood: full prompts about other subjects that must keep their answer.
+        neighborhood_answers: the answer each neighborhood prompt should keep (may be empty
+            when the layout only knows ``target_true``).
+        generation_prompts: free-text prompts for fluency/consistency (ROME layout only).
+    """
+
+    id: str
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    paraphrases: tuple[str, ...] = ()
+    neighborhood: tuple[str, ...] = ()
+    neighborhood_answers: tuple[str, ...] = ()
+    generation_prompts: tuple[str, ...] = ()
+
+    @property
+    def text(self) -> str:
+        """The prompt with the subject filled in."""
+        return self.prompt.replace(SUBJECT_SLOT, self.subject)
+
+    def to_record(self) -> dict[str, Any]:
+        """Our own JSON layout (what the journal stores); :func:`parse_request` reads it back."""
+        rec: dict[str, Any] = {
+            "id": self.id,
+            "prompt": self.prompt,
+            "subject": self.subject,
+            "target_new": self.target_new,
+        }
+        if self.target_true is not None:
+            rec["target_true"] = self.target_true
+        for name in ("paraphrases", "neighborhood", "neighborhood_answers", "generation_prompts"):
+            value = getattr(self, name)
+            if value:
+                rec[name] = list(value)
+        return rec
+
+
+def target_text(target: str) -> str:
+    """The string to tokenize for a target: one leading space, as ROME/MEMIT do."""
+    return target if target.startswith(" ") else " " + target
+
+
+def _require_str(record: dict, key: str, where: str, *, allow_empty: bool = False) -> str:
+    if key not in record:
+        raise InvalidRequestError(f"{where}: missing field {key!r}")
+    value = record[key]
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise InvalidRequestError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def _str_list(record: dict, key: str, where: str) -> tuple[str, ...]:
+    value = record.get(key)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidRequestError(f"{where}: field {key!r} must be a string or a list of strings")
+    return tuple(value)
+
+
+def _template(prompt: str, subject: str, where: str) -> str:
+    """Turn a prompt into a ``{}`` template: keep a slot, or cut the subject out verbatim."""
+    slots = prompt.count(SUBJECT_SLOT)
+    if slots > 1:
+        raise InvalidRequestError(f"{where}: prompt has {slots} '{{}}' slots, expected one: {prompt!r}")
+    if slots == 1:
+        return prompt
+    pos = prompt.find(subject)
+    if pos < 0:
+        raise InvalidRequestError(
+            f"{where}: subject {subject!r} does not occur in prompt {prompt!r}; "
+            "put '{}' where the subject goes or include it verbatim"
+        )
+    return prompt[:pos] + SUBJECT_SLOT + prompt[pos + len(subject):]
+
+
+def _target(value: Any, key: str, where: str) -> str:
+    if isinstance(value, dict):  # ROME: {"str": ..., "id": ...}
+        value = value.get("str")
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = value[0]  # zsRE "answers": the first is the reference
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
+    value = value.strip()
+    if not value:
+        raise InvalidRequestError(f"{where}: {key!r} is empty")
+    return value
+
+
+def parse_request(record: Any, index: int = 0) -> EditRequest:
+    """Build an :class:`EditRequest` from one record in any accepted layout.
+
+    ``index`` is the record's position; it names the record in errors and serves as id
+    when the record has none.
+    """
+    where = f"edit #{index}"
+    if not isinstance(record, dict):
+        raise InvalidRequestError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    rec_id = record.get("id", record.get("case_id", index))
+    if not isinstance(rec_id, (str, int)) or isinstance(rec_id, bool):
+        raise InvalidRequestError(f"{where}: 'id' must be a string or an integer, got {rec_id!r}")
+    rec_id = str(rec_id)
+    where = f"edit #{index} (id {rec_id})"
+
+    if "requested_rewrite" in record:  # ROME / MEMIT CounterFact
+        rw = record["requested_rewrite"]
+        if isinstance(rw, list):  # MEMIT allows a list; one rewrite per record here
+            if len(rw) != 1:
+                raise InvalidRequestError(f"{where}: expected one requested_rewrite, got {len(rw)}")
+            rw = rw[0]
+        if not isinstance(rw, dict):
+            raise InvalidRequestError(f"{where}: 'requested_rewrite' must be an object")
+        subject = _require_str(rw, "subject", where)
+        prompt = _template(_require_str(rw, "prompt", where), subject, where)
+        if "target_new" not in rw:
+            raise InvalidRequestError(f"{where}: missing field 'target_new'")
+        target_new = _target(rw["target_new"], "target_new", where)
+        target_true = _target(rw["target_true"], "target_true", where) if "target_true" in rw else None
+        neighborhood = _str_list(record, "neighborhood_prompts", where)
+        return EditRequest(
+            id=rec_id, prompt=prompt, subject=subject, target_new=target_new,
+            target_true=target_true,
+            paraphrases=_str_list(record, "paraphrase_prompts", where),
+            neighborhood=neighborhood,
+            neighborhood_answers=(target_true,) * len(neighborhood) if target_true else (),
+            generation_prompts=_str_list(record, "generation_prompts", where),
+        )
+
+    if "src" in record and "alt" in record:  # MEND zsRE
+        subject = _require_str(record, "subject", where)
+        prompt = _template(_require_str(record, "src", where), subject, where)
+        loc = _str_list(record, "loc", where)
+        loc_ans = _str_list(record, "loc_ans", where)
+        return EditRequest(
+            id=rec_id, prompt=prompt, subject=subject,
+            target_new=_target(record["alt"], "alt", where),
+            target_true=_target(record["answers"], "answers", where) if record.get("answers") else None,
+            paraphrases=_str_list(record, "rephrase", where),
+            neighborhood=loc, neighborhood_answers=loc_ans,
+        )
+
+    subject = _require_str(record, "subject", where)
+    prompt = _template(_require_str(record, "prompt", where), subject, where)
+    if "target_new" not in record:
+        raise InvalidRequestError(f"{where}: missing field 'target_new'")
+    target_new = _target(record["target_new"], "target_new", where)
+    true_key = "target_true" if "target_true" in record else "ground_truth"
+    target_true = _target(record[true_key], true_key, where) if true_key in record else None
+    paraphrases = _str_list(record, "paraphrases", where) or _str_list(record, "rephrase_prompt", where)
+    neighborhood = _str_list(record, "neighborhood", where) or _str_list(record, "locality_prompt", where)
+    answers = _str_list(record, "neighborhood_answers", where) or _str_list(record, "locality_ground_truth", where)
+    return EditRequest(
+        id=rec_id, prompt=prompt, subject=subject, target_new=target_new, target_true=target_true,
+        paraphrases=paraphrases, neighborhood=neighborhood, neighborhood_answers=answers,
+        generation_prompts=_str_list(record, "generation_prompts", where),
+    )
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """Yield ``(index, record)`` from a ``.jsonl`` file or a ``.json`` list/object."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidRequestError(f"edit file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"edit file {str(path)!r} is not UTF-8 text: {exc}") from None
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(f"edit file {str(path)!r}: invalid JSON: {exc}") from None
+        yield from enumerate(data)
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno - 1, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(f"edit file {str(path)!r} line {lineno}: invalid JSON: {exc}") from None
+
+
+def read_requests(path: str | Path, *, limit: int | None = None) -> list[EditRequest]:
+    """Parse every record of an edit file; the first bad one raises, naming its line."""
+    out: list[EditRequest] = []
+    for index, record in iter_records(path):
+        if limit is not None and len(out) >= limit:
+            break
+        out.append(parse_request(record, index))
+    check_unique_ids(out)
+    return out
+
+
+def check_unique_ids(requests: Iterable[EditRequest]) -> None:
+    seen: set[str] = set()
+    for req in requests:
+        if req.id in seen:
+            raise InvalidRequestError(f"edit id {req.id!r} occurs twice; ids must be unique")
+        seen.add(req.id)
