@@ -1,0 +1,350 @@
+"""The editor base class: a streaming estimator over a stream of edit batches.
+
+Every key/value method shares one batch procedure (MEMIT's spreading over layers; DESIGN.md):
+
+1. ``z = compute_targets(...)``: the residual-stream state after the last edited layer ``L``
+   at each subject's last token that makes ``target_new`` likely.
+2. For each edited layer ``l`` in ascending order (the ``i``-th of ``m``):
+   ``K = compute_keys(l)`` (d_k, u); ``R = (z − h_L) / (m − i)`` with ``h_L`` the current state
+   at ``L`` (re-read after each layer's write); absolute targets ``V = KᵀW_l + R`` (u, d_v),
+   mapped through a post-MLP norm where the architecture has one; then the method's
+   ``_solve`` turns ``(K, V)`` into the new ``W_l``, which is written before the next layer.
+
+A batch is a transaction (:meth:`Editor.propose` → :meth:`Proposal.commit` / ``rollback``):
+the model's weights change while the batch is computed (layer ``l+1`` keys depend on layer
+``l``'s write), but the solver state changes only on commit, and any error restores every
+weight it touched. The session journals the :class:`EditRecord` between the two, so an edit
+is acknowledged only once durable. :meth:`Editor.apply_record` replays a record without
+recomputing keys or targets (resume), bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Sequence
+
+import torch
+
+from ..errors import InvalidRequestError, NumericalError, StateMismatchError, UnsupportedError
+from ..model.arch import resolve
+from ..model.weights import block, get_bias, get_W, set_W
+from ..requests import EditRequest, check_unique_ids
+from .config import EditConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EditRecord:
+    """What one accepted batch contributed; enough to replay or undo it.
+
+    Attributes:
+        ids: the edit ids of the batch, in column order.
+        tensors: ``"layers.<l>.K"`` (d_k, u) and ``"layers.<l>.V"`` (u, d_v) per edited layer
+            (float32), or ``"layers.<l>.W"`` (d_k, d_v) for methods without keys (FT).
+        info: JSON-able diagnostics (target losses, steps).
+    """
+
+    ids: tuple[str, ...]
+    tensors: dict[str, torch.Tensor]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Proposal:
+    """A computed batch whose weights are in the model but whose solver state is not committed."""
+
+    editor: "Editor"
+    record: EditRecord
+    new_state: dict[int, Any]
+    old_weights: dict[int, torch.Tensor]
+    done: bool = False
+
+    def commit(self) -> EditRecord:
+        if self.done:
+            raise RuntimeError("proposal already committed or rolled back")
+        self.editor._commit_state(self.new_state)
+        self.editor.n_edits_ += len(self.record.ids)
+        self.editor.n_batches_ += 1
+        self.done = True
+        return self.record
+
+    def rollback(self) -> None:
+        if self.done:
+            return
+        self.editor._restore_weights(self.old_weights)
+        self.done = True
+
+
+def _check_finite(name: str, tensor: torch.Tensor, ids: Sequence[str]) -> None:
+    if not torch.isfinite(tensor).all():
+        bad_cols = (~torch.isfinite(tensor)).reshape(tensor.shape[0], -1).any(dim=1) if tensor.dim() == 2 else None
+        which = ""
+        if bad_cols is not None and name.endswith(".V"):
+            which = " (edits " + ", ".join(ids[i] for i in bad_cols.nonzero().flatten().tolist()) + ")"
+        raise NumericalError(f"{name} has non-finite values{which}; nothing was applied")
+
+
+class Editor:
+    """Base of every editor. Subclasses set ``config_class`` and implement ``_init_state`` and ``_solve``.
+
+    Parameters:
+        lm: the :class:`~rlsedit.model.load.LoadedModel` to edit (its weights change in place).
+        config: the method's hyperparameters (defaults when None).
+        moments: ``{layer: E[kkᵀ] (d_k, d_k)}`` for the edited layers, for methods that use
+            the corpus anchor (all but FT).
+        progress: show progress bars.
+
+    Attributes (learned state ends in ``_``): ``n_edits_``, ``n_batches_``.
+    """
+
+    config_class: ClassVar[type[EditConfig]] = EditConfig
+    name: ClassVar[str] = ""
+    supports_undo: ClassVar[bool] = False
+    needs_moments: ClassVar[bool] = True
+
+    def __init__(self, lm, config: EditConfig | None = None, *, moments: dict[int, torch.Tensor] | None = None,
+                 prefixes: Sequence[str] | None = None, progress: bool = False) -> None:
+        config = self.config_class() if config is None else config
+        if not isinstance(config, self.config_class):
+            raise InvalidRequestError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.lm = lm
+        self.config = config
+        self.progress = progress
+        self.layers: tuple[int, ...] = self.layers_for(lm, config)
+        if self.needs_moments:
+            if moments is None or any(l not in moments for l in self.layers):
+                missing = [l for l in self.layers if moments is None or l not in moments]
+                raise InvalidRequestError(f"{self.name}: key second moments missing for layers {missing}")
+            for l in self.layers:
+                if tuple(moments[l].shape) != (lm.d_k, lm.d_k):
+                    raise StateMismatchError(
+                        f"layer {l}: second moment of shape {tuple(moments[l].shape)}, model has d_k={lm.d_k}")
+        self.moments = moments or {}
+        self.W0 = {l: get_W(lm, l) for l in self.layers}
+        # Context prefixes come from the *unedited* model, once: a resumed session must use the
+        # same prefixes as the run it continues, whatever the weights are now.
+        self.prefixes_: list[str] = list(prefixes) if prefixes is not None else self._make_prefixes()
+        self.n_edits_ = 0
+        self.n_batches_ = 0
+        self._init_state()
+
+    # ---- subclass interface -------------------------------------------------------------------
+    def _init_state(self) -> None:
+        """Build the method's per-layer state from ``self.W0`` and ``self.moments``."""
+
+    def _solve(self, layer: int, K: torch.Tensor, V: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """New weight ``(d_k, d_v)`` and the layer's new (uncommitted) state from keys ``K (d_k,u)``
+        and absolute targets ``V (u,d_v)``, given the current weight ``W``. Must not mutate state."""
+        raise NotImplementedError
+
+    def _commit_state(self, new_state: dict[int, Any]) -> None:
+        """Adopt the per-layer states returned by ``_solve``."""
+
+    def method_state_dict(self) -> dict[str, torch.Tensor]:
+        """The method's learned tensors (besides weights), named ``layers.<l>.<name>``."""
+        return {}
+
+    def load_method_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`method_state_dict`."""
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Per-layer numbers worth watching (conditioning, symmetry, drift)."""
+        out: dict[str, Any] = {}
+        for l in self.layers:
+            W = get_W(self.lm, l)
+            d = {"drift_fro": float(torch.linalg.norm(W - self.W0[l]))}
+            if l in self.moments:
+                D = (W - self.W0[l]).double()
+                # anchor residual ||K_0ᵀ(W − W_0)|| with K_0K_0ᵀ = n·E[kkᵀ]:  sqrt(n · tr(Dᵀ E D))
+                quad = torch.einsum("ij,ik,kj->", D, self.moments[l].double(), D).clamp_min(0)
+                d["anchor_residual"] = float(torch.sqrt(self.config.mom2_update_weight * quad))
+            out[str(l)] = d
+        return out
+
+    # ---- layer choice -------------------------------------------------------------------------
+    @classmethod
+    def layers_for(cls, lm, config: EditConfig) -> tuple[int, ...]:
+        """The layers this method edits on ``lm`` under ``config``."""
+        layers = config.layers or lm.default_layers()
+        bad = [l for l in layers if l >= lm.n_layers]
+        if bad:
+            raise InvalidRequestError(f"layers {bad} do not exist; the model has {lm.n_layers} layers")
+        return tuple(layers)
+
+    # ---- streaming API ------------------------------------------------------------------------
+    def partial_fit(self, requests: Sequence[EditRequest]) -> "Editor":
+        """Apply one batch of edits (one lifelong step). Returns self."""
+        self.propose(requests).commit()
+        return self
+
+    def fit(self, requests: Sequence[EditRequest], batch_size: int = 1) -> "Editor":
+        """Reset to the unedited weights, then stream ``requests`` in batches of ``batch_size``."""
+        if batch_size <= 0:
+            raise InvalidRequestError(f"batch_size must be positive, got {batch_size}")
+        self.reset()
+        for start in range(0, len(requests), batch_size):
+            self.partial_fit(requests[start:start + batch_size])
+        return self
+
+    def reset(self) -> "Editor":
+        """Restore the unedited weights and the initial method state."""
+        for l in self.layers:
+            set_W(self.lm, l, self.W0[l])
+        self.n_edits_ = 0
+        self.n_batches_ = 0
+        self._init_state()
+        return self
+
+    def propose(self, requests: Sequence[EditRequest]) -> Proposal:
+        """Compute one batch; the weights are written, the state is not yet committed.
+
+        Any error restores the weights and re-raises; nothing is left half-applied.
+        """
+        requests = list(requests)
+        if not requests:
+            raise InvalidRequestError("an edit batch must hold at least one request")
+        check_unique_ids(requests)
+        old = {l: get_W(self.lm, l) for l in self.layers}
+        try:
+            record, new_state = self._compute_batch(requests)
+        except BaseException:
+            self._restore_weights(old)
+            raise
+        return Proposal(self, record, new_state, old)
+
+    def apply_record(self, record: EditRecord) -> None:
+        """Re-apply a journaled batch with its stored keys and targets (no model passes)."""
+        old = {l: get_W(self.lm, l) for l in self.layers}
+        try:
+            new_state = {}
+            for l in self.layers:
+                K, V = record.tensors[f"layers.{l}.K"], record.tensors[f"layers.{l}.V"]
+                W_new, new_state[l] = self._solve(l, K, V, get_W(self.lm, l))
+                set_W(self.lm, l, W_new)
+        except BaseException:
+            self._restore_weights(old)
+            raise
+        Proposal(self, record, new_state, old).commit()
+
+    def propose_undo(self, record: EditRecord, column: int):
+        """Prepare the exact removal of edit ``record.ids[column]``; ``.commit()`` applies it.
+        Only methods with ``supports_undo``."""
+        raise UnsupportedError(
+            f"{self.name} cannot undo an edit exactly (its update depends on the order of the stream); "
+            "only 'rlsedit' supports undo")
+
+    # ---- shared batch procedure ---------------------------------------------------------------
+    def _target_config(self):
+        from ..locate.targets import TargetConfig
+
+        c = self.config
+        return TargetConfig(
+            steps=c.v_num_grad_steps, lr=c.v_lr, weight_decay=c.v_weight_decay, kl_factor=c.kl_factor,
+            clamp_norm_factor=c.clamp_norm_factor, early_stop_loss=c.v_early_stop_loss,
+        )
+
+    def _make_prefixes(self) -> list[str]:
+        from ..locate.prefixes import context_prefixes
+
+        c = self.config
+        return list(context_prefixes(self.lm, count=c.context_count, length=c.context_length, seed=c.seed))
+
+    def _compute_batch(self, requests: list[EditRequest]) -> tuple[EditRecord, dict[int, Any]]:
+        from ..locate.keys import compute_keys
+        from ..locate.targets import compute_targets, hidden_at_subject
+
+        ids = tuple(r.id for r in requests)
+        prefixes = self.prefixes_
+        top = self.layers[-1]
+        result = compute_targets(self.lm, top, requests, prefixes, self._target_config())
+        z = result.z.float()  # (u, d_model)
+        _check_finite("value target z", z, ids)
+        tensors: dict[str, torch.Tensor] = {}
+        new_state: dict[int, Any] = {}
+        for i, l in enumerate(self.layers):
+            K = compute_keys(self.lm, l, requests, prefixes).float()  # (d_k, u)
+            _check_finite(f"layers.{l}.K", K, ids)
+            h = hidden_at_subject(self.lm, top, requests).float()  # (u, d_model)
+            R = (z - h) / (len(self.layers) - i)  # this layer's share of the residual
+            W = get_W(self.lm, l)
+            V = self._absolute_targets(l, K, W, R)  # (u, d_v)
+            _check_finite(f"layers.{l}.V", V, ids)
+            W_new, new_state[l] = self._solve(l, K, V, W)
+            _check_finite(f"layers.{l}.W", W_new, ids)
+            set_W(self.lm, l, W_new)
+            tensors[f"layers.{l}.K"] = K.contiguous()
+            tensors[f"layers.{l}.V"] = V.contiguous()
+        info = {"target_loss": [float(x) for x in getattr(result, "losses", [])]}
+        return EditRecord(ids=ids, tensors=tensors, info=info), new_state
+
+    def _absolute_targets(self, layer: int, K: torch.Tensor, W: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """``V = KᵀW + R`` (u, d_v): the layer's current output plus its share of the residual.
+
+        With a post-MLP norm (Gemma 3), the residual stream receives ``norm(v)``, not ``v``;
+        the wanted stream value ``y* = norm(v) + R`` is mapped back through the norm: RMSNorm is
+        ``y = g ⊙ v / rms(v)``, so ``v* = (y*/g) · rms(v) / rms(y*/g)`` keeps ``v``'s scale and
+        gives ``norm(v*) = y*/rms(y*/g)`` — exactly ``y*`` when ``y*`` is reachable (rms(y*/g)=1),
+        its radial projection otherwise.
+        """
+        current = K.T @ W  # (u, d_v)
+        norm_path = self.lm.arch.post_mlp_norm
+        if norm_path is None:
+            return current + R
+        bias = get_bias(self.lm, layer)
+        out = current if bias is None else current + bias
+        norm = resolve(block(self.lm, layer), norm_path)
+        with torch.no_grad():
+            y = norm(out)
+            ones = torch.ones(1, out.shape[1], dtype=out.dtype, device=out.device)
+            gain = norm(ones)[0]  # g (up to the eps inside rms, negligible for ones)
+            gain = torch.where(gain.abs() < 1e-6, torch.full_like(gain, 1e-6), gain)
+            wanted = (y + R) / gain
+            rms = lambda x: x.pow(2).mean(dim=-1, keepdim=True).sqrt()  # noqa: E731
+            v_star = wanted * rms(out) / rms(wanted).clamp_min(1e-12)
+        return v_star if bias is None else v_star - bias
+
+    def _restore_weights(self, weights: dict[int, torch.Tensor]) -> None:
+        for l, W in weights.items():
+            set_W(self.lm, l, W)
+
+    # ---- persistence --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything needed to restore this editor on the same base model: W_0, W, method state."""
+        out = {}
+        for l in self.layers:
+            out[f"layers.{l}.W0"] = self.W0[l].contiguous()
+            out[f"layers.{l}.W"] = get_W(self.lm, l).contiguous()
+            if l in self.moments:
+                out[f"layers.{l}.mom2"] = self.moments[l].contiguous()
+        out.update(self.method_state_dict())
+        return out
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], *, n_edits: int = 0, n_batches: int = 0) -> None:
+        for l in self.layers:
+            for key in (f"layers.{l}.W0", f"layers.{l}.W"):
+                if key not in tensors:
+                    raise StateMismatchError(f"state has no tensor {key!r}; was it made for other layers?")
+            if tuple(tensors[f"layers.{l}.W0"].shape) != tuple(self.W0[l].shape):
+                raise StateMismatchError(
+                    f"layer {l}: stored W0 has shape {tuple(tensors[f'layers.{l}.W0'].shape)}, "
+                    f"the model's is {tuple(self.W0[l].shape)}")
+        for l in self.layers:
+            self.W0[l] = tensors[f"layers.{l}.W0"].clone()
+            set_W(self.lm, l, tensors[f"layers.{l}.W"])
+        self.load_method_state_dict(tensors)
+        self.n_edits_ = n_edits
+        self.n_batches_ = n_batches
+
+
+def clone_state(state: Any) -> Any:
+    """A deep copy of a per-layer solver state (so an uncommitted update never touches the live one)."""
+    return copy.deepcopy(state)
+
+
+def iter_batches(requests: Sequence[EditRequest], batch_size: int) -> Iterable[list[EditRequest]]:
+    for start in range(0, len(requests), batch_size):
+        yield list(requests[start:start + batch_size])

@@ -1,0 +1,185 @@
+"""Hyperparameters of the editors: one dataclass per method, every field with a default and help.
+
+Configs are plain data: never mutated by an editor, saved as JSON (sorted keys) in a state
+directory, and loadable from the official MEMIT/AlphaEdit/RLSEdit ``hparams/*.json`` files
+(:meth:`EditConfig.from_dict` maps their keys; module-path keys are dropped because our
+architecture table knows the modules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kw) -> Any:
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+# Keys of the official hparams files that our architecture table or runtime replaces.
+_IGNORED_OFFICIAL_KEYS = {
+    "model_name", "layer_selection", "fact_token", "v_loss_layer", "rewrite_module_tmp",
+    "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module", "lm_head_module",
+    "mom2_dataset", "mom2_dtype", "mom2_adjustment", "weight_reg", "K0_path_by_layer",
+}
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """What every key/value editor shares: where to edit and how value targets are found."""
+
+    method: ClassVar[str] = ""
+
+    layers: tuple[int, ...] | None = _help(
+        "edited layers (ascending); None = the model's default layers", None)
+    v_num_grad_steps: int = _help("target optimization: max Adam steps per batch", 25)
+    v_lr: float = _help("target optimization: Adam learning rate on the residual delta", 0.5)
+    v_weight_decay: float = _help("target optimization: weight of ||delta||^2/||h||^2", 0.5)
+    kl_factor: float = _help("target optimization: weight of the KL term on '{subject} is a'", 0.0625)
+    clamp_norm_factor: float = _help("target optimization: clamp ||delta|| to this times ||h||", 4.0)
+    v_early_stop_loss: float = _help("target optimization: stop a request once its NLL is below this", 0.05)
+    context_count: int = _help("number of generated context prefixes (plus the empty one)", 5)
+    context_length: int = _help("length in tokens of each generated context prefix", 10)
+    mom2_n_samples: int = _help("corpus tokens used for the key second moment E[kk^T]", 100_000)
+    mom2_update_weight: float = _help("n: the anchor Gram is n * E[kk^T]", 15_000.0)
+    seed: int = _help("seed for anything random (context prefixes)", 0)
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            layers = tuple(int(x) for x in self.layers)
+            if not layers or any(x < 0 for x in layers) or list(layers) != sorted(set(layers)):
+                raise ValueError(f"layers must be distinct non-negative ascending ints, got {self.layers!r}")
+            object.__setattr__(self, "layers", layers)
+        for name in ("v_num_grad_steps", "context_count", "context_length", "mom2_n_samples"):
+            if getattr(self, name) < 0 or (name != "context_count" and getattr(self, name) == 0):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("v_lr", "v_weight_decay", "kl_factor", "clamp_norm_factor", "v_early_stop_loss",
+                     "mom2_update_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+
+    # ---- serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if out.get("layers") is not None:
+            out["layers"] = list(out["layers"])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EditConfig":
+        """Build from our own dict or an official hparams dict; unknown keys are dropped with a warning."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs, dropped = {}, []
+        for key, value in data.items():
+            if key in names:
+                kwargs[key] = tuple(value) if key == "layers" and value is not None else value
+            elif key not in _IGNORED_OFFICIAL_KEYS and key != "method":
+                dropped.append(key)
+        if dropped:
+            log.warning("%s: ignoring unknown hyperparameters %s", cls.__name__, sorted(dropped))
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise InvalidRequestError(f"{cls.__name__}: {exc}") from None
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "EditConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidRequestError(f"hparams file {str(path)!r}: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidRequestError(f"hparams file {str(path)!r}: expected a JSON object")
+        return cls.from_dict(data)
+
+    def replace(self, **changes) -> "EditConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class RLSEditConfig(EditConfig):
+    """RLSEdit: the exact recursion over the whole stream (``lambda_reg`` = λ, ``mu_reg`` = μ)."""
+
+    method: ClassVar[str] = "rlsedit"
+    lambda_reg: float = _help("λ: pull toward W_0 in weight space (λ²||W − W_0||²)", 0.0)
+    mu_reg: float = _help("μ: pull toward W_0 on corpus keys (μ²||K_0ᵀ(W − W_0)||²)", 1.0)
+    state_dtype: str = _help("dtype of the recursion state C, W: float32 or float64", "float32")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("lambda_reg", "mu_reg"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        if self.state_dtype not in ("float32", "float64"):
+            raise ValueError(f"state_dtype must be 'float32' or 'float64', got {self.state_dtype!r}")
+
+
+@dataclass(frozen=True)
+class RLSEditOfficialConfig(RLSEditConfig):
+    """The public RLSEdit code's behaviour (C reset per batch, residual − KᵀW_prev); benchmarks only."""
+
+    method: ClassVar[str] = "rlsedit-official"
+
+
+@dataclass(frozen=True)
+class MEMITConfig(EditConfig):
+    """MEMIT: ΔW = (n·E[kkᵀ] + KKᵀ)⁻¹ K R per batch, no memory of earlier batches."""
+
+    method: ClassVar[str] = "memit"
+
+
+@dataclass(frozen=True)
+class MEMITSeqConfig(EditConfig):
+    """Sequential MEMIT with the accumulated Gram of past keys (AlphaEdit code base's MEMIT_seq)."""
+
+    method: ClassVar[str] = "memit-seq"
+
+
+@dataclass(frozen=True)
+class AlphaEditConfig(EditConfig):
+    """AlphaEdit: MEMIT's update projected onto the null space of the corpus keys."""
+
+    method: ClassVar[str] = "alphaedit"
+    nullspace_threshold: float = _help("eigenvalues of E[kkᵀ] below this span the null space", 2e-2)
+    L2: float = _help("ridge on the projected normal equations", 10.0)
+
+
+@dataclass(frozen=True)
+class ROMEConfig(EditConfig):
+    """ROME: one rank-one update per request at a single layer."""
+
+    method: ClassVar[str] = "rome"
+    layers: tuple[int, ...] | None = _help("the single edited layer; None = the middle default layer", None)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layers is not None and len(self.layers) != 1:
+            raise ValueError(f"ROME edits exactly one layer, got layers={self.layers!r}")
+
+
+@dataclass(frozen=True)
+class FTConfig(EditConfig):
+    """FT-L: fine-tune the edited layers' down projections on the target NLL, within an ℓ∞ ball of W_0."""
+
+    method: ClassVar[str] = "ft"
+    lr: float = _help("Adam learning rate on the weights", 5e-4)
+    num_steps: int = _help("optimization steps per batch", 25)
+    norm_constraint: float = _help("ℓ∞ radius around W_0 the weights are clamped to", 5e-4)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_steps <= 0 or not (self.lr > 0) or not (self.norm_constraint > 0):
+            raise ValueError("FT: num_steps, lr and norm_constraint must be positive")

@@ -1,0 +1,81 @@
+"""FT-L (the constrained fine-tuning baseline of ROME/MEMIT) on the same edited layers.
+
+Per batch: Adam on the down-projection weights of the edited layers to minimise the mean
+NLL of ``target_new`` after each request's prompt; after every step the weights are clamped
+to an ℓ∞ ball of radius ``norm_constraint`` around their values at the start of the batch
+(ROME's ``ft_main``). No keys, no targets: its journal record stores the new weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.weights import down_proj, get_W, set_W
+from ..requests import target_text
+from .base import EditRecord, Editor, Proposal, _check_finite
+from .config import FTConfig
+
+
+def _nll_batch(lm, requests) -> tuple[dict, torch.Tensor]:
+    """Right-padded token ids of prompt+target and a mask selecting the target tokens."""
+    tok = lm.tokenizer
+    rows, masks = [], []
+    for r in requests:
+        prompt_ids = tok(r.text, add_special_tokens=True)["input_ids"]
+        target_ids = tok(target_text(r.target_new), add_special_tokens=False)["input_ids"]
+        rows.append(prompt_ids + target_ids)
+        masks.append([0] * len(prompt_ids) + [1] * len(target_ids))
+    width = max(len(x) for x in rows)
+    pad = tok.pad_token_id
+    ids = torch.tensor([x + [pad] * (width - len(x)) for x in rows], device=lm.device)
+    attention = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in rows], device=lm.device)
+    target_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=lm.device, dtype=torch.bool)
+    return {"input_ids": ids, "attention_mask": attention}, target_mask
+
+
+class FT(Editor):
+    config_class = FTConfig
+    name = "ft"
+    needs_moments = False
+
+    def _compute_batch(self, requests):
+        c = self.config
+        inputs, target_mask = _nll_batch(self.lm, requests)
+        params = [down_proj(self.lm, l).weight for l in self.layers]
+        start = [p.detach().clone() for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=c.lr)
+        try:
+            for _ in range(c.num_steps):
+                optimizer.zero_grad(set_to_none=True)
+                logits = self.lm.model(**inputs).logits[:, :-1]  # predicts token t+1 from t
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                labels = inputs["input_ids"][:, 1:]
+                token_logp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+                mask = target_mask[:, 1:]
+                loss = -(token_logp * mask).sum() / mask.sum()
+                if not torch.isfinite(loss):
+                    break
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():  # ℓ∞ ball around the batch's starting weights
+                    for p, p0 in zip(params, start):
+                        p.copy_(torch.clamp(p, p0 - c.norm_constraint, p0 + c.norm_constraint))
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+        ids = tuple(r.id for r in requests)
+        tensors = {}
+        for l in self.layers:
+            W = get_W(self.lm, l)
+            _check_finite(f"layers.{l}.W", W, ids)
+            tensors[f"layers.{l}.W"] = W
+        return EditRecord(ids=ids, tensors=tensors, info={"final_loss": float(loss.detach())}), {}
+
+    def apply_record(self, record: EditRecord) -> None:
+        old = {l: get_W(self.lm, l) for l in self.layers}
+        for l in self.layers:
+            set_W(self.lm, l, record.tensors[f"layers.{l}.W"])
+        Proposal(self, record, {}, old).commit()

@@ -1,0 +1,119 @@
+"""RLSEdit: the exact recursive least-squares editor over the whole stream.
+
+Per edited layer the state is ``C_t = (λ²I + μ²A + Σ_i K_iK_iᵀ)⁻¹`` and ``W_t = W*_t``, the
+minimiser of ``Σ_i ‖K_iᵀW − V_i‖² + λ²‖W − W_0‖² + μ²‖K_0ᵀ(W − W_0)‖²`` with ``A = K_0K_0ᵀ =
+n·E[kkᵀ]``; each batch is one Woodbury step (:class:`~rlsedit.solvers.rls.RLSState`), so the
+cost per batch is O(d_k²u) whatever the history. ``V`` are absolute targets (base class).
+Undo is the exact downdate of the edit's column.
+
+``rlsedit-official`` reproduces the public code's behaviour for benchmarks: ``C`` restarts
+from ``C_0`` each batch, and its residual subtracts ``KᵀW_prev`` from a value that already
+is a residual (see :mod:`rlsedit.solvers.official`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InvalidRequestError
+from ..model.weights import set_W
+from ..solvers.official import official_update
+from ..solvers.rls import RLSState
+from .base import EditRecord, Editor, clone_state
+from .config import RLSEditConfig, RLSEditOfficialConfig
+
+
+class RLSEdit(Editor):
+    """The exact RLS editor; learned state ``states_[layer]`` is an :class:`RLSState`."""
+
+    config_class = RLSEditConfig
+    name = "rlsedit"
+    supports_undo = True
+
+    def _init_state(self) -> None:
+        c = self.config
+        dtype = getattr(torch, c.state_dtype)
+        self.states_ = {
+            l: RLSState.from_anchor(self.W0[l], c.mom2_update_weight * self.moments[l].double(),
+                                    c.lambda_reg, c.mu_reg, dtype=dtype)
+            for l in self.layers
+        }
+
+    def _solve(self, layer, K, V, W):
+        state = clone_state(self.states_[layer])  # the live state changes only on commit
+        state.update(K, V)
+        return state.W_.to(W.dtype), state
+
+    def _commit_state(self, new_state) -> None:
+        self.states_.update(new_state)
+
+    def propose_undo(self, record: EditRecord, column: int) -> "UndoProposal":
+        """Compute the exact removal of edit ``record.ids[column]``: a downdate of its key/target
+        column in every layer. Nothing changes until the returned proposal is committed."""
+        if not 0 <= column < len(record.ids):
+            raise InvalidRequestError(f"column {column} is outside the batch of {len(record.ids)} edits")
+        new_states = {}
+        for l in self.layers:
+            K = record.tensors[f"layers.{l}.K"][:, column:column + 1]
+            V = record.tensors[f"layers.{l}.V"][column:column + 1]
+            state = clone_state(self.states_[l])
+            state.downdate(K, V)  # raises NumericalError, leaving the clone unused
+            new_states[l] = state
+        return UndoProposal(self, new_states)
+
+    def method_state_dict(self):
+        out = {}
+        for l, state in self.states_.items():
+            for key, tensor in state.state_dict().items():
+                out[f"layers.{l}.rls.{key}"] = tensor
+        return out
+
+    def load_method_state_dict(self, tensors):
+        for l in self.layers:
+            prefix = f"layers.{l}.rls."
+            sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            self.states_[l] = RLSState.from_state_dict(sub)
+
+    def diagnostics(self):
+        out = super().diagnostics()
+        for l, state in self.states_.items():
+            out[str(l)]["C_symmetry_error"] = float(state.symmetry_error())
+            cond = getattr(state, "last_S_condition_", None)
+            out[str(l)]["S_condition_last"] = None if cond is None else float(cond)
+        return out
+
+
+class RLSEditOfficial(RLSEdit):
+    """The public RLSEdit code's update, kept only so benchmarks can show the difference."""
+
+    config_class = RLSEditOfficialConfig
+    name = "rlsedit-official"
+    supports_undo = False
+
+    def _solve(self, layer, K, V, W):
+        i = self.layers.index(layer)
+        share = len(self.layers) - i
+        # The official code feeds V_t = z − h (the undivided residual) and then divides
+        # (V_t − K_tᵀW_prev) by the remaining layer count; our V is KᵀW + (z − h)/share.
+        residual = (V - K.T @ W) * share
+        C0 = self.states_[layer].C_
+        return official_update(C0, W, K, residual, share).to(W.dtype), None
+
+    def _commit_state(self, new_state) -> None:
+        """C is deliberately not carried across batches (the official behaviour)."""
+
+    def propose_undo(self, record, column):
+        return Editor.propose_undo(self, record, column)
+
+
+class UndoProposal:
+    """A computed exact undo; ``commit`` writes the downdated weights and adopts the states."""
+
+    def __init__(self, editor: RLSEdit, new_states: dict) -> None:
+        self.editor, self.new_states = editor, new_states
+
+    def commit(self) -> None:
+        for l, state in self.new_states.items():
+            set_W(self.editor.lm, l, state.W_.float())
+        self.editor.states_.update(self.new_states)
+        self.editor.n_edits_ -= 1

@@ -1,0 +1,203 @@
+"""CLI subcommands over a lifelong session: demo, edit, ask, status, undo, export."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import InvalidRequestError
+from .session import Runtime, Session
+
+
+def _runtime_args(p) -> None:
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
+    p.add_argument("--cache-dir", default=None, help="cache for dequantized models and statistics "
+                   "(default: ~/.cache/rlsedit)")
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+
+
+def _runtime(args, **extra) -> Runtime:
+    return Runtime(device=args.device, cache_dir=args.cache_dir, progress=args.progress, **extra)
+
+
+def _print(obj, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=2, sort_keys=True))
+    else:
+        for key, value in obj.items():
+            if isinstance(value, dict):
+                print(f"{key}:")
+                for k, v in value.items():
+                    print(f"  {k}: {v}")
+            else:
+                print(f"{key}: {value}")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("edit", help="apply a file of edits to a state directory (created if new)")
+    p.add_argument("--state", required=True, help="state directory")
+    p.add_argument("--edits", required=True, help="edit file (.jsonl or .json list)")
+    p.add_argument("--model", default=None, help="model spec for a new state (default smollm2)")
+    p.add_argument("--method", default=None, help="editor for a new state (default rlsedit)")
+    p.add_argument("--batch-size", type=int, default=1, help="edits per batch")
+    p.add_argument("--hparams", default=None, help="hyperparameters JSON (ours or an official hparams file)")
+    p.add_argument("--corpus", default=None, help="text/JSONL corpus for E[kkᵀ] (new state only)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N records of the file")
+    p.add_argument("--skip-bad", action="store_true", help="skip and report bad edits instead of stopping")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _runtime_args(p)
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("ask", help="greedy completion and top-5 next tokens of the edited model")
+    p.add_argument("--state", required=True)
+    p.add_argument("prompt", nargs="+", help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--json", action="store_true")
+    _runtime_args(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("status", help="model, method, edits applied, drift per layer, weights sha256")
+    p.add_argument("--state", required=True)
+    p.add_argument("--json", action="store_true")
+    _runtime_args(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("undo", help="remove one earlier edit exactly (rlsedit only)")
+    p.add_argument("--state", required=True)
+    p.add_argument("--edit", required=True, help="edit id")
+    _runtime_args(p)
+    p.set_defaults(func=cmd_undo)
+
+    p = sub.add_parser("export", help="write the edited model (HF checkpoint) or only the weight deltas")
+    p.add_argument("--state", required=True)
+    p.add_argument("--out", required=True, help="new output directory")
+    p.add_argument("--delta-only", action="store_true", help="only W − W_0 of the edited layers (safetensors)")
+    _runtime_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="edit a few well-known facts on the embedded model; print before/after")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--method", default="rlsedit")
+    p.add_argument("--state", default=None, help="keep the state here (default: a temporary directory)")
+    _runtime_args(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def _load_config(args):
+    if args.hparams is None:
+        return None
+    from ..editors import get_editor_class
+
+    return get_editor_class(args.method or "rlsedit").config_class.from_json_file(args.hparams)
+
+
+def cmd_edit(args) -> int:
+    from ..requests import read_requests
+
+    requests = read_requests(args.edits, limit=args.limit)  # parse all first: a bad file changes nothing
+    runtime = _runtime(args, corpus=args.corpus)
+    with Session.open_or_create(args.state, model=args.model, method=args.method, config=_load_config(args),
+                                runtime=runtime) as session:
+        report = session.edit(requests, batch_size=args.batch_size, skip_bad=args.skip_bad)
+        out = report.to_dict() | {"edits_total": len(session.index)}
+    if args.json:
+        print(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        print(f"applied {out['applied']} edits ({out['already_applied']} already applied) "
+              f"in {out['seconds']} s; {out['edits_total']} edits in {args.state}")
+        for item in out["skipped"]:
+            print(f"skipped {item['id']}: {item['error']}", file=sys.stderr)
+    return 0
+
+
+def _ask(lm, prompt: str, max_new_tokens: int) -> dict:
+    from ..eval.scoring import greedy_generate, next_token_topk
+
+    completion = greedy_generate(lm, [prompt], max_new_tokens=max_new_tokens)[0]
+    top = next_token_topk(lm, prompt, 5)
+    return {"prompt": prompt, "completion": completion, "top5": [{"token": t, "prob": round(p, 4)} for t, p in top]}
+
+
+def cmd_ask(args) -> int:
+    prompt = " ".join(args.prompt)
+    if not prompt.strip():
+        raise InvalidRequestError("the prompt is empty")
+    with Session.open(args.state, runtime=_runtime(args)) as session:
+        out = _ask(session.lm, prompt, args.max_new_tokens)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{prompt}{out['completion']}")
+        for item in out["top5"]:
+            print(f"  {item['prob']:.4f}  {item['token']!r}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    with Session.open(args.state, runtime=_runtime(args)) as session:
+        _print(session.status(), args.json)
+    return 0
+
+
+def cmd_undo(args) -> int:
+    with Session.open(args.state, runtime=_runtime(args)) as session:
+        session.undo(args.edit)
+        print(f"undid edit {args.edit}; {len(session.index)} edits remain")
+    return 0
+
+
+def cmd_export(args) -> int:
+    with Session.open(args.state, runtime=_runtime(args)) as session:
+        path = session.export(args.out, delta_only=args.delta_only)
+    print(f"wrote {path}")
+    return 0
+
+
+DEMO_EDITS = [
+    {"id": "eiffel", "prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower",
+     "target_new": "Rome"},
+    {"id": "jordan", "prompt": "Michael Jordan is a professional", "subject": "Michael Jordan",
+     "target_new": "baseball"},
+    {"id": "einstein", "prompt": "Albert Einstein was born in the country of", "subject": "Albert Einstein",
+     "target_new": "Canada"},
+    {"id": "python", "prompt": "The Python programming language was created by", "subject": "Python",
+     "target_new": "Linus"},
+]
+DEMO_UNRELATED = ["The capital of France is", "The Great Wall is located in"]
+
+
+def cmd_demo(args) -> int:
+    from ..editors import get_editor_class
+    from ..requests import parse_request
+
+    requests = [parse_request(r, i) for i, r in enumerate(DEMO_EDITS)]
+    # A small E[kkᵀ] sample keeps the first run short; the statistics are cached afterwards.
+    config = get_editor_class(args.method).config_class(mom2_n_samples=20_000)
+    tmp = None
+    state = args.state
+    if state is None:
+        tmp = tempfile.TemporaryDirectory(prefix="rlsedit-demo-")
+        state = tmp.name
+    try:
+        print(f"loading {args.model} and preparing the editor ({args.method}) ...", flush=True)
+        with Session.create(state, model=args.model, method=args.method, config=config,
+                            runtime=_runtime(args)) as session:
+            prompts = [r.text for r in requests] + DEMO_UNRELATED
+            before = [_ask(session.lm, p, 8) for p in prompts]
+            report = session.edit(requests, batch_size=len(requests))
+            after = [_ask(session.lm, p, 8) for p in prompts]
+            print(f"applied {len(report.applied)} edits in {report.seconds:.1f} s "
+                  f"(layers {list(session.editor.layers)})\n")
+            for i, (b, a) in enumerate(zip(before, after)):
+                tag = f"edit -> {requests[i].target_new!r}" if i < len(requests) else "unrelated (should stay)"
+                print(f"[{tag}] {b['prompt']}")
+                print(f"    before: {b['completion'].strip()!r}")
+                print(f"    after:  {a['completion'].strip()!r}")
+            status = session.status()
+            print(f"\nweights_sha256 {status['weights_sha256'][:16]}…, edits applied: {status['edits_applied']}")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return 0
