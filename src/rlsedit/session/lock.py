@@ -1,0 +1,98 @@
+"""One writer per state directory: an advisory ``flock`` on ``<dir>/.lock``.
+
+The lock belongs to an open file description, so the kernel drops it when the holder exits
+for any reason (``kill -9`` included): a stale lock cannot outlive its process. The holder
+writes its pid into the file so that a refused process can say who holds it. The file itself
+is never deleted (deleting it would let two processes lock two different inodes).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+from types import TracebackType
+
+from ..errors import StateError, StateLockedError
+
+LOCK_FILE_NAME = ".lock"
+
+
+class StateLock:
+    """Exclusive, non-blocking lock on a state directory; a context manager.
+
+    ``with StateLock(directory): ...`` holds the lock for the block. A second holder, in
+    another process or in this one, is refused at once with
+    :class:`~rlsedit.errors.StateLockedError` naming the directory and the holder's pid.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_FILE_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            raise StateError(f"the lock on {self.directory} is already held by this StateLock")
+        if not self.directory.is_dir():
+            raise StateError(f"cannot lock {self.directory}: not a directory")
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StateError(f"cannot open the lock file {self.path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                who = f"process {holder}" if holder is not None else "another process (pid unknown)"
+                raise StateLockedError(
+                    f"state directory {self.directory} is locked by {who}; wait for it to "
+                    f"finish or stop it (lock file {self.path})"
+                ) from None
+            raise StateError(f"cannot lock {self.path}: {exc}") from exc
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        except OSError:
+            pass  # the pid is only for messages; the flock is what excludes
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            # closing the descriptor drops the flock
+            os.close(fd)
+
+    def __del__(self) -> None:
+        # an unreachable lock can never be released otherwise (its process would keep it)
+        self.release()
+
+    def __enter__(self) -> StateLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"StateLock({str(self.directory)!r}, held={self.held})"
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+        return int(text) if text else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None

@@ -1,0 +1,58 @@
+"""Snapshot files: the caller's full state at one point of the journal.
+
+``snapshot-<covers_seq:08d>-<sha12>.safetensors`` holds the caller's tensors; its safetensors
+metadata (``str -> str``) is::
+
+    format     = "rlsedit.snapshot/1"
+    covers_seq = "<n>"     the state after journal entries 0 .. n-1 (replay starts at n)
+    meta       = caller's metadata as compact JSON (sorted keys)
+
+The manifest records its name, size and sha256 (see :mod:`.manifest`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import StateCorruptError, StateError
+from .jsonio import dumps_json, loads_json, to_json_value
+from .tensorfile import decode, encode
+
+SNAPSHOT_FORMAT = "rlsedit.snapshot/1"
+
+
+def encode_snapshot(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], covers_seq: int) -> bytes:
+    if not isinstance(meta, Mapping):
+        raise StateError(f"snapshot meta must be a dict, got {type(meta).__name__}")
+    metadata = {
+        "format": SNAPSHOT_FORMAT,
+        "covers_seq": str(covers_seq),
+        "meta": dumps_json(to_json_value(dict(meta), what="snapshot meta"), compact=True),
+    }
+    return encode(tensors, metadata)
+
+
+def decode_snapshot(data: bytes, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    """``(tensors, meta, covers_seq)`` from the (already checksummed) bytes of ``path``."""
+    what = "snapshot"
+    tensors, metadata = decode(data, path, what=what)
+
+    def corrupt(problem: str) -> StateCorruptError:
+        return StateCorruptError(f"{what} {path} is corrupt: {problem}")
+
+    if set(metadata) != {"format", "covers_seq", "meta"} or metadata["format"] != SNAPSHOT_FORMAT:
+        raise corrupt(f"metadata {sorted(metadata)} is not that of an {SNAPSHOT_FORMAT} file")
+    covers_text = metadata["covers_seq"]
+    if not (covers_text.isascii() and covers_text.isdigit() and str(int(covers_text)) == covers_text):
+        raise corrupt(f"covers_seq {covers_text!r} is not a decimal integer")
+    try:
+        meta = loads_json(metadata["meta"])
+    except (ValueError, RecursionError) as exc:
+        raise corrupt(f"meta is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise corrupt("meta is not a JSON object")
+    return tensors, meta, int(covers_text)
