@@ -28,7 +28,6 @@ from ..errors import InvalidRequestError, NumericalError, RLSEditError, StateErr
 from ..model.load import load_model
 from ..model.weights import down_proj, get_W, weights_sha256
 from ..requests import EditRequest, target_text
-from .lock import StateLock
 from .store import StateStore, is_state_dir
 
 log = logging.getLogger(__name__)
@@ -68,11 +67,10 @@ class Session:
     :meth:`undo`, :meth:`status`, :meth:`export`; :meth:`close` (or ``with``) releases the lock.
     """
 
-    def __init__(self, directory: Path, store: StateStore, lock: StateLock, lm, editor, runtime: Runtime,
+    def __init__(self, directory: Path, store: StateStore, lm, editor, runtime: Runtime,
                  index: dict[str, list[int]], undone: set[str], batches_since_snapshot: int) -> None:
         self.directory = directory
-        self.store = store
-        self.lock = lock
+        self.store = store  # holds the directory's lock until close()
         self.lm = lm
         self.editor = editor
         self.runtime = runtime
@@ -90,35 +88,30 @@ class Session:
         config = config if config is not None else editor_cls.config_class()
         if not isinstance(config, editor_cls.config_class):
             raise InvalidRequestError(f"method {method!r} needs a {editor_cls.config_class.__name__}")
+        if is_state_dir(directory):
+            raise StateError(f"{directory} already holds a state; open it instead of creating one")
+        lm = load_model(model, device=runtime.device, cache_dir=runtime.cache_dir)
+        layers = editor_cls.layers_for(lm, config)
+        moments = _moments(lm, layers, config, runtime) if editor_cls.needs_moments else None
+        editor = editor_cls(lm, config, moments=moments, progress=runtime.progress)
+        meta = {
+            "rlsedit_version": __version__,
+            "model": {"spec": lm.spec, "name": lm.name, "fingerprint": lm.fingerprint,
+                      "family": lm.arch.family, "d_k": lm.d_k, "d_model": lm.d_model, "n_layers": lm.n_layers},
+            "method": method,
+            "config": config.to_dict(),
+            "layers": list(editor.layers),
+            "prefixes": editor.prefixes_,
+            "corpus": str(runtime.corpus or DEFAULT_CORPUS) if moments is not None else None,
+        }
         directory.mkdir(parents=True, exist_ok=True)
-        lock = StateLock(directory)
-        lock.acquire()
+        store = StateStore.create(directory, meta)  # takes the directory's lock
         try:
-            if is_state_dir(directory):
-                raise StateError(f"{directory} already holds a state; open it instead of creating one")
-            lm = load_model(model, device=runtime.device, cache_dir=runtime.cache_dir)
-            moments = None
-            layers = editor_cls.layers_for(lm, config)
-            if editor_cls.needs_moments:
-                moments = _moments(lm, layers, config, runtime)
-            editor = editor_cls(lm, config, moments=moments, progress=runtime.progress)
-            meta = {
-                "rlsedit_version": __version__,
-                "model": {"spec": lm.spec, "name": lm.name, "fingerprint": lm.fingerprint,
-                          "family": lm.arch.family, "d_k": lm.d_k, "d_model": lm.d_model,
-                          "n_layers": lm.n_layers},
-                "method": method,
-                "config": config.to_dict(),
-                "layers": list(editor.layers),
-                "prefixes": editor.prefixes_,
-                "corpus": str(runtime.corpus or DEFAULT_CORPUS) if moments is not None else None,
-            }
-            store = StateStore.create(directory, meta)
             store.write_snapshot(editor.state_dict(), _snapshot_meta(editor, {}, set()), covers_seq=0)
         except BaseException:
-            lock.release()
+            store.close()
             raise
-        return cls(directory, store, lock, lm, editor, runtime, {}, set(), 0)
+        return cls(directory, store, lm, editor, runtime, {}, set(), 0)
 
     @classmethod
     def open(cls, directory: str | Path, *, runtime: Runtime | None = None, model: str | None = None,
@@ -128,10 +121,8 @@ class Session:
         directory = Path(directory)
         if not is_state_dir(directory):
             raise StateError(f"{directory} is not a state directory (no manifest.json)")
-        lock = StateLock(directory)
-        lock.acquire()
+        store = StateStore.open(directory)  # takes the lock and verifies every file first
         try:
-            store = StateStore.open(directory)
             meta = store.meta
             if method is not None and method != meta["method"]:
                 raise StateMismatchError(f"{directory} was made with method {meta['method']!r}, not {method!r}")
@@ -147,23 +138,23 @@ class Session:
             config = editor_cls.config_class.from_dict(meta["config"])
             tensors, snap_meta, covers_seq = store.read_snapshot()
             layers = tuple(meta["layers"])
+            if editor_cls.layers_for(lm, config) != layers:
+                raise StateMismatchError(f"state layers {list(layers)} differ from its config's layers")
             moments = {l: tensors[f"layers.{l}.mom2"] for l in layers} if editor_cls.needs_moments else None
             editor = editor_cls(lm, config, moments=moments, prefixes=meta["prefixes"], progress=runtime.progress)
-            if editor.layers != layers:
-                raise StateMismatchError(f"state layers {list(layers)} differ from the config's {list(editor.layers)}")
             editor.load_state_dict(tensors, n_edits=snap_meta["n_edits"], n_batches=snap_meta["n_batches"])
             index = {k: list(v) for k, v in snap_meta["index"].items()}
             undone = set(snap_meta["undone"])
             replayed = 0
-            for entry in store.entries(covers_seq + 1):
+            for entry in store.entries(covers_seq):  # snapshot = state after entries 0..covers_seq-1
                 _replay(editor, store, entry, index, undone)
                 replayed += 1
             if replayed:
                 log.info("replayed %d journal entries after the snapshot", replayed)
         except BaseException:
-            lock.release()
+            store.close()
             raise
-        return cls(directory, store, lock, lm, editor, runtime, index, undone, replayed)
+        return cls(directory, store, lm, editor, runtime, index, undone, replayed)
 
     @classmethod
     def open_or_create(cls, directory, *, model=None, method=None, config=None, runtime=None) -> "Session":
@@ -275,7 +266,7 @@ class Session:
     def snapshot(self) -> None:
         """Write the editor's full state so reopening need not replay the journal."""
         self.store.write_snapshot(self.editor.state_dict(), _snapshot_meta(self.editor, self.index, self.undone),
-                                  covers_seq=self.store.head_seq)
+                                  covers_seq=self.store.journal_count)
         self._since_snapshot = 0
 
     # ---- inspection and export ----------------------------------------------------------------
@@ -290,7 +281,7 @@ class Session:
             "edits_applied": len(self.index),
             "edits_undone": len(self.undone),
             "batches": self.editor.n_batches_,
-            "journal_entries": self.store.head_seq,
+            "journal_entries": self.store.journal_count,
             "weights_sha256": weights_sha256(self.lm),
             "layer_diagnostics": self.editor.diagnostics(),
             "config": meta["config"],
@@ -326,7 +317,7 @@ class Session:
             if snapshot and self._since_snapshot:
                 self.snapshot()
         finally:
-            self.lock.release()
+            self.store.close()
 
     def __enter__(self) -> "Session":
         return self

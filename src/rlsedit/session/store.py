@@ -302,6 +302,14 @@ class StateStore:
             raise StateError(f"start_seq must be an integer in [0, {count}], got {start_seq!r}")
         return self._iter_entries(start_seq, count)
 
+    def read_entry(self, seq: int) -> JournalEntry:
+        """One entry by its seq (checksum verified); O(1) whatever the journal's length."""
+        self._check_usable()
+        count = self._manifest.journal_count
+        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < count:
+            raise StateError(f"journal entry {seq!r} does not exist (the journal has {count} entries)")
+        return next(self._iter_entries(seq, seq + 1))
+
     def _iter_entries(self, start_seq: int, stop_seq: int) -> Iterator[JournalEntry]:
         for seq in range(start_seq, stop_seq):
             self._check_usable()
