@@ -1,0 +1,188 @@
+"""Partial forward passes: run a model only as far as one module, or only the blocks above one.
+
+* :func:`read_module` runs the model until a module is reached, keeps that module's input
+  or output and stops the forward there (a private exception raised from the hook), so
+  nothing above it is computed.
+* :func:`capture_above` runs the model once, keeping the output of block ``layer`` and the
+  exact arguments the model passes to every block above it (attention masks, rotary
+  embeddings, ... — per block, since e.g. Gemma 3 alternates sliding and full attention).
+  :func:`run_above` then replays those blocks on a changed residual stream without
+  re-running the embedding and the blocks below.
+* :func:`logits_from_hidden` maps residual-stream states to logits (final norm, LM head,
+  optional soft-capping) for just the positions a loss reads.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..errors import UnsupportedError
+from ..model.arch import resolve
+from ..model.weights import block
+
+
+class _StopForward(Exception):
+    """Raised by a hook once it has what it came for; never escapes this module."""
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict, bool]:
+    """A block call's hidden states and the remaining arguments (positional or keyword)."""
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs), True
+    rest = dict(kwargs)
+    return rest.pop("hidden_states"), (), rest, False
+
+
+@contextmanager
+def _hooked(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _run(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    try:
+        lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+
+
+def read_module(lm, module: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                *, read: str) -> torch.Tensor:
+    """The first input (``read="input"``) or output (``read="output"``) of ``module`` on a
+    batch, computed without gradients; the forward stops at the module."""
+    seen: list[torch.Tensor] = []
+    if read == "input":
+        def hook(_mod, args, kwargs):
+            seen.append(args[0] if args else kwargs["hidden_states"])
+            raise _StopForward
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    elif read == "output":
+        def hook(_mod, _args, output):
+            seen.append(_first(output))
+            raise _StopForward
+        handle = module.register_forward_hook(hook)
+    else:
+        raise ValueError(f"read must be 'input' or 'output', got {read!r}")
+    with torch.no_grad(), _hooked([handle]):
+        _run(lm, input_ids, attention_mask)
+    if not seen:
+        raise UnsupportedError(f"the model's forward never called {type(module).__name__}; check its architecture entry")
+    return seen[0]
+
+
+@dataclass
+class BlockCalls:
+    """The arguments of one forward's calls to blocks ``first..n_layers-1``.
+
+    Attributes:
+        first: the index of the first replayed block (``layer + 1``).
+        calls: per block, ``(positional args after the hidden states, keyword args,
+            hidden_is_positional)``.
+        batch: the batch size they were captured with.
+    """
+
+    first: int
+    calls: list[tuple[tuple, dict, bool]]
+    batch: int
+
+
+def capture_above(lm, layer: int, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> tuple[torch.Tensor, BlockCalls]:
+    """Output of block ``layer`` ``(B, L, d_model)`` and the calls of the blocks above it.
+
+    One forward without gradients, stopped before the last block runs.
+    """
+    n = lm.n_layers
+    calls: list = [None] * (n - layer - 1)
+    entering: list[torch.Tensor] = []
+    out: list[torch.Tensor] = []
+    handles = []
+
+    def keep_output(_mod, _args, output):
+        out.append(_first(output))
+        if layer == n - 1:
+            raise _StopForward
+
+    handles.append(block(lm, layer).register_forward_hook(keep_output))
+    for j in range(layer + 1, n):
+        def keep_call(_mod, args, kwargs, j=j):
+            hidden, rest, kw, positional = _split_hidden(args, kwargs)
+            calls[j - layer - 1] = (rest, kw, positional)
+            if j == layer + 1:
+                entering.append(hidden)
+            if j == n - 1:
+                raise _StopForward
+        handles.append(block(lm, j).register_forward_pre_hook(keep_call, with_kwargs=True))
+    with torch.no_grad(), _hooked(handles):
+        _run(lm, input_ids, attention_mask)
+    if not out or any(call is None for call in calls):
+        raise UnsupportedError("the model's forward did not call every block; check its architecture entry")
+    if entering and not torch.equal(entering[0], out[0]):
+        raise UnsupportedError(
+            f"the model changes the residual stream between blocks {layer} and {layer + 1}; "
+            "replaying the blocks above the edited layer would be wrong for it"
+        )
+    return out[0], BlockCalls(first=layer + 1, calls=calls, batch=int(input_ids.shape[0]))
+
+
+def run_above(lm, hidden: torch.Tensor, calls: BlockCalls) -> torch.Tensor:
+    """Replay blocks ``calls.first..n_layers-1`` on ``hidden (B, L, d_model)``."""
+    h = hidden
+    for offset, (rest, kwargs, positional) in enumerate(calls.calls):
+        module = block(lm, calls.first + offset)
+        h = _first(module(h, *rest, **kwargs) if positional else module(*rest, hidden_states=h, **kwargs))
+    return h
+
+
+def _take_rows(value, index: torch.Tensor, batch: int):
+    # Batch-shaped tensors (2-D or more, leading dim == batch) follow the row selection;
+    # shared tensors (rotary tables of batch 1, cache positions, scalars) stay as they are.
+    if isinstance(value, torch.Tensor):
+        if value.dim() >= 2 and value.shape[0] == batch:
+            return value.index_select(0, index.to(value.device))
+        return value
+    if isinstance(value, tuple):
+        return tuple(_take_rows(v, index, batch) for v in value)
+    if isinstance(value, list):
+        return [_take_rows(v, index, batch) for v in value]
+    if isinstance(value, dict):
+        return {k: _take_rows(v, index, batch) for k, v in value.items()}
+    return value
+
+
+def select_rows(calls: BlockCalls, index: torch.Tensor) -> BlockCalls:
+    """The same block calls restricted to batch rows ``index``."""
+    if calls.batch == 1:
+        # Leading dims of 1 are ambiguous (batch or broadcast); only all-or-nothing happens.
+        assert index.numel() == 1, index
+        return calls
+    picked = [(_take_rows(rest, index, calls.batch), _take_rows(kw, index, calls.batch), positional)
+              for rest, kw, positional in calls.calls]
+    return BlockCalls(first=calls.first, calls=picked, batch=int(index.numel()))
+
+
+def logits_from_hidden(lm, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits ``(..., vocab)`` from final-block states ``(..., d_model)``.
+
+    ``logits = cap · tanh(lm_head(norm(h)) / cap)`` when the model soft-caps its logits
+    (``final_logit_softcapping``), else ``lm_head(norm(h))``; the norm is per token, so
+    applying it to a gathered subset of positions equals the full forward there.
+    """
+    norm = resolve(lm.model, lm.arch.final_norm)
+    head = resolve(lm.model, lm.arch.lm_head)
+    logits = head(norm(hidden))
+    cap = getattr(lm.model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits

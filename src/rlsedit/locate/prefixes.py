@@ -1,0 +1,85 @@
+"""Context prefixes: short model-written texts put in front of a prompt (MEMIT's "context
+templates"), so keys and targets are averaged over contexts instead of fitted to one.
+
+MEMIT (Meng et al., 2023, ``memit_main.get_context_templates``) samples continuations of the
+starts "The", "Therefore", "Because", "I", "You" with top-5 sampling, 10 tokens each
+(counting the start), replaces braces by spaces, and appends ``". {}"``; the bare ``"{}"``
+comes first. We do the same with a local, seeded :class:`torch.Generator` (never the
+global RNG), so the prefixes are a function of (model, count, length, seed).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+
+import torch
+
+from ..requests import SUBJECT_SLOT
+
+log = logging.getLogger(__name__)
+
+STARTS: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+"""The words MEMIT starts its context continuations with (cycled when ``count > 5``)."""
+
+TOP_K = 5
+"""Top-k sampling width, as MEMIT's ``generate_fast``."""
+
+
+def _clean(text: str) -> str:
+    # Braces would clash with the "{}" slot; control characters, newlines and runs of
+    # spaces would make the prefix look like a separate document. NFKC folds odd forms;
+    # U+FFFD marks a multi-byte character cut by the token limit.
+    text = unicodedata.normalize("NFKC", text).replace("\ufffd", "")
+    text = "".join(" " if ch in "{}" or unicodedata.category(ch).startswith("C") else ch for ch in text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _sample_continuation(lm, start: str, new_tokens: int, generator: torch.Generator) -> str:
+    """``start`` continued by up to ``new_tokens`` top-k-sampled tokens (stops at a special token)."""
+    tokenizer = lm.tokenizer
+    ids = tokenizer(start, add_special_tokens=True, return_tensors="pt")["input_ids"].to(lm.device)
+    special = set(tokenizer.all_special_ids)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            # logits_to_keep=1: only the last position goes through the LM head
+            logits = lm.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1]  # (vocab,)
+            top = torch.topk(logits.float(), TOP_K)
+            probs = torch.softmax(top.values, dim=-1)
+            pick = top.indices[torch.multinomial(probs, 1, generator=generator)]
+            if int(pick) in special:
+                break
+            ids = torch.cat([ids, pick.view(1, 1)], dim=1)
+    return tokenizer.decode(ids[0].tolist(), skip_special_tokens=True)
+
+
+def context_prefixes(lm, *, count: int = 5, length: int = 10, seed: int = 0) -> list[str]:
+    """``["{}"]`` followed by ``count`` prefixes ``"<generated text>. {}"``.
+
+    Args:
+        lm: the loaded model (it writes the texts; the result is memoised in ``lm.cache``
+            under these arguments, so later calls — also after edits change the weights —
+            return the same prefixes).
+        count: number of generated prefixes (0 gives just ``["{}"]``).
+        length: tokens per generated text, counting its start word (MEMIT: 10).
+        seed: seed of the local sampling generator.
+
+    Each generated text keeps no braces, so every prefix holds exactly one ``{}``.
+    """
+    for name, value, low in (("count", count, 0), ("length", length, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    key = ("context_prefixes", count, length, seed)
+    if key not in lm.cache:
+        generator = torch.Generator(device=lm.device)
+        generator.manual_seed(seed)
+        prefixes = [SUBJECT_SLOT]
+        for j in range(count):
+            start = STARTS[j % len(STARTS)]
+            start_tokens = len(lm.tokenizer(start, add_special_tokens=False)["input_ids"])
+            text = _clean(_sample_continuation(lm, start, max(0, length - start_tokens), generator))
+            prefixes.append(f"{text}. {SUBJECT_SLOT}")
+        log.info("context prefixes for %s: %s", lm.name, prefixes)
+        lm.cache[key] = tuple(prefixes)
+    return list(lm.cache[key])

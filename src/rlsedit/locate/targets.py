@@ -1,0 +1,477 @@
+"""Targets: the residual-stream state after block ``layer`` that makes ``target_new`` likely.
+
+For request ``i`` with subject-last-token state ``h_i`` (output of block ``layer`` on the
+bare prompt) we look for a shift ``δ_i`` that, added at the subject's last token of every
+prompt of the request, minimises the ROME/MEMIT objective (``memit/compute_z.py``)
+
+    L_i(δ) = (1/P) Σ_p (1/T) Σ_t −log P(y_t | p(x_i) ⊕ y_<t ; h_s += δ)          (rewrite)
+           + kl_factor · KL( P(· | kl(x_i); h_s += δ) ‖ P(· | kl(x_i)) )           (essence)
+           + weight_decay · ‖δ‖ / ‖h_i‖²                                           (size)
+
+with ``p`` the context prefixes, ``y_1..y_T`` the tokens of ``" " + target_new`` (teacher
+forcing: the prompt is followed by ``y_<T``), ``kl(x_i)`` the prompt ``"{subject} is a"``
+read at the subject's last token, and the KL measured against the unedited model.
+Adam on ``δ``; after every step ``δ`` is pulled back into the ball
+``‖δ‖ ≤ clamp_norm_factor · ‖h_i‖``; a request stops once ``L_i`` is below
+``early_stop_loss`` (its ``δ`` is then frozen). The result is ``z_i = h_i + δ_i``.
+
+Two notes where the official code differs from a literal reading of the papers, kept here
+because they shape the numbers: the size term is ``‖δ‖/‖h‖²`` (not squared), and the KL
+term compares next-token distributions at the subject's last token of the KL prompt.
+
+:func:`compute_targets` optimises all requests of a batch at once (one ``δ`` row each,
+one forward/backward per step over every request × prefix prompt and every KL prompt,
+replaying only the blocks above ``layer`` from states cached once);
+:func:`compute_targets_reference` is the straightforward per-request loop through the
+whole model with a hook, kept for tests and the speed benchmark.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidRequestError, NumericalError
+from ..model.hooks import edit_output
+from ..model.weights import block
+from ..requests import SUBJECT_SLOT, EditRequest, target_text
+from .forward import capture_above, logits_from_hidden, read_module, run_above, select_rows
+from .tokens import (check_layer, check_length, check_prefixes, encode_at_subject, fill_subject,
+                     length_sorted_chunks, pad_id, pad_right, prompt_texts, request_template)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 64
+"""Rows (token sequences) per forward pass; bounds memory, not the result."""
+
+
+@dataclass
+class TargetConfig:
+    """Hyperparameters of the target (``z``) optimisation.
+
+    Defaults follow the official MEMIT/AlphaEdit configurations (``v_num_grad_steps`` 25,
+    ``v_weight_decay`` 0.5, ``kl_factor`` 0.0625, ``clamp_norm_factor`` 0.75, early stop at
+    loss 5e-2). The step size is MEMIT's GPT-J / AlphaEdit's GPT-2 XL ``v_lr = 0.5`` (AlphaEdit's
+    Llama-3 uses 0.1): on SmolLM2-135M, 0.1 leaves many requests short of their target
+    within 25 steps (see docs/benchmarks/locate.md).
+    """
+
+    steps: int = field(default=25, metadata={"help": "maximum Adam steps on δ per request (MEMIT v_num_grad_steps)"})
+    lr: float = field(default=0.5, metadata={"help": "Adam learning rate on δ (MEMIT v_lr)"})
+    weight_decay: float = field(default=0.5, metadata={"help": "weight of ‖δ‖/‖h‖² in the loss (MEMIT v_weight_decay)"})
+    kl_factor: float = field(default=0.0625, metadata={"help": "weight of the KL term on the '{subject} is a' prompt"})
+    clamp_norm_factor: float = field(default=0.75, metadata={"help": "δ is kept within clamp_norm_factor·‖h‖ after each step"})
+    early_stop_loss: float = field(default=5e-2, metadata={"help": "a request stops once its loss is below this (0 disables)"})
+    kl_prompt: str = field(default="{} is a", metadata={"help": "prompt with '{}' for the subject on which the KL term is measured"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        for name, positive in (("lr", True), ("weight_decay", False), ("kl_factor", False),
+                               ("clamp_norm_factor", True), ("early_stop_loss", False)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (positive and value == 0):
+                bound = "> 0" if positive else ">= 0"
+                raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+            setattr(self, name, float(value))
+        if not isinstance(self.kl_prompt, str) or self.kl_prompt.count(SUBJECT_SLOT) != 1:
+            raise ValueError(f"kl_prompt must be a string with exactly one '{{}}', got {self.kl_prompt!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+@dataclass
+class TargetResult:
+    """What :func:`compute_targets` found, one row per request.
+
+    Attributes:
+        z: ``(u, d_model)`` the target state ``h + δ`` after block ``layer``.
+        initial: ``(u, d_model)`` the current state ``h`` there (bare prompt).
+        losses: ``(u,)`` the objective at the returned ``δ``.
+        target_prob: ``(u,)`` mean over prefixes of ``exp(−mean token NLL)`` of the target
+            at the returned ``δ``.
+        steps: ``(u,)`` Adam steps applied to each ``δ``.
+    """
+
+    z: torch.Tensor
+    initial: torch.Tensor
+    losses: torch.Tensor
+    target_prob: torch.Tensor
+    steps: torch.Tensor
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.z - self.initial
+
+
+
+@dataclass
+class _Problem:
+    """Token rows and index tensors of one batch of requests (built once, reused every step).
+
+    Rows ``0..u·P-1`` are the rewriting prompts (request-major: row ``i·P + p`` is request
+    ``i`` under prefix ``p``), rows ``u·P..u·P+u-1`` the KL prompts, cut after the subject
+    (the KL term reads the subject's last token; under causal attention later tokens cannot
+    change it). ``E`` counts target tokens over all rewriting rows.
+    """
+
+    ids: list[list[int]]
+    row_req: torch.Tensor      # (R,)  request of each row
+    row_subj: torch.Tensor     # (R,)  subject's last token in each row
+    tgt_row: torch.Tensor      # (E,)  row of each target token
+    tgt_pos: torch.Tensor      # (E,)  position whose logits predict it
+    tgt_id: torch.Tensor       # (E,)  its token id
+    tgt_scale: torch.Tensor    # (E,)  1 / T of its request (mean over target tokens)
+    kl_row: torch.Tensor       # (u,)
+    plain_row: torch.Tensor | None  # (u,) row of the bare "{}" prefix, if present
+    n_requests: int
+    n_prefixes: int
+
+
+def _build_problem(lm, requests: list[EditRequest], prefixes: list[str], config: TargetConfig) -> _Problem:
+    u, P = len(requests), len(prefixes)
+    for r in requests:
+        request_template(r)  # validates every subject before any model work
+    prompt_ids, prompt_subj = encode_at_subject(lm, prompt_texts(requests, prefixes))
+    kl_items = [fill_subject(config.kl_prompt, r.subject, f"edit {r.id!r}") for r in requests]
+    kl_ids, kl_subj = encode_at_subject(lm, kl_items)
+
+    ids: list[list[int]] = []
+    tgt_row, tgt_pos, tgt_id, tgt_scale = [], [], [], []
+    for i, request in enumerate(requests):
+        if not isinstance(request.target_new, str) or not request.target_new.strip():
+            raise InvalidRequestError(f"edit {request.id!r}: target_new is empty")
+        target = lm.tokenizer(target_text(request.target_new), add_special_tokens=False)["input_ids"]
+        if not target:
+            raise InvalidRequestError(f"edit {request.id!r}: target_new {request.target_new!r} has no tokens")
+        for p in range(P):
+            row = i * P + p
+            seq = prompt_ids[row] + list(target[:-1])  # teacher forcing: prompt ⊕ y_<T
+            check_length(lm, seq, f"edit {request.id!r}")
+            ids.append(seq)
+            first = len(prompt_ids[row]) - 1  # the logits here predict y_1
+            tgt_row.extend([row] * len(target))
+            tgt_pos.extend(range(first, first + len(target)))
+            tgt_id.extend(int(t) for t in target)
+            tgt_scale.extend([1.0 / len(target)] * len(target))
+    ids.extend(seq[: s + 1] for seq, s in zip(kl_ids, kl_subj))
+    device = lm.device
+    plain = prefixes.index(SUBJECT_SLOT) if SUBJECT_SLOT in prefixes else None
+    long = dict(dtype=torch.long, device=device)
+    return _Problem(
+        ids=ids,
+        row_req=torch.tensor([i for i in range(u) for _ in range(P)] + list(range(u)), **long),
+        row_subj=torch.tensor(prompt_subj + kl_subj, **long),
+        tgt_row=torch.tensor(tgt_row, **long), tgt_pos=torch.tensor(tgt_pos, **long),
+        tgt_id=torch.tensor(tgt_id, **long),
+        tgt_scale=torch.tensor(tgt_scale, dtype=torch.float32, device=device),
+        kl_row=torch.arange(u * P, u * P + u, device=device),
+        plain_row=None if plain is None else torch.arange(u, device=device) * P + plain,
+        n_requests=u, n_prefixes=P,
+    )
+
+
+def _kl(kl_logp: torch.Tensor, kl_init: torch.Tensor) -> torch.Tensor:
+    """``KL(p ‖ p0) = Σ_v p_v (log p_v − log p0_v)`` per row (``(k, V)`` log-probs → ``(k,)``);
+    MEMIT's ``kl_div(p0, p, log_target=True)``: edited ``p`` against unedited ``p0``."""
+    return (kl_logp.exp() * (kl_logp - kl_init)).sum(dim=-1)
+
+
+def _size(delta: torch.Tensor, init_norm: torch.Tensor, config: TargetConfig) -> torch.Tensor:
+    """``weight_decay · ‖δ‖ / ‖h‖²`` per row (MEMIT ``compute_z``; the norm is not squared)."""
+    return config.weight_decay * delta.norm(dim=-1) / init_norm.pow(2)
+
+
+def _check_finite(loss: torch.Tensor, requests: list[EditRequest], req: torch.Tensor, layer: int) -> None:
+    bad = ~torch.isfinite(loss)
+    if bad.any():
+        ids = [requests[i].id for i in req[bad].tolist()]
+        raise NumericalError(f"layer {layer}: the target loss became non-finite for edits {ids}; try a lower lr")
+
+
+def _clamp_(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
+    """``δ ← δ · min(1, max_norm / ‖δ‖)`` row-wise, in place (projection onto the ball)."""
+    norm = delta.norm(dim=-1)
+    scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(torch.finfo(delta.dtype).tiny),
+                        torch.ones_like(norm))
+    delta.mul_(scale.unsqueeze(-1))
+
+
+def hidden_at_subject(lm, layer: int, requests, *, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+    """The residual stream after block ``layer`` at the subject's last token of each
+    request's bare prompt, ``(u, d_model)`` float32 (the forward stops after that block)."""
+    layer = check_layer(lm, layer)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    requests = list(requests)
+    ids, positions = encode_at_subject(lm, prompt_texts(requests, [SUBJECT_SLOT]))
+    out = torch.empty((len(requests), lm.d_model), dtype=torch.float32, device=lm.device)
+    for chunk in length_sorted_chunks([len(s) for s in ids], batch_size):
+        input_ids, attention_mask = pad_right([ids[i] for i in chunk], pad_id(lm), lm.device)
+        h = read_module(lm, block(lm, layer), input_ids, attention_mask, read="output")  # (b, L, d)
+        pos = torch.tensor([positions[i] for i in chunk], device=lm.device)
+        out[torch.tensor(chunk, device=lm.device)] = h[torch.arange(len(chunk), device=lm.device), pos].float()
+    return out
+
+
+def _prepare(lm, layer, requests, prefixes, config, batch_size):
+    layer = check_layer(lm, layer)
+    prefixes = check_prefixes(prefixes)
+    config = TargetConfig() if config is None else config
+    if not isinstance(config, TargetConfig):
+        raise TypeError(f"config must be a TargetConfig, got {type(config).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return layer, list(requests), prefixes, config
+
+
+def _empty(lm) -> TargetResult:
+    empty = torch.empty((0, lm.d_model), dtype=torch.float32, device=lm.device)
+    none = torch.empty(0, dtype=torch.float32, device=lm.device)
+    return TargetResult(z=empty, initial=empty.clone(), losses=none, target_prob=none.clone(),
+                        steps=torch.empty(0, dtype=torch.long, device=lm.device))
+
+
+@dataclass
+class _View:
+    """The part of a group whose requests are still active."""
+
+    active: torch.Tensor   # (u,) the mask this view was built for
+    sel: torch.Tensor      # (r,) indices into the group's rows
+    rows: torch.Tensor     # (r,) global row ids
+    local: torch.Tensor    # (R,) global row -> index in this view (-1 elsewhere)
+    calls: BlockCalls
+    tgt: torch.Tensor      # (e,) target entries read here
+    kl_req: torch.Tensor   # (k,) requests whose KL row is here
+
+
+@dataclass
+class _Group:
+    """Rows of similar length run together: states after block ``layer``, block arguments."""
+
+    rows: torch.Tensor     # (g,) global row ids, ascending
+    base: torch.Tensor     # (g, L, d) output of block `layer`, unedited
+    calls: BlockCalls
+    tgt: torch.Tensor      # (e_g,) target entries whose row is in this group
+    kl_req: torch.Tensor   # (k_g,) requests whose KL row is in this group
+    view: _View | None = None
+
+    def select(self, active: torch.Tensor, problem: _Problem) -> _View | None:
+        """The view for the active requests (rebuilt only when the active set changes)."""
+        if self.view is not None and torch.equal(self.view.active, active):
+            return self.view
+        keep = active[problem.row_req[self.rows]]
+        if not keep.any():
+            self.view = None
+            return None
+        sel = torch.nonzero(keep).flatten()
+        rows = self.rows[sel]
+        local = torch.full_like(problem.row_req, -1)
+        local[rows] = torch.arange(rows.numel(), device=rows.device)
+        calls = self.calls if sel.numel() == self.rows.numel() else select_rows(self.calls, sel)
+        tgt = self.tgt[active[problem.row_req[problem.tgt_row[self.tgt]]]]
+        kl_req = self.kl_req[active[self.kl_req]]
+        self.view = _View(active=active.clone(), sel=sel, rows=rows, local=local, calls=calls, tgt=tgt, kl_req=kl_req)
+        return self.view
+
+
+def _groups(lm, layer: int, problem: _Problem, batch_size: int) -> list[_Group]:
+    """Length-sorted groups of at most ``batch_size`` rows, each captured once."""
+    row_of_tgt = problem.tgt_row
+    groups = []
+    for chunk in length_sorted_chunks([len(s) for s in problem.ids], batch_size):
+        chunk = sorted(chunk)
+        input_ids, attention_mask = pad_right([problem.ids[r] for r in chunk], pad_id(lm), lm.device)
+        base, calls = capture_above(lm, layer, input_ids, attention_mask)
+        rows = torch.tensor(chunk, dtype=torch.long, device=lm.device)
+        member = torch.zeros_like(problem.row_req, dtype=torch.bool)
+        member[rows] = True
+        groups.append(_Group(rows=rows, base=base, calls=calls,
+                             tgt=torch.nonzero(member[row_of_tgt]).flatten(),
+                             kl_req=torch.nonzero(member[problem.kl_row]).flatten()))
+    return groups
+
+
+def compute_targets(lm, layer: int, requests, prefixes, config: TargetConfig | None = None, *,
+                    batch_size: int = DEFAULT_BATCH_SIZE) -> TargetResult:
+    """Optimise ``z_i = h_i + δ_i`` for every request of a batch at once (see module doc).
+
+    All ``u`` requests share each step: their rewriting and KL prompts run in length-sorted
+    groups of at most ``batch_size`` rows (gradients accumulate over groups; one Adam step
+    on ``δ (u, d_model)`` per step). The states after block ``layer`` and the arguments of
+    the blocks above are cached from one forward per group; a step adds ``δ`` at the subject
+    rows and replays only blocks ``layer+1..N-1``, then the final norm and LM head at the
+    positions a loss reads. A request whose loss drops below ``early_stop_loss`` keeps its
+    ``δ`` and leaves the batch; the loop ends when every request has stopped or ``steps``
+    are spent. ``batch_size`` bounds memory; the result does not depend on it beyond float
+    rounding.
+    """
+    layer, requests, prefixes, config = _prepare(lm, layer, requests, prefixes, config, batch_size)
+    if not requests:
+        return _empty(lm)
+    problem = _build_problem(lm, requests, prefixes, config)
+    u, P, device = len(requests), len(prefixes), lm.device
+    groups = _groups(lm, layer, problem, batch_size)
+    if problem.plain_row is not None:
+        initial = torch.empty((u, lm.d_model), dtype=torch.float32, device=device)
+        for g in groups:
+            hit = torch.nonzero(torch.isin(problem.plain_row, g.rows)).flatten()   # requests
+            local = torch.searchsorted(g.rows, problem.plain_row[hit])
+            initial[hit] = g.base[local, problem.row_subj[problem.plain_row[hit]]].float()
+    else:
+        initial = hidden_at_subject(lm, layer, requests)
+    init_norm = initial.norm(dim=-1)                   # (u,) ‖h_i‖
+    max_norm = config.clamp_norm_factor * init_norm    # (u,)
+
+    delta = torch.zeros((u, lm.d_model), dtype=torch.float32, device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=config.lr)
+    final = torch.zeros((u, lm.d_model), dtype=torch.float32, device=device)
+    losses = torch.zeros(u, device=device)
+    probs = torch.zeros(u, device=device)
+    steps_used = torch.zeros(u, dtype=torch.long, device=device)
+    active = torch.ones(u, dtype=torch.bool, device=device)
+    kl_init = None  # (u, V) unedited log-probs on the KL prompts, from step 0 (δ = 0)
+
+    for step in range(config.steps):
+        backward = step < config.steps - 1   # the last evaluation is never followed by a step
+        optimizer.zero_grad(set_to_none=True)
+        row_nll = torch.zeros(u * P, device=device)    # (1/T) Σ_t −log p(y_t) per rewriting row
+        kl = torch.zeros(u, device=device)
+        for g in groups:
+            view = g.select(active, problem)
+            if view is None:
+                continue
+            with torch.enable_grad():
+                # h[row, s_row] += δ_{request(row)}   on the output of block `layer`
+                h = g.base.index_select(0, view.sel).index_put(
+                    (torch.arange(view.rows.numel(), device=device), problem.row_subj[view.rows]),
+                    delta[problem.row_req[view.rows]].to(g.base.dtype), accumulate=True)
+                out = run_above(lm, h, view.calls)                                     # (r, L, d)
+                kl_rows = problem.kl_row[view.kl_req]
+                read = torch.cat([out[view.local[problem.tgt_row[view.tgt]], problem.tgt_pos[view.tgt]],
+                                  out[view.local[kl_rows], problem.row_subj[kl_rows]]])  # (e + k, d)
+                logp = torch.log_softmax(logits_from_hidden(lm, read).float(), dim=-1)
+                e = view.tgt.numel()
+                tok_nll = -logp[:e].gather(1, problem.tgt_id[view.tgt].unsqueeze(1)).squeeze(1) \
+                    * problem.tgt_scale[view.tgt]                                        # (e,)
+                if kl_init is None:
+                    kl_init = torch.zeros((u, logp.shape[-1]), device=device)
+                if step == 0:
+                    kl_init[view.kl_req] = logp[e:].detach()
+                kl_group = _kl(logp[e:], kl_init[view.kl_req])                           # (k,)
+                if backward:
+                    # this group's share of Σ_i L_i: δ_i reaches only request i's rows
+                    (tok_nll.sum() / P + config.kl_factor * kl_group.sum()).backward()
+            row_nll.index_add_(0, problem.tgt_row[view.tgt], tok_nll.detach())
+            kl[view.kl_req] = kl_group.detach()
+        req = torch.nonzero(active).flatten()
+        with torch.enable_grad():
+            size = _size(delta[req], init_norm[req], config)
+            if backward:
+                size.sum().backward()
+        nll_rows = row_nll.view(u, P)
+        nll = nll_rows.mean(dim=1)[req]
+        loss = nll + config.kl_factor * kl[req] + size.detach()
+        _check_finite(loss, requests, req, layer)
+        losses[req] = loss
+        probs[req] = torch.exp(-nll_rows).mean(dim=1)[req]
+        final[req] = delta.detach()[req]
+        log.debug("layer %d step %d: mean loss %.4f (nll %.4f), mean p(target) %.4f, active %d/%d; losses %s",
+                  layer, step, loss.mean().item(), nll.mean().item(), probs[req].mean().item(), req.numel(), u,
+                  [round(v, 4) for v in loss.tolist()])
+        active[req[loss < config.early_stop_loss]] = False
+        if not backward or not active.any():
+            break
+        optimizer.step()
+        with torch.no_grad():
+            frozen = ~active
+            delta[frozen] = final[frozen]  # Adam's momentum must not move a stopped request
+            go = torch.nonzero(active).flatten()
+            moving = delta[go]
+            _clamp_(moving, max_norm[go])
+            delta[go] = moving
+        steps_used[active] += 1
+
+    return TargetResult(z=initial + final, initial=initial, losses=losses, target_prob=probs, steps=steps_used)
+
+
+def compute_targets_reference(lm, layer: int, requests, prefixes, config: TargetConfig | None = None, *,
+                              batch_size: int = DEFAULT_BATCH_SIZE) -> TargetResult:
+    """The same objective, one request at a time through the whole model.
+
+    For each request: its rewriting and KL prompts in one padded batch, ``δ`` added to the
+    output of block ``layer`` by a forward hook, full logits from ``lm.model``, Adam on ``δ``
+    (the loop of MEMIT's ``compute_z``). Slower than :func:`compute_targets`; same math.
+    ``batch_size`` is accepted for a uniform signature and unused.
+    """
+    layer, requests, prefixes, config = _prepare(lm, layer, requests, prefixes, config, batch_size)
+    if not requests:
+        return _empty(lm)
+    problem = _build_problem(lm, requests, prefixes, config)
+    device, P = lm.device, len(prefixes)
+    z, initial, losses, probs, steps_used = [], [], [], [], []
+    for i in range(len(requests)):
+        rows = torch.nonzero(problem.row_req == i).flatten()   # P rewriting rows, then the KL row
+        local = torch.full_like(problem.row_req, -1)
+        local[rows] = torch.arange(rows.numel(), device=device)
+        input_ids, attention_mask = pad_right([problem.ids[r] for r in rows.tolist()], pad_id(lm), device)
+        subj = problem.row_subj[rows]                           # (P + 1,)
+        tgt = torch.nonzero(problem.row_req[problem.tgt_row] == i).flatten()
+        kl_local = int(local[problem.kl_row[i]])
+        plain_local = None if problem.plain_row is None else int(local[problem.plain_row[i]])
+
+        seen: list[torch.Tensor] = []
+        delta = torch.zeros(lm.d_model, device=device, requires_grad=True)
+        optimizer = torch.optim.Adam([delta], lr=config.lr)
+        batch_rows = torch.arange(rows.numel(), device=device)
+
+        def add_delta(out):
+            if not seen and plain_local is not None:  # h: the unedited state on the bare prompt
+                seen.append(out[plain_local, subj[plain_local]].detach().float())
+            return out.index_put((batch_rows, subj), delta.to(out.dtype).expand(rows.numel(), -1), accumulate=True)
+
+        kl_init, h_init, used = None, None, 0
+        for step in range(config.steps):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                with edit_output(block(lm, layer), add_delta):
+                    logits = lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                logp = torch.log_softmax(logits.float(), dim=-1)                       # (P + 1, L, V)
+                tok_logp = logp[local[problem.tgt_row[tgt]], problem.tgt_pos[tgt]].gather(
+                    1, problem.tgt_id[tgt].unsqueeze(1)).squeeze(1)                    # (e,)
+                row_nll = torch.zeros(P, device=device).index_add(
+                    0, local[problem.tgt_row[tgt]], -tok_logp * problem.tgt_scale[tgt])  # (P,)
+                kl_logp = logp[kl_local, subj[kl_local]].unsqueeze(0)                 # (1, V)
+                if kl_init is None:
+                    kl_init = kl_logp.detach().clone()
+                    h_init = seen[0] if seen else hidden_at_subject(lm, layer, [requests[i]])[0]
+                loss = row_nll.mean() + config.kl_factor * _kl(kl_logp, kl_init)[0] \
+                    + _size(delta.unsqueeze(0), h_init.norm().view(1), config)[0]
+            _check_finite(loss.view(1), requests, torch.tensor([i]), layer)
+            log.debug("reference layer %d edit %r step %d: loss %.4f, p(target) %.4f",
+                      layer, requests[i].id, step, loss.item(), torch.exp(-row_nll).mean().item())
+            if loss.item() < config.early_stop_loss or step == config.steps - 1:
+                break
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                _clamp_(delta.view(1, -1), config.clamp_norm_factor * h_init.norm().view(1))
+            used += 1
+        z.append(h_init + delta.detach())
+        initial.append(h_init)
+        losses.append(loss.detach())
+        probs.append(torch.exp(-row_nll.detach()).mean())
+        steps_used.append(used)
+    return TargetResult(z=torch.stack(z), initial=torch.stack(initial), losses=torch.stack(losses),
+                        target_prob=torch.stack(probs),
+                        steps=torch.tensor(steps_used, dtype=torch.long, device=device))

@@ -1,0 +1,175 @@
+"""Targets: batched optimisation == per-request reference; hidden states; config checks.
+
+Tolerance for batched vs reference: the two paths run the same float32 math in a different
+order (blocks replayed on cached states vs the whole model with a hook; padding to
+different lengths; gradients accumulated over length groups), so ``z`` agrees to
+``rtol = atol = 1e-4`` (observed differences are ~1e-6 relative), the step counts exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from locate_tiny import one_thread  # noqa: F401  (autouse fixture)
+from locate_tiny import FAMILIES, make_lm, requests
+from rlsedit.errors import InvalidRequestError, NumericalError
+from rlsedit.locate.targets import TargetConfig, compute_targets, compute_targets_reference, hidden_at_subject
+from rlsedit.model.hooks import capture
+from rlsedit.model.weights import block, weights_sha256
+from rlsedit.requests import EditRequest
+
+PREFIXES = ["{}", "The city is far away. {}", "Because I said so. {}"]
+LAYER = 2
+# A small random model cannot reach MEMIT's loss threshold; a wide clamp lets δ move.
+NO_STOP = TargetConfig(steps=10, early_stop_loss=0.0, clamp_norm_factor=4.0)
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def lm(request):
+    return make_lm(request.param)
+
+
+def test_hidden_at_subject_is_block_output(lm):
+    H = hidden_at_subject(lm, LAYER, requests())
+    assert H.shape == (3, lm.d_model) and H.dtype == torch.float32
+    for i, r in enumerate(requests()):
+        ids = lm.tokenizer(r.text, return_tensors="pt")["input_ids"]
+        end = r.prompt.index("{}") + len(r.subject)
+        pos = len(lm.tokenizer(r.text[:end])["input_ids"]) - 1
+        with torch.no_grad(), capture(block(lm, LAYER), inputs=False) as seen:
+            lm.model(input_ids=ids)
+        torch.testing.assert_close(H[i], seen[0][0, pos], rtol=1e-5, atol=1e-6)
+
+
+def test_batched_equals_reference_without_early_stop(lm):
+    batched = compute_targets(lm, LAYER, requests(), PREFIXES, NO_STOP)
+    reference = compute_targets_reference(lm, LAYER, requests(), PREFIXES, NO_STOP)
+    assert batched.steps.tolist() == reference.steps.tolist() == [NO_STOP.steps - 1] * 3
+    torch.testing.assert_close(batched.initial, reference.initial, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batched.z, reference.z, **TOL)
+    torch.testing.assert_close(batched.losses, reference.losses, **TOL)
+    torch.testing.assert_close(batched.target_prob, reference.target_prob, **TOL)
+    assert (batched.delta.norm(dim=1) > 0).all()
+
+
+def test_batched_equals_reference_with_early_stop_at_different_steps(lm):
+    # Pick the threshold from an uninterrupted run so two requests stop early and one never.
+    free = compute_targets(lm, LAYER, requests(), PREFIXES, NO_STOP)
+    low, mid, high = sorted(free.losses.tolist())
+    config = TargetConfig(steps=10, early_stop_loss=(mid + high) / 2, clamp_norm_factor=4.0)
+    batched = compute_targets(lm, LAYER, requests(), PREFIXES, config)
+    reference = compute_targets_reference(lm, LAYER, requests(), PREFIXES, config)
+    assert batched.steps.tolist() == reference.steps.tolist()
+    assert max(batched.steps.tolist()) == config.steps - 1 and min(batched.steps.tolist()) < config.steps - 1
+    torch.testing.assert_close(batched.z, reference.z, **TOL)
+    stopped = batched.steps < config.steps - 1
+    assert (batched.losses[stopped] < config.early_stop_loss).all()
+
+
+def test_groups_do_not_change_the_result(lm):
+    # batch_size=2 splits the 12 rows into length groups and drops stopped requests' rows
+    whole = compute_targets(lm, LAYER, requests(), PREFIXES, NO_STOP, batch_size=64)
+    split = compute_targets(lm, LAYER, requests(), PREFIXES, NO_STOP, batch_size=2)
+    torch.testing.assert_close(whole.z, split.z, **TOL)
+
+
+def test_optimisation_lowers_the_loss_within_the_clamp(lm):
+    before = compute_targets(lm, LAYER, requests(), PREFIXES, TargetConfig(steps=1, clamp_norm_factor=4.0))
+    assert before.steps.tolist() == [0, 0, 0]
+    torch.testing.assert_close(before.z, before.initial)  # no step: z = h
+    after = compute_targets(lm, LAYER, requests(), PREFIXES, NO_STOP)
+    # Adam with MEMIT's step size is not monotone per request (the size term can outgrow a
+    # small NLL gain), but the target always gains probability and the batch loss drops.
+    assert (after.target_prob > before.target_prob).all()
+    assert after.losses.mean() < before.losses.mean()
+    bound = NO_STOP.clamp_norm_factor * after.initial.norm(dim=1)
+    assert (after.delta.norm(dim=1) <= bound * (1 + 1e-5)).all()
+    torch.testing.assert_close(after.initial, hidden_at_subject(lm, LAYER, requests()), rtol=1e-5, atol=1e-6)
+
+
+def test_clamp_binds():
+    lm = make_lm("llama")
+    tight = TargetConfig(steps=6, early_stop_loss=0.0, clamp_norm_factor=0.05)
+    result = compute_targets(lm, LAYER, requests(), PREFIXES, tight)
+    ratio = result.delta.norm(dim=1) / result.initial.norm(dim=1)
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 0.05), rtol=1e-4, atol=0)
+
+
+def test_without_bare_prefix_initial_is_read_separately():
+    lm = make_lm("llama")
+    result = compute_targets(lm, LAYER, requests(), ["Because I said so. {}"], NO_STOP)
+    torch.testing.assert_close(result.initial, hidden_at_subject(lm, LAYER, requests()), rtol=1e-5, atol=1e-6)
+    reference = compute_targets_reference(lm, LAYER, requests(), ["Because I said so. {}"], NO_STOP)
+    torch.testing.assert_close(result.z, reference.z, **TOL)
+
+
+def test_last_layer_has_no_blocks_to_replay():
+    lm = make_lm("gpt2")
+    last = lm.n_layers - 1
+    batched = compute_targets(lm, last, requests(), PREFIXES, NO_STOP)
+    reference = compute_targets_reference(lm, last, requests(), PREFIXES, NO_STOP)
+    torch.testing.assert_close(batched.z, reference.z, **TOL)
+
+
+def test_float32_targets_within_bound_of_float64():
+    lm = make_lm("llama")
+    lm64 = copy.copy(lm)
+    lm64.model = copy.deepcopy(lm.model).double()
+    config = TargetConfig(steps=5, early_stop_loss=0.0, clamp_norm_factor=4.0)
+    z32 = compute_targets(lm, LAYER, requests(), PREFIXES, config).z.double()
+    z64 = compute_targets(lm64, LAYER, requests(), PREFIXES, config).z.double()
+    assert ((z32 - z64).norm() / z64.norm()).item() < 1e-4
+
+
+def test_model_and_global_rng_untouched():
+    lm = make_lm("gemma3_text")
+    digest, state = weights_sha256(lm), torch.get_rng_state()
+    compute_targets(lm, LAYER, requests(), PREFIXES, NO_STOP)
+    assert weights_sha256(lm) == digest
+    assert torch.equal(state, torch.get_rng_state())
+    assert not any(p.requires_grad for p in lm.model.parameters())
+
+
+def test_non_finite_loss_is_refused_naming_the_edits():
+    lm = make_lm("llama")
+    with torch.no_grad():
+        lm.model.lm_head.weight[5, 0] = float("nan")
+    with pytest.raises(NumericalError, match="'a'"):
+        compute_targets(lm, LAYER, requests(), PREFIXES, NO_STOP)
+
+
+def test_empty_batch():
+    lm = make_lm("llama")
+    result = compute_targets(lm, LAYER, [], PREFIXES)
+    assert result.z.shape == (0, lm.d_model) and result.steps.shape == (0,)
+
+
+def test_bad_requests_are_refused():
+    lm = make_lm("llama")
+    missing = EditRequest(id="gone", prompt="Paris is in", subject="Rome", target_new="Italy")
+    with pytest.raises(InvalidRequestError, match="gone"):
+        compute_targets(lm, LAYER, requests() + [missing], PREFIXES)
+    blank = EditRequest(id="blank", prompt="{} is in", subject="Rome", target_new=" ")
+    with pytest.raises(InvalidRequestError, match="blank"):
+        compute_targets(lm, LAYER, [blank], PREFIXES)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("steps", 0), ("steps", 2.5), ("lr", 0.0), ("lr", float("nan")), ("weight_decay", -1.0),
+    ("kl_factor", float("inf")), ("clamp_norm_factor", 0), ("early_stop_loss", -0.1),
+    ("kl_prompt", "is a"), ("kl_prompt", "{} {}"), ("lr", True),
+])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        TargetConfig(**{field: value})
+
+
+def test_config_defaults_documented():
+    config = TargetConfig()
+    assert config.to_dict() == {"steps": 25, "lr": 0.5, "weight_decay": 0.5, "kl_factor": 0.0625,
+                                "clamp_norm_factor": 0.75, "early_stop_loss": 0.05, "kl_prompt": "{} is a"}
+    assert all(TargetConfig.field_help().values())
