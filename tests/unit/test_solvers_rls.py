@@ -223,6 +223,19 @@ def test_float32_overflow_of_a_float64_input_is_refused():
     _assert_unchanged(state, before)
 
 
+def test_an_update_that_would_overflow_W_is_refused_and_changes_nothing():
+    # two nearly parallel keys with very different targets: W must extrapolate beyond float32
+    state = RLSState.from_anchor(torch.zeros(2, 1), None, 1e-3, 0.0)
+    state.update(torch.tensor([[1.0], [0.0]]), torch.zeros(1, 1))
+    before = _snapshot(state)
+    with pytest.raises(NumericalError, match="the new W has"):
+        state.update(torch.tensor([[1.0], [1e-3]]), torch.tensor([[1e38]]))
+    _assert_unchanged(state, before)
+    # an ordinary update afterwards still works
+    state.update(torch.tensor([[0.0], [1.0]]), torch.ones(1, 1))
+    assert bool(torch.isfinite(state.W_).all())
+
+
 def test_non_pd_downdate_is_refused_and_changes_nothing():
     state, _, _ = _fresh_state()
     before = _snapshot(state)
