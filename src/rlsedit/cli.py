@@ -18,6 +18,7 @@ from .errors import RLSEditError
 # module path -> it defines register(subparsers) adding one or more subcommands
 COMMAND_MODULES: tuple[str, ...] = (
     "rlsedit.session.cli",
+    "rlsedit.bench.solver_cli",
 )
 
 
