@@ -17,6 +17,7 @@ from .errors import RLSEditError
 
 # module path -> it defines register(subparsers) adding one or more subcommands
 COMMAND_MODULES: tuple[str, ...] = (
+    "rlsedit.locate.stats_cli",
 )
 
 
