@@ -35,6 +35,7 @@ import math
 import os
 import tempfile
 import time
+import zipfile
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,6 +317,20 @@ def _write_cached(tensor_path: Path, meta_path: Path, fields: dict, moment: Seco
 # computation
 
 
+def _context_length(lm) -> int | None:
+    config = lm.model.config
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return None if context is None else int(context)
+
+
+def _resolve_seq_len(lm, seq_len: int | None) -> int:
+    """``seq_len``, or by default ``DEFAULT_SEQ_LEN`` capped at the model's context length."""
+    if seq_len is not None:
+        return seq_len
+    context = _context_length(lm)
+    return DEFAULT_SEQ_LEN if context is None else min(DEFAULT_SEQ_LEN, context)
+
+
 def _check_arguments(lm, layers, max_tokens, batch_tokens, seq_len) -> list[int]:
     layers = list(layers)
     if not layers:
@@ -333,9 +348,8 @@ def _check_arguments(lm, layers, max_tokens, batch_tokens, seq_len) -> list[int]
         raise InvalidRequestError(
             f"seq_len={seq_len} exceeds batch_tokens={batch_tokens}: a batch must fit one piece"
         )
-    context = getattr(lm.model.config, "max_position_embeddings", None) or getattr(
-        lm.model.config, "n_positions", None)
-    if context is not None and seq_len > int(context):
+    context = _context_length(lm)
+    if context is not None and seq_len > context:
         raise InvalidRequestError(f"seq_len={seq_len} exceeds the model's context length {context}")
     return sorted(set(layers))
 
@@ -415,12 +429,13 @@ def collect_second_moments(
     *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
-    seq_len: int = DEFAULT_SEQ_LEN,
+    seq_len: int | None = None,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     progress: bool = False,
 ) -> dict[int, MomentResult]:
     """:func:`second_moments` with, per layer, whether it came from the cache and how long it took."""
+    seq_len = _resolve_seq_len(lm, seq_len)
     wanted = _check_arguments(lm, layers, max_tokens, batch_tokens, seq_len)
     corpus_sha, corpus_label = _corpus_digest(corpus)
     results: dict[int, MomentResult] = {}
@@ -475,7 +490,7 @@ def second_moments(
     *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
-    seq_len: int = DEFAULT_SEQ_LEN,
+    seq_len: int | None = None,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     progress: bool = False,
@@ -492,7 +507,8 @@ def second_moments(
         max_tokens: token budget ``n`` (MEMIT's budget is 100000 *documents*; see module doc).
         batch_tokens: cap on padded tokens per forward (bounds memory; independent of the
             model's context length).
-        seq_len: length of the pieces documents are cut into (≤ the context length).
+        seq_len: length of the pieces documents are cut into (≤ the context length; default
+            ``DEFAULT_SEQ_LEN`` or the context length if shorter).
         cache_dir: cache root (default :func:`~rlsedit.model.load.default_cache_dir`); entries
             go to ``<cache_dir>/stats/``.
         use_cache: read and write the disk cache.
@@ -573,6 +589,9 @@ def load_stats_file(path: str | Path, *, d_k: int | None = None) -> SecondMoment
     source = str(path)
     wanted = {key for pair in _MEMIT_KEYS for key in pair}
     if path.suffix == ".npz":
+        # np.load falls back to unpickling for anything that is not a zip archive.
+        if not zipfile.is_zipfile(path):
+            raise StateCorruptError(f"{source}: not an .npz (zip) archive")
         try:
             with np.load(path, allow_pickle=False) as npz:
                 available = list(npz.files)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 from ..errors import InvalidRequestError
 from .stats import (
@@ -55,8 +56,9 @@ def register(subparsers) -> None:
                         help=f"token budget (default {DEFAULT_MAX_TOKENS})")
     parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
                         help=f"padded tokens per forward pass (default {DEFAULT_BATCH_TOKENS})")
-    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
-                        help=f"length of the pieces documents are cut into (default {DEFAULT_SEQ_LEN})")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help=f"length of the pieces documents are cut into "
+                             f"(default {DEFAULT_SEQ_LEN}, or the context length if shorter)")
     parser.add_argument("--cache-dir", default=None, help="cache root (default: ~/.cache/rlsedit)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -68,6 +70,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..model.load import load_model
 
+    if not Path(args.corpus).expanduser().is_file():  # fail before the model loads
+        raise InvalidRequestError(f"corpus file {args.corpus!r} does not exist")
     lm = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
     layers = parse_layers(args.layers) if args.layers else list(lm.default_layers())
     results = collect_second_moments(
