@@ -19,6 +19,7 @@ from .errors import RLSEditError
 COMMAND_MODULES: tuple[str, ...] = (
     "rlsedit.session.cli",
     "rlsedit.bench.solver_cli",
+    "rlsedit.locate.stats_cli",
 )
 
 

@@ -1,0 +1,630 @@
+"""Corpus second moments of the edited layers' keys: ``E[k kᵀ]`` over a text corpus.
+
+For each requested layer ``l`` the key ``k ∈ R^{d_k}`` is the input of block ``l``'s MLP down
+projection at one token. Over the first ``max_tokens`` non-padding tokens of a corpus,
+
+    mom_l = E[k kᵀ] = (1/n) Σ_t k_t k_tᵀ        (d_k, d_k), uncentered, float64
+
+which is MEMIT's ``SecondMoment.moment()`` (``rome/layer_stats.py`` collects ``mom2``: the sum
+``Σ k kᵀ`` and ``count = n``; ``moment() = mom2 / count``). Editors use the anchor Gram
+``A = K_0 K_0ᵀ = n · E[k kᵀ]`` (:meth:`SecondMoment.gram`).
+
+Differences from MEMIT's collector, on purpose:
+
+* the budget counts tokens (``max_tokens``), not documents (MEMIT's ``sample_size=100000``
+  is a number of Wikipedia articles, each truncated to the context length);
+* documents are read in file order and cut into ``seq_len`` pieces (each piece starts with
+  the tokenizer's own prefix, e.g. ``<bos>``, as a prompt would), so nothing past the first
+  ``seq_len`` tokens of a long article is thrown away;
+* every requested layer is collected in one pass, and the forward stops right after the
+  highest requested layer's down projection has seen its input (the rest of the network and
+  the LM head are never run).
+
+Results are cached on disk per layer (``<cache_dir>/stats/<key>.safetensors`` + ``.json``).
+The key covers what determines the statistic: the model's fingerprint, the sha256 of every
+weight upstream of the layer's keys (so statistics of an edited model never pose as the
+original's), the layer, the corpus sha256, ``max_tokens``, ``seq_len`` and the format version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import zipfile
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import InvalidRequestError, NumericalError, StateCorruptError, StateMismatchError
+from ..model.arch import resolve
+from ..model.hooks import capture
+from ..model.load import default_cache_dir
+from ..model.weights import down_proj
+
+log = logging.getLogger(__name__)
+
+STATS_FORMAT_VERSION = 1
+DEFAULT_MAX_TOKENS = 100_000
+DEFAULT_BATCH_TOKENS = 4096
+DEFAULT_SEQ_LEN = 512
+# How the sums are formed; recorded in every cache entry. Each batch's keys are cast to float64
+# before the GEMM: a float32 GEMM over 4096 tokens carries ~1e-6 relative error per entry,
+# enough to move the small eigenvalues that decide how well-conditioned λ²I + μ²A is, while
+# the float64 GEMM costs ~0.06 s per layer per 4096 tokens on 2 CPU cores (docs/LAYERS.md's
+# companion benchmark in benchmarks/stats/ gives the measured difference).
+ACCUMULATION = "float64 GEMM of float32 keys, float64 sum"
+
+
+@dataclass(frozen=True)
+class SecondMoment:
+    """``mom = E[k kᵀ] (d_k, d_k)`` float64 (uncentered) over ``count`` tokens."""
+
+    mom: torch.Tensor
+    count: int
+
+    @property
+    def d_k(self) -> int:
+        return int(self.mom.shape[0])
+
+    def gram(self) -> torch.Tensor:
+        """The anchor Gram ``A = K_0 K_0ᵀ = count · E[k kᵀ]`` (float64)."""
+        return self.mom * self.count
+
+
+@dataclass(frozen=True)
+class MomentResult:
+    """One layer's statistic and where it came from (what ``rlsedit stats`` reports).
+
+    Attributes:
+        moment: the statistic.
+        cached: True when it was read from the disk cache.
+        seconds: time to read it (cache hit) or of the pass that computed it (shared by all
+            layers computed in that pass).
+        path: the cache file, or None when caching was off.
+    """
+
+    moment: SecondMoment
+    cached: bool
+    seconds: float
+    path: Path | None
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the highest requested layer has been read: the rest is not needed."""
+
+
+# --------------------------------------------------------------------------------------------
+# corpus
+
+
+def _corpus_digest(corpus: str | Path | Sequence[str]) -> tuple[str, str]:
+    """``(sha256, label)`` of a corpus file (its bytes) or a list of texts (their JSON)."""
+    digest = hashlib.sha256()
+    if isinstance(corpus, (str, Path)):
+        path = Path(corpus).expanduser()
+        if not path.is_file():
+            raise InvalidRequestError(f"corpus file {str(path)!r} does not exist")
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+        return digest.hexdigest(), str(path.resolve())
+    texts = list(corpus)
+    if not all(isinstance(t, str) for t in texts):
+        raise InvalidRequestError("a corpus given as a sequence must hold strings only")
+    digest.update(json.dumps(texts, ensure_ascii=False).encode())
+    return digest.hexdigest(), f"<{len(texts)} texts>"
+
+
+def iter_corpus_texts(corpus: str | Path | Sequence[str]) -> Iterator[str]:
+    """The documents of a corpus, in order.
+
+    A ``.jsonl`` file holds one JSON object per line with a string ``"text"`` field (blank
+    lines are skipped); any other file is plain UTF-8 text, split into documents at blank
+    lines; a sequence of strings is used as is.
+    """
+    if not isinstance(corpus, (str, Path)):
+        yield from (t for t in corpus if t.strip())
+        return
+    path = Path(corpus).expanduser()
+    if not path.is_file():
+        raise InvalidRequestError(f"corpus file {str(path)!r} does not exist")
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as exc:
+                    raise InvalidRequestError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+                text = record.get("text") if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise InvalidRequestError(
+                        f"{path}:{lineno}: expected a JSON object with a string \"text\" field"
+                    )
+                if text.strip():
+                    yield text
+        return
+    with path.open(encoding="utf-8") as fh:
+        paragraph: list[str] = []
+        for line in fh:
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                yield "".join(paragraph)
+                paragraph = []
+        if paragraph:
+            yield "".join(paragraph)
+
+
+def _token_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text (``[<bos>]`` for Gemma/Llama 3, ``[]`` for GPT-2).
+
+    Each piece starts with them, as every prompt the editors read does. A trailing ``<eos>``
+    some tokenizers also add is not part of a prefix and is dropped.
+    """
+    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])
+    eos, bos = getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "bos_token_id", None)
+    if ids and eos is not None and eos != bos and ids[-1] == eos:
+        ids = ids[:-1]
+    return ids
+
+
+def iter_token_pieces(tokenizer, corpus, *, seq_len: int, max_tokens: int) -> Iterator[list[int]]:
+    """Token pieces of at most ``seq_len`` ids, ``max_tokens`` ids in all (the last one cut)."""
+    prefix = _token_prefix(tokenizer)
+    body = seq_len - len(prefix)
+    if body < 1:
+        raise InvalidRequestError(f"seq_len={seq_len} leaves no room after the tokenizer's prefix {prefix}")
+    left = max_tokens
+    for text in iter_corpus_texts(corpus):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), body):
+            piece = prefix + list(ids[start:start + body])
+            piece = piece[:left]
+            yield piece
+            left -= len(piece)
+            if left == 0:
+                return
+
+
+def _batches(pieces: Iterator[list[int]], batch_tokens: int) -> Iterator[list[list[int]]]:
+    """Group pieces so that ``len(batch) · longest ≤ batch_tokens`` (padded tokens included)."""
+    batch: list[list[int]] = []
+    longest = 0
+    for piece in pieces:
+        longer = max(longest, len(piece))
+        if batch and (len(batch) + 1) * longer > batch_tokens:
+            yield batch
+            batch, longer = [], len(piece)
+        batch.append(piece)
+        longest = longer
+    if batch:
+        yield batch
+
+
+# --------------------------------------------------------------------------------------------
+# cache
+
+
+def _upstream_sha256(lm, layers: Sequence[int]) -> dict[int, str]:
+    """Per layer, sha256 of every weight that can change its keys.
+
+    Keys at layer ``l`` depend on everything outside the block stack (embeddings, positions;
+    the final norm and head come along, editors never touch them) and on blocks ``0..l``
+    except block ``l``'s own down projection, which only sees the key.
+    """
+    stack = resolve(lm.model, lm.arch.layers)
+    in_stack = {id(p) for p in stack.parameters()}
+    digest = hashlib.sha256()
+
+    def feed(name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy())
+
+    for name, param in lm.model.named_parameters():
+        if id(param) not in in_stack:
+            feed(name, param)
+    wanted = set(layers)
+    out: dict[int, str] = {}
+    for index in range(max(layers) + 1):
+        blk = stack[index]
+        down = {id(p) for p in down_proj(lm, index).parameters()}
+        for name, param in blk.named_parameters():
+            if id(param) not in down:
+                feed(f"{index}.{name}", param)
+        if index in wanted:
+            out[index] = digest.copy().hexdigest()
+        for name, param in down_proj(lm, index).named_parameters():
+            feed(f"{index}.down.{name}", param)
+    return out
+
+
+def _cache_key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:40]
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename (readers never see half)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_cached(tensor_path: Path, meta_path: Path, fields: dict, d_k: int) -> SecondMoment | None:
+    """The cached statistic if both files exist and agree with the request, else None."""
+    from safetensors.torch import load_file
+
+    if not (tensor_path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if any(meta.get(k) != v for k, v in fields.items()):
+            log.warning("stats cache entry %s does not match its request; recomputing", meta_path)
+            return None
+        if meta.get("sha256") != _file_sha256(tensor_path):
+            log.warning("stats cache file %s fails its checksum; recomputing", tensor_path)
+            return None
+        mom = load_file(str(tensor_path))["mom"]
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("unreadable stats cache entry %s (%s); recomputing", tensor_path, exc)
+        return None
+    if mom.shape != (d_k, d_k) or mom.dtype != torch.float64 or not torch.isfinite(mom).all():
+        log.warning("stats cache entry %s has a wrong shape, dtype or values; recomputing", tensor_path)
+        return None
+    return SecondMoment(mom=mom, count=int(meta["count"]))
+
+
+def _write_cached(tensor_path: Path, meta_path: Path, fields: dict, moment: SecondMoment,
+                  extra: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensor_path.parent.mkdir(parents=True, exist_ok=True)
+    mom = moment.mom.detach().to("cpu").contiguous()
+    _atomic_write(tensor_path, lambda tmp: save_file({"mom": mom}, str(tmp),
+                                                     metadata={"key": tensor_path.stem}))
+    meta = dict(fields)
+    meta.update(extra)
+    meta.update(count=moment.count, shape=list(mom.shape), sha256=_file_sha256(tensor_path))
+    _atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1, sort_keys=True)))
+
+
+# --------------------------------------------------------------------------------------------
+# computation
+
+
+def _context_length(lm) -> int | None:
+    config = lm.model.config
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return None if context is None else int(context)
+
+
+def _resolve_seq_len(lm, seq_len: int | None) -> int:
+    """``seq_len``, or by default ``DEFAULT_SEQ_LEN`` capped at the model's context length."""
+    if seq_len is not None:
+        return seq_len
+    context = _context_length(lm)
+    return DEFAULT_SEQ_LEN if context is None else min(DEFAULT_SEQ_LEN, context)
+
+
+def _check_arguments(lm, layers, max_tokens, batch_tokens, seq_len) -> list[int]:
+    layers = list(layers)
+    if not layers:
+        raise InvalidRequestError("no layers requested; give at least one layer index")
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < lm.n_layers:
+            raise InvalidRequestError(
+                f"layer {layer!r} is not a block index of this model (0..{lm.n_layers - 1})"
+            )
+    for name, value, low in (("max_tokens", max_tokens, 1), ("batch_tokens", batch_tokens, 1),
+                             ("seq_len", seq_len, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InvalidRequestError(f"{name} must be an integer >= {low}, got {value!r}")
+    if seq_len > batch_tokens:
+        raise InvalidRequestError(
+            f"seq_len={seq_len} exceeds batch_tokens={batch_tokens}: a batch must fit one piece"
+        )
+    context = _context_length(lm)
+    if context is not None and seq_len > context:
+        raise InvalidRequestError(f"seq_len={seq_len} exceeds the model's context length {context}")
+    return sorted(set(layers))
+
+
+@torch.inference_mode()
+def _accumulate(lm, layers: list[int], corpus, *, max_tokens: int, batch_tokens: int,
+                seq_len: int, progress: bool) -> dict[int, SecondMoment]:
+    """One pass over the corpus: ``S_l = Σ_t k_t k_tᵀ`` for every layer, then ``S_l / n``."""
+    from tqdm.auto import tqdm
+
+    tokenizer = lm.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = lm.device
+    d_k = lm.d_k
+    sums = {l: torch.zeros(d_k, d_k, dtype=torch.float64, device=device) for l in layers}
+    count = 0
+    top = down_proj(lm, max(layers))
+
+    def stop(_module, _args, _output):
+        raise _StopForward
+
+    pieces = iter_token_pieces(tokenizer, corpus, seq_len=seq_len, max_tokens=max_tokens)
+    bar = tqdm(total=max_tokens, unit="tok", desc="second moments", disable=not progress)
+    try:
+        for batch in _batches(pieces, batch_tokens):
+            longest = max(len(p) for p in batch)
+            ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), longest), dtype=torch.long)
+            for row, piece in enumerate(batch):  # right padding: positions stay 0..len-1
+                ids[row, :len(piece)] = torch.tensor(piece, dtype=torch.long)
+                mask[row, :len(piece)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            keep = mask.reshape(-1).bool()  # (batch·longest,) the non-padding tokens
+            with ExitStack() as stack:
+                seen = {l: stack.enter_context(capture(down_proj(lm, l))) for l in layers}
+                # Registered after the captures, so it runs after they have read their input.
+                handle = top.register_forward_hook(stop)
+                stack.callback(handle.remove)
+                try:
+                    lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                except _StopForward:
+                    pass
+                for layer in layers:
+                    assert len(seen[layer]) == 1, f"layer {layer}: {len(seen[layer])} captures"
+                    # K: (tokens, d_k), padding rows dropped
+                    K = seen[layer][0].reshape(-1, d_k)[keep].to(torch.float64)
+                    # S_l += Kᵀ K = Σ_t k_t k_tᵀ   (d_k, d_k)
+                    sums[layer].addmm_(K.T, K)
+            n = int(keep.sum())
+            count += n
+            bar.update(n)
+    finally:
+        bar.close()
+    if count == 0:
+        raise InvalidRequestError("the corpus holds no text to compute statistics on")
+    if count < max_tokens:
+        log.warning("the corpus ran out after %d tokens (max_tokens=%d)", count, max_tokens)
+    out = {}
+    for layer in layers:
+        S = sums[layer].to("cpu")
+        # A non-finite entry k_ti makes S_ii = Σ_t k_ti² non-finite, so checking S once is enough.
+        if not torch.isfinite(S).all():
+            raise NumericalError(
+                f"layer {layer}: the model produced non-finite keys on the corpus; "
+                "no statistics were written"
+            )
+        # E[kkᵀ] = S / n, symmetrised: the GEMM's rounding is not exactly symmetric.
+        mom = (S + S.T) / (2 * count)
+        out[layer] = SecondMoment(mom=mom.contiguous(), count=count)
+    return out
+
+
+def collect_second_moments(
+    lm,
+    layers: Sequence[int],
+    corpus: str | Path | Sequence[str],
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    seq_len: int | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> dict[int, MomentResult]:
+    """:func:`second_moments` with, per layer, whether it came from the cache and how long it took."""
+    seq_len = _resolve_seq_len(lm, seq_len)
+    wanted = _check_arguments(lm, layers, max_tokens, batch_tokens, seq_len)
+    corpus_sha, corpus_label = _corpus_digest(corpus)
+    results: dict[int, MomentResult] = {}
+    paths: dict[int, tuple[Path, Path, dict]] = {}
+    if use_cache:
+        root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "stats"
+        upstream = _upstream_sha256(lm, wanted)
+        for layer in wanted:
+            fields = {
+                "version": STATS_FORMAT_VERSION,
+                "model_fingerprint": lm.fingerprint,
+                "upstream_weights_sha256": upstream[layer],
+                "layer": layer,
+                "corpus_sha256": corpus_sha,
+                "max_tokens": max_tokens,
+                "seq_len": seq_len,
+                "dtype": "float64",
+                "accumulation": ACCUMULATION,
+            }
+            key = _cache_key(fields)
+            tensor_path, meta_path = root / f"{key}.safetensors", root / f"{key}.json"
+            paths[layer] = (tensor_path, meta_path, fields)
+            start = time.perf_counter()
+            hit = _read_cached(tensor_path, meta_path, fields, lm.d_k)
+            if hit is not None:
+                log.info("layer %d: second moment read from %s", layer, tensor_path)
+                results[layer] = MomentResult(hit, True, time.perf_counter() - start, tensor_path)
+    missing = [l for l in wanted if l not in results]
+    if missing:
+        start = time.perf_counter()
+        computed = _accumulate(lm, missing, corpus, max_tokens=max_tokens,
+                               batch_tokens=batch_tokens, seq_len=seq_len, progress=progress)
+        seconds = time.perf_counter() - start
+        log.info("layers %s: %d tokens in %.1f s", missing, computed[missing[0]].count, seconds)
+        for layer in missing:
+            path = None
+            if use_cache:
+                tensor_path, meta_path, fields = paths[layer]
+                extra = {"model_spec": lm.spec, "model_name": lm.name, "corpus": corpus_label,
+                         "batch_tokens": batch_tokens, "seconds": round(seconds, 3),
+                         "rlsedit_version": __version__}
+                _write_cached(tensor_path, meta_path, fields, computed[layer], extra)
+                path = tensor_path
+            results[layer] = MomentResult(computed[layer], False, seconds, path)
+    return {layer: results[layer] for layer in wanted}
+
+
+def second_moments(
+    lm,
+    layers: Sequence[int],
+    corpus: str | Path | Sequence[str],
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    seq_len: int | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> dict[int, SecondMoment]:
+    """``{layer: E[k kᵀ]}`` of the down-projection input over a corpus, cached on disk.
+
+    ``mom_l = (1/n) Σ_t k_t k_tᵀ`` over the first ``n = min(max_tokens, corpus tokens)``
+    non-padding tokens, every requested layer in one forward pass per batch.
+
+    Args:
+        lm: a :class:`~rlsedit.model.load.LoadedModel`.
+        layers: block indices.
+        corpus: a ``.jsonl`` file (``"text"`` field), a plain-text file, or a list of texts.
+        max_tokens: token budget ``n`` (MEMIT's budget is 100000 *documents*; see module doc).
+        batch_tokens: cap on padded tokens per forward (bounds memory; independent of the
+            model's context length).
+        seq_len: length of the pieces documents are cut into (≤ the context length; default
+            ``DEFAULT_SEQ_LEN`` or the context length if shorter).
+        cache_dir: cache root (default :func:`~rlsedit.model.load.default_cache_dir`); entries
+            go to ``<cache_dir>/stats/``.
+        use_cache: read and write the disk cache.
+        progress: show a tqdm bar.
+    """
+    found = collect_second_moments(lm, layers, corpus, max_tokens=max_tokens,
+                                   batch_tokens=batch_tokens, seq_len=seq_len,
+                                   cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+    return {layer: result.moment for layer, result in found.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# summaries and foreign files
+
+
+def spectrum_summary(moment: SecondMoment) -> dict:
+    """Trace, numerical rank and condition number of ``E[k kᵀ]`` (eigenvalues in float64).
+
+    Rank counts eigenvalues above ``d_k · eps64 · λ_max`` (NumPy's ``matrix_rank`` rule);
+    the condition number is ``λ_max / λ_min`` and infinite when ``λ_min ≤ 0``.
+    """
+    eig = torch.linalg.eigvalsh(moment.mom.to(torch.float64))
+    top = float(eig[-1])
+    tol = moment.d_k * torch.finfo(torch.float64).eps * max(top, 0.0)
+    low = float(eig[0])
+    return {
+        "count": moment.count,
+        "trace": float(moment.mom.diagonal().sum()),
+        "rank": int((eig > tol).sum()),
+        "eig_max": top,
+        "eig_min": low,
+        "condition": top / low if low > 0 else math.inf,
+    }
+
+
+_MEMIT_KEYS = (("mom2.mom2", "mom2.count"), ("mom2", "count"))
+
+
+def _moment_from_mapping(data: dict, available: list[str], source: str) -> SecondMoment:
+    """MEMIT's ``SecondMoment`` state: ``mom2`` is the SUM ``Σ k kᵀ``, ``count`` the tokens."""
+    for sum_key, count_key in _MEMIT_KEYS:
+        if sum_key in data and count_key in data:
+            total, count = data[sum_key], data[count_key]
+            break
+    else:
+        raise StateCorruptError(
+            f"{source}: no MEMIT second-moment entries found (expected keys 'mom2.mom2' and "
+            f"'mom2.count', or 'mom2' and 'count'; found {sorted(available)})"
+        )
+    total = total if torch.is_tensor(total) else torch.from_numpy(np.asarray(total))
+    count_array = np.asarray(count.cpu() if torch.is_tensor(count) else count)
+    if count_array.size != 1 or not np.issubdtype(count_array.dtype, np.number):
+        raise StateCorruptError(f"{source}: count must be a single number, got {count_array!r}")
+    count = int(count_array.reshape(()))
+    if total.ndim != 2 or total.shape[0] != total.shape[1]:
+        raise StateCorruptError(f"{source}: mom2 must be a square matrix, got shape {tuple(total.shape)}")
+    if count <= 0:
+        raise StateCorruptError(f"{source}: count must be positive, got {count}")
+    total = total.to(torch.float64)
+    if not torch.isfinite(total).all():
+        raise NumericalError(f"{source}: mom2 holds non-finite values")
+    # E[kkᵀ] = mom2 / count   (MEMIT's SecondMoment.moment())
+    return SecondMoment(mom=(total / count).contiguous(), count=count)
+
+
+def load_stats_file(path: str | Path, *, d_k: int | None = None) -> SecondMoment:
+    """Read MEMIT/AlphaEdit/RLSEdit statistics (``layer_stats.py`` output) as a SecondMoment.
+
+    ``.npz`` files (``numpy.load(allow_pickle=False)``) and ``.pt`` files
+    (``torch.load(weights_only=True)``) holding MEMIT's ``CombinedStat`` state
+    (``mom2.mom2`` = ``Σ k kᵀ``, ``mom2.count`` = number of tokens) or a bare ``SecondMoment``
+    state (``mom2``, ``count``). Nothing is unpickled. ``d_k``, when given (``lm.d_k``), must
+    match the matrix, else :class:`~rlsedit.errors.StateMismatchError`.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InvalidRequestError(f"statistics file {str(path)!r} does not exist")
+    source = str(path)
+    wanted = {key for pair in _MEMIT_KEYS for key in pair}
+    if path.suffix == ".npz":
+        # np.load falls back to unpickling for anything that is not a zip archive.
+        if not zipfile.is_zipfile(path):
+            raise StateCorruptError(f"{source}: not an .npz (zip) archive")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                available = list(npz.files)
+                # Only the numeric entries we need are read; an object (pickled) array there
+                # raises ValueError under allow_pickle=False.
+                data = {key: npz[key] for key in available if key in wanted}
+        except ValueError as exc:
+            raise StateCorruptError(
+                f"{source}: cannot be read without unpickling ({exc}); only plain numeric arrays are accepted"
+            ) from None
+        except (OSError, EOFError) as exc:
+            raise StateCorruptError(f"{source}: not a readable .npz file ({exc})") from None
+    elif path.suffix == ".pt":
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for bad files
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            raise StateCorruptError(
+                f"{source}: not loadable with torch.load(weights_only=True) "
+                f"({type(exc).__name__}: {first_line})"
+            ) from None
+        if not isinstance(loaded, dict):
+            raise StateCorruptError(
+                f"{source}: expected a dict with 'mom2' and 'count' entries, got {type(loaded).__name__}"
+            )
+        available = [str(key) for key in loaded]
+        data = {key: value for key, value in loaded.items() if key in wanted}
+    else:
+        raise InvalidRequestError(f"{source}: unknown statistics format {path.suffix!r}; expected .npz or .pt")
+    moment = _moment_from_mapping(data, available, source)
+    if d_k is not None and moment.d_k != d_k:
+        raise StateMismatchError(
+            f"{source}: statistics are {moment.d_k}x{moment.d_k} but the model's down projection "
+            f"has d_k = {d_k}; they belong to another model or layer type"
+        )
+    return moment

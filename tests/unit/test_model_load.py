@@ -1,0 +1,115 @@
+"""load_model: clear errors for bad specs, and loading a local Hugging Face directory."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+from rlsedit.errors import ModelLoadError, RLSEditError
+from rlsedit.model.load import load_model
+from rlsedit.model.weights import get_W, weights_sha256
+
+WORDS = "the a of is in and to capital france paris city river hello world".split()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")  # no pad token: load_model must add one
+
+
+def save_tiny_llama(path, seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return model
+
+
+def test_missing_gguf_file(tmp_path):
+    missing = tmp_path / "nowhere" / "model.gguf"
+    with pytest.raises(ModelLoadError, match="does not exist") as info:
+        load_model(str(missing), cache_dir=tmp_path / "cache")
+    assert str(missing) in str(info.value)
+
+
+def test_corrupt_gguf_file(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"this is not a GGUF file" * 10)
+    with pytest.raises(ModelLoadError, match="could not load GGUF file") as info:
+        load_model(str(bad), cache_dir=tmp_path / "cache")
+    assert "broken.gguf" in str(info.value)
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+
+
+def test_directory_without_config(tmp_path):
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    (folder / "weights.txt").write_text("nothing")
+    with pytest.raises(ModelLoadError, match="has no config.json") as info:
+        load_model(str(folder), cache_dir=tmp_path / "cache")
+    assert "Hugging Face model directory" in str(info.value)
+
+
+def test_directory_with_config_but_no_weights(tmp_path):
+    folder = tmp_path / "half"
+    save_tiny_llama(folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ModelLoadError, match="could not load model directory"):
+        load_model(str(folder), cache_dir=tmp_path / "cache")
+
+
+def test_unknown_hub_name_offline(tmp_path):
+    spec = "no-such-org/no-such-model-rlsedit-test"
+    with pytest.raises(ModelLoadError) as info:
+        load_model(spec, cache_dir=tmp_path / "cache")
+    message = str(info.value)
+    assert spec in message
+    assert "not reachable offline" in message
+    assert "--model /path/to/model" in message  # tells the user what to do instead
+    for name in ("smollm2", "gemma3-270m"):
+        assert name in message
+    assert isinstance(info.value, RLSEditError)
+
+
+def test_local_directory_loads(tmp_path):
+    folder = tmp_path / "tiny-llama"
+    saved = save_tiny_llama(folder)
+    lm = load_model(str(folder), cache_dir=tmp_path / "cache")
+    assert lm.name == "tiny-llama" and lm.spec == str(folder)
+    assert lm.arch.family == "llama"
+    assert (lm.n_layers, lm.d_model, lm.d_k) == (2, 16, 24)
+    assert re.fullmatch(r"[0-9a-f]{64}", lm.fingerprint)
+    assert lm.tokenizer.pad_token_id is not None  # filled in from eos
+    assert not lm.model.training
+    assert not any(p.requires_grad for p in lm.model.parameters())
+    assert torch.equal(get_W(lm, 1), saved.model.layers[1].mlp.down_proj.weight.detach().T)
+    ids = lm.tokenizer("the capital of france", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = saved.eval()(ids).logits
+        got = lm.model(ids).logits
+    torch.testing.assert_close(got, expected)
+    # An unknown model falls back to a band of lower-middle layers inside the model.
+    assert all(0 <= layer < lm.n_layers for layer in lm.default_layers())
+
+
+def test_local_directory_fingerprint_is_stable_and_tracks_weights(tmp_path):
+    first = tmp_path / "a"
+    save_tiny_llama(first, seed=0)
+    lm1 = load_model(str(first), cache_dir=tmp_path / "cache")
+    lm2 = load_model(str(first), cache_dir=tmp_path / "cache")
+    assert lm1.fingerprint == lm2.fingerprint
+    assert weights_sha256(lm1) == weights_sha256(lm2)
+    other = tmp_path / "b"
+    save_tiny_llama(other, seed=1)
+    lm3 = load_model(str(other), cache_dir=tmp_path / "cache")
+    assert lm3.fingerprint != lm1.fingerprint
