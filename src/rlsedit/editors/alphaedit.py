@@ -28,9 +28,9 @@ class AlphaEdit(Editor):
         self.gram_ = {l: torch.zeros(self.lm.d_k, self.lm.d_k, dtype=torch.float64) for l in self.layers}
 
     def _solve(self, layer, K, V, W):
-        R = V - K.T @ W
+        R = (V - K.T @ W).double()
         K64 = K.double()
-        delta = alphaedit_delta(self.projector_[layer], K, R, self.gram_[layer], self.config.L2)
+        delta = alphaedit_delta(self.projector_[layer], K64, R, self.gram_[layer], self.config.L2)
         return W + delta.to(W.dtype), self.gram_[layer] + K64 @ K64.T
 
     def _commit_state(self, new_state) -> None:

@@ -47,7 +47,7 @@ class EditConfig:
     v_lr: float = _help("target optimization: Adam learning rate on the residual delta", 0.5)
     v_weight_decay: float = _help("target optimization: weight of ||delta||^2/||h||^2", 0.5)
     kl_factor: float = _help("target optimization: weight of the KL term on '{subject} is a'", 0.0625)
-    clamp_norm_factor: float = _help("target optimization: clamp ||delta|| to this times ||h||", 4.0)
+    clamp_norm_factor: float = _help("target optimization: clamp ||delta|| to this times ||h||", 0.75)
     v_early_stop_loss: float = _help("target optimization: stop a request once its NLL is below this", 0.05)
     context_count: int = _help("number of generated context prefixes (plus the empty one)", 5)
     context_length: int = _help("length in tokens of each generated context prefix", 10)

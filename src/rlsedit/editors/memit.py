@@ -30,8 +30,8 @@ class MEMIT(Editor):
         return self.config.mom2_update_weight * self.moments[layer].double()  # A = n·E[kkᵀ]
 
     def _solve(self, layer, K, V, W):
-        R = V - K.T @ W  # (u, d_v)
-        return W + memit_delta(self._anchor(layer), K, R).to(W.dtype), None
+        R = (V - K.T @ W).double()  # (u, d_v) residual
+        return W + memit_delta(self._anchor(layer), K.double(), R).to(W.dtype), None
 
 
 class MEMITSeq(MEMIT):
@@ -44,10 +44,10 @@ class MEMITSeq(MEMIT):
         self.gram_ = {l: torch.zeros(self.lm.d_k, self.lm.d_k, dtype=torch.float64) for l in self.layers}
 
     def _solve(self, layer, K, V, W):
-        R = V - K.T @ W
+        R = (V - K.T @ W).double()
         K64 = K.double()
         gram = self.gram_[layer] + K64 @ K64.T  # G_t = G_{t-1} + K_tK_tᵀ
-        delta = memit_delta(self._anchor(layer) + self.gram_[layer], K, R)
+        delta = memit_delta(self._anchor(layer) + self.gram_[layer], K64, R)
         return W + delta.to(W.dtype), gram
 
     def _commit_state(self, new_state) -> None:

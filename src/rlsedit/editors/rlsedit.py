@@ -64,22 +64,24 @@ class RLSEdit(Editor):
     def method_state_dict(self):
         out = {}
         for l, state in self.states_.items():
-            for key, tensor in state.state_dict().items():
-                out[f"layers.{l}.rls.{key}"] = tensor
+            for key, value in state.state_dict().items():
+                # scalars (λ, μ, jitter, counters) as 0-d tensors: float64 round-trips them exactly
+                if not isinstance(value, torch.Tensor):
+                    value = torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
+                out[f"layers.{l}.rls.{key}"] = value
         return out
 
     def load_method_state_dict(self, tensors):
         for l in self.layers:
             prefix = f"layers.{l}.rls."
-            sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            sub = {k[len(prefix):]: (v if v.dim() else v.item()) for k, v in tensors.items() if k.startswith(prefix)}
             self.states_[l] = RLSState.from_state_dict(sub)
 
     def diagnostics(self):
         out = super().diagnostics()
         for l, state in self.states_.items():
             out[str(l)]["C_symmetry_error"] = float(state.symmetry_error())
-            cond = getattr(state, "last_S_condition_", None)
-            out[str(l)]["S_condition_last"] = None if cond is None else float(cond)
+            out[str(l)]["S_condition_last"] = state.last_s_condition()
         return out
 
 
@@ -97,7 +99,8 @@ class RLSEditOfficial(RLSEdit):
         # (V_t − K_tᵀW_prev) by the remaining layer count; our V is KᵀW + (z − h)/share.
         residual = (V - K.T @ W) * share
         C0 = self.states_[layer].C_
-        return official_update(C0, W, K, residual, share).to(W.dtype), None
+        return official_update(C0, W.to(C0.dtype), K.to(C0.dtype), residual.to(C0.dtype),
+                               layers_left=share).to(W.dtype), None
 
     def _commit_state(self, new_state) -> None:
         """C is deliberately not carried across batches (the official behaviour)."""

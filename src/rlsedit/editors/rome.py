@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..solvers.rome import rome_update
+from ..solvers.rome import rome_delta, rome_left_vector
 from .base import EditRecord, Editor
 from .config import ROMEConfig
 
@@ -28,14 +28,13 @@ class ROME(Editor):
         default = lm.default_layers()
         return (default[len(default) // 2],)
 
-    def _init_state(self) -> None:
-        self.cov_inv_ = {l: torch.linalg.pinv(self.moments[l].double(), hermitian=True) for l in self.layers}
-
     def _solve(self, layer, K, V, W):
-        W = W.clone()
+        W = W.double()
+        E = self.moments[layer].double()
         for j in range(K.shape[1]):  # sequential rank-one updates, as ROME applies them
-            W = rome_update(self.cov_inv_[layer], W, K[:, j], V[j]).to(W.dtype)
-        return W, None
+            k = K[:, j:j + 1].double()
+            W = W + rome_delta(W, k, V[j:j + 1].double(), rome_left_vector(E, k))
+        return W.float(), None
 
     def _compute_batch(self, requests):
         records, states = [], {}
