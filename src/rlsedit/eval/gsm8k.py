@@ -14,7 +14,7 @@ once with ``random.Random(seed)`` and each question takes the first ``k`` of tha
 that are not itself, so every question sees the same shots except where it is one of them.
 
 Scoring: the reference is the number after ``####`` in the file's answer; the prediction is
-the number after the first ``####`` in the generation, else the last number in it.
+the number right after the first ``####`` in the generation, else the last number in it.
 Numbers are compared as exact decimals after removing thousands separators, a currency
 sign and a trailing period (``"1,000.00"`` = ``"1000"``). No number = wrong.
 """
@@ -47,10 +47,11 @@ def normalize_number(text: str) -> Decimal | None:
 
 
 def extract_answer(text: str) -> Decimal | None:
-    """The number after the first ``####``, else the last number in ``text``, else ``None``."""
+    """The number right after the first ``####`` (whitespace and ``$`` allowed), else the last
+    number in ``text``, else ``None``."""
     marker = text.find("####")
     if marker >= 0:
-        after = _NUMBER.search(text[marker + 4:])
+        after = _NUMBER.match(text[marker + 4:].lstrip())  # the number must follow "####" directly
         if after is not None:
             return normalize_number(after.group(0))
     numbers = _NUMBER.findall(text)
