@@ -20,6 +20,8 @@ SENTENCES = [
     "Question: What is 2 + 3? Answer: 2 + 3 = 5.\n#### 5",
     "def add(a, b):\n    return a + b\n",
     "Review: a gripping story. Sentiment: positive. True or False? answer: True",
+    # answer words of the multiple-choice tasks, repeated so that BPE makes them single tokens
+    " A B C D True False Yes No positive negative" * 4,
 ]
 
 

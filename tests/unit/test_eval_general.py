@@ -131,4 +131,17 @@ def test_known_facts_recall_matches_teacher_forced_greedy(lm, tmp_path):
     expected = [score_continuations(lm, [f["prompt"]], [" " + f["attribute"]])[0].all_correct for f in facts]
     assert [it["recalled"] for it in out["items"]] == expected
     assert out["recall"] == pytest.approx(sum(expected) / 2)
-    assert 0 < out["chance"] < 1e-3 and out["first_token_chance"] == 1 / len(lm.tokenizer)
+    vocab = len(lm.tokenizer)
+    lengths = [len(lm.tokenizer(" " + f["attribute"], add_special_tokens=False)["input_ids"]) for f in facts]
+    assert out["chance"] == pytest.approx(sum(vocab ** -n for n in lengths) / 2)
+    assert out["first_token_chance"] == 1 / vocab
+
+
+def test_single_token_fast_path_equals_choice_by_choice(lm, tmp_path):
+    rows = [dict(SAMPLES["glue_mmlu"], question=f"{i} + {i} =") for i in range(4)]
+    items = load_choice_items("glue_mmlu", write_jsonl(tmp_path / "m.jsonl", rows))
+    assert all(len(lm.tokenizer(c, add_special_tokens=False)["input_ids"]) == 1 for c in items[0].choices)
+    fast = score_choices(lm, items)
+    for item, row in zip(items, fast):
+        slow = [float(x.logprobs.mean()) for x in score_continuations(lm, [item.prompt] * 4, list(item.choices))]
+        assert row == pytest.approx(slow, abs=1e-10)

@@ -14,6 +14,7 @@ from rlsedit.eval.scoring import (
     ContinuationScore,
     continuation_logprobs,
     greedy_generate,
+    next_token_logprobs,
     next_token_topk,
     sample_generate,
     score_continuations,
@@ -181,3 +182,17 @@ def test_bad_inputs_raise():
         score_continuations(lm, ["word " * 3000], [" x"])
     with pytest.raises(EvalDataError, match="k must"):
         next_token_topk(lm, "a", k=0)
+
+
+@pytest.mark.parametrize("attn,dtype,tol", [("sdpa", torch.float64, 1e-10), ("eager", torch.float32, 1e-5)])
+def test_next_token_logprobs_equal_one_token_continuations(attn, dtype, tol):
+    lm = make_lm(dtype=dtype, attn=attn)
+    candidates = [[5, 17, 300], [2], [9, 9], [100, 101], [0, 399]]
+    got = next_token_logprobs(lm, PROMPTS, candidates, batch_size=2)
+    for prompt, cands, row in zip(PROMPTS, candidates, got):
+        ids = lm.tokenizer(prompt)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(input_ids=torch.tensor([ids])).logits[0, -1].double(), -1)
+        torch.testing.assert_close(row.double(), logp[torch.tensor(cands)], atol=tol, rtol=0)
+    with pytest.raises(EvalDataError):
+        next_token_logprobs(lm, PROMPTS, candidates[:2])

@@ -37,7 +37,7 @@ from sklearn.metrics import f1_score, matthews_corrcoef
 
 from ..requests import target_text
 from .datafiles import EvalDataError, check_count, field, read_json_list, read_jsonl, require_file, subsample
-from .scoring import eval_mode, score_continuations
+from .scoring import encode_continuation, eval_mode, next_token_logprobs, score_continuations
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -243,14 +243,35 @@ def load_choice_items(task: str, path: str | Path) -> list[ChoiceItem]:
 
 
 def score_choices(lm, items: Sequence[ChoiceItem], *, batch_size: int = 16) -> list[list[float]]:
-    """``s_c = (1/|c|) Σ_j log p(c_j | prompt, c_<j)`` for every choice of every item."""
-    flat = [(item.prompt, choice) for item in items for choice in item.choices]
-    scores = score_continuations(lm, [p for p, _ in flat], [c for _, c in flat], batch_size=batch_size)
-    out, pos = [], 0
-    for item in items:
-        out.append([float(scores[pos + k].logprobs.mean()) for k in range(len(item.choices))])
-        pos += len(item.choices)
-    return out
+    """``s_c = (1/|c|) Σ_j log p(c_j | prompt, c_<j)`` for every choice of every item.
+
+    Items whose choices are all single tokens are scored with one forward pass per prompt
+    (:func:`~rlsedit.eval.scoring.next_token_logprobs`); the rest choice by choice.
+    """
+    tokenizer = lm.tokenizer
+    single: list[int] = []
+    multi: list[int] = []
+    choice_ids: list[list[list[int]]] = []
+    for index, item in enumerate(items):
+        ids = [encode_continuation(tokenizer, c) for c in item.choices]
+        choice_ids.append(ids)
+        (single if all(len(x) == 1 for x in ids) else multi).append(index)
+    out: list[list[float] | None] = [None] * len(items)
+    if single:
+        table = next_token_logprobs(lm, [items[i].prompt for i in single],
+                                    [[x[0] for x in choice_ids[i]] for i in single], batch_size=batch_size)
+        for i, logps in zip(single, table):
+            out[i] = [float(v) for v in logps]
+    if multi:
+        flat = [(i, choice) for i in multi for choice in items[i].choices]
+        scores = score_continuations(lm, [items[i].prompt for i, _ in flat], [c for _, c in flat],
+                                     batch_size=batch_size)
+        pos = 0
+        for i in multi:
+            k = len(items[i].choices)
+            out[i] = [float(scores[pos + j].logprobs.mean()) for j in range(k)]
+            pos += k
+    return out  # type: ignore[return-value]
 
 
 def evaluate_choice_task(

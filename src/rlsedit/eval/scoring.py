@@ -248,6 +248,40 @@ def continuation_logprobs(
     return [s.logprobs for s in score_continuations(lm, prompts, continuations, batch_size=batch_size)]
 
 
+def next_token_logprobs(
+    lm, prompts: Sequence[str], candidates: Sequence[Sequence[int]], *, batch_size: int = 16
+) -> list[torch.Tensor]:
+    """``log p(v | prompt)`` of the candidate token ids ``v`` of each prompt: one forward pass
+    per prompt however many candidates it has. Returns a list of ``(len(candidates_i),)`` tensors.
+
+    For a one-token continuation this equals :func:`continuation_logprobs`; scored multiple
+    choice with one-token answers (" A".." D", " True"/" False") uses it to avoid re-running
+    the prompt once per choice.
+    """
+    if len(prompts) != len(candidates):
+        raise EvalDataError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
+    _check_batch_size(batch_size)
+    tokenizer, model = lm.tokenizer, lm.model
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    for row, ids in enumerate(encoded):
+        if not ids:
+            raise EvalDataError(f"row {row}: prompt {prompts[row]!r} has no tokens")
+        _check_length(model, len(ids) + 1, f"row {row} (prompt + one token)")
+    results: list[torch.Tensor | None] = [None] * len(encoded)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    with eval_mode(model):
+        for rows in _batches(order, batch_size):
+            ids, mask = right_pad([encoded[i] for i in rows], pad_id(tokenizer))
+            first = min(len(encoded[i]) for i in rows) - 1  # earliest last-prompt column
+            logits, _ = forward_last(model, ids.to(lm.device), mask.to(lm.device), ids.shape[1] - first)
+            for b, i in enumerate(rows):
+                logp = torch.log_softmax(logits[b, len(encoded[i]) - 1 - first], dim=-1)  # (V,)
+                wanted = torch.tensor(list(candidates[i]), dtype=torch.long, device=logp.device)
+                results[i] = logp[wanted].detach().cpu()
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
+
+
 def next_token_topk(lm, prompt: str, k: int = 10) -> list[TokenScore]:
     """The ``k`` most likely next tokens after ``prompt``, most likely first."""
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
