@@ -123,6 +123,8 @@ def test_broken_model_raises_numerical_error():
         lm.model.lm_head.weight.fill_(float("nan"))
     with pytest.raises(NumericalError, match="non-finite"):
         greedy_generate(lm, PROMPTS[:2], 4)
+    with pytest.raises(NumericalError, match="non-finite"):
+        score_continuations(lm, PROMPTS[:2], CONTS[:2])
 
 
 def test_greedy_stop_strings_cut_text():

@@ -90,17 +90,21 @@ def run_eval(
     fluency: bool = False,
     consistency: bool = False,
     gsm8k_shots: int = 8,
+    max_new_tokens: int | None = None,
     sandbox_limits: SandboxLimits = SandboxLimits(),
     details: bool = False,
 ) -> dict[str, Any]:
     """Run the requested suites on ``lm`` as it is now; see the module docstring.
 
     ``details`` keeps per-request records and per-item lists; without it only summaries,
-    chance levels and notes are returned.
+    chance levels and notes are returned. ``max_new_tokens`` caps generation in GSM8K and
+    HumanEval (``None``: their defaults, 256 and 384).
     """
     check_count(n, "n")
     check_count(limit, "limit")
     check_count(ppl_tokens, "ppl_tokens")
+    check_count(max_new_tokens, "max_new_tokens")
+    gen = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
     unknown = [name for name in general if name not in GENERAL_SUITES]
     if unknown:
         raise EvalDataError(f"unknown general suite(s) {unknown}; choose from {list(GENERAL_SUITES)}")
@@ -144,9 +148,9 @@ def run_eval(
             elif name == "knowns":
                 results[name] = timed(name, lambda: known_facts_recall(lm, path, n=n, seed=seed, batch_size=batch_size))
             elif name == "gsm8k":
-                results[name] = timed(name, lambda: evaluate_gsm8k(lm, path, k=gsm8k_shots, limit=limit, seed=seed))
+                results[name] = timed(name, lambda: evaluate_gsm8k(lm, path, k=gsm8k_shots, limit=limit, seed=seed, **gen))
             elif name == "humaneval":
-                results[name] = timed(name, lambda: evaluate_humaneval(lm, path, limit=limit, limits=sandbox_limits))
+                results[name] = timed(name, lambda: evaluate_humaneval(lm, path, limit=limit, limits=sandbox_limits, **gen))
             else:
                 results[name] = timed(name, lambda: evaluate_choice_task(
                     lm, name, path, n=n, seed=seed, batch_size=batch_size))
@@ -156,6 +160,7 @@ def run_eval(
         "n": n,
         "limit": limit,
         "ppl_tokens": ppl_tokens,
+        "max_new_tokens": max_new_tokens,
         "seed": seed,
         "data_dir": None if root is None else str(root),
     }

@@ -104,10 +104,7 @@ def encode_continuation(tokenizer, text: str) -> list[int]:
 
 def pad_id(tokenizer) -> int:
     """The id written into padded slots (never attended to, so any valid id works)."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0  # unreachable: the tuple ends in 0
+    return int(next(c for c in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if c is not None))
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +197,8 @@ def score_continuations(
 
     For prompt tokens ``p`` and continuation tokens ``c_1..c_n``:
     ``logprobs_j = log softmax(f(p, c_<j))[c_j]`` and ``argmax_j = argmax f(p, c_<j)``,
-    computed in left-padded batches of ``batch_size`` rows.
+    computed in right-padded batches of ``batch_size`` rows. A non-finite log-probability
+    (only a broken model produces one) raises :class:`~rlsedit.errors.NumericalError`.
     """
     if len(prompts) != len(continuations):
         raise EvalDataError(f"{len(prompts)} prompts but {len(continuations)} continuations; pass one of each per row")
@@ -232,6 +230,11 @@ def score_continuations(
                 row_logp = logp[b, start:start + len(c_ids), :]  # (n, V): predictions of c_1..c_n
                 target = torch.tensor(c_ids, device=row_logp.device)
                 picked = row_logp.gather(1, target[:, None])[:, 0]
+                if not bool(torch.isfinite(picked).all()):
+                    raise NumericalError(
+                        f"the model gave non-finite log-probabilities for row {i} "
+                        f"({prompts[i][:60]!r} + {continuations[i][:30]!r}); its weights may be broken"
+                    )
                 results[i] = ContinuationScore(
                     token_ids=tuple(c_ids),
                     logprobs=picked.detach().cpu(),
