@@ -24,7 +24,8 @@ requests (ROME's aggregation). Alongside each success rate:
 Fluency (optional, it generates text): ROME's weighted bi-/tri-gram entropy
 (:mod:`rlsedit.eval.fluency`) of ``prompt + generation`` for each of the request's
 ``generation_prompts``; a layout without generation prompts (MEND/EasyEdit, ours) uses the
-edit prompt ``x`` itself. ROME samples with top-k = 5 (``decoding="sample"``, seeded);
+edit prompt ``x`` itself. ROME samples with top-k = 5 (``decoding="sample"``, seeded) up to
+100 tokens *including* the prompt; we generate ``max_new_tokens`` (default 90) after it.
 ``decoding="greedy"`` is deterministic but gives lower entropies on small models.
 Consistency (optional): TF-IDF cosine between the joined generations and reference text
 about ``o*`` (:class:`rlsedit.eval.consistency.ConsistencyReference`).
