@@ -7,7 +7,6 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-import torch
 
 from eval_tiny_lm import make_lm
 from rlsedit.eval.datafiles import EvalDataError
