@@ -1,0 +1,172 @@
+"""One call that runs the chosen evaluation suites and returns a single JSON-able dict.
+
+This is what ``rlsedit eval`` and the benchmarks call. Suites:
+
+* ``counterfact`` — a list of :class:`~rlsedit.requests.EditRequest` scored with
+  :func:`rlsedit.eval.counterfact.evaluate_counterfact` (fluency / consistency optional);
+* ``zsre`` — a list of requests scored with :func:`rlsedit.eval.zsre.evaluate_zsre`
+  (pass ``pre_edit_locality`` recorded on the unedited model for MEND's locality);
+* ``general`` — names from :data:`GENERAL_SUITES`, read from ``data_dir`` laid out as
+  :data:`DATA_FILES` (the project's ``../shared/data``).
+
+``n`` caps the scored-choice suites (known facts, GLUE subsets, MMLU) with a seeded sample;
+``limit`` caps the generation suites (GSM8K, HumanEval: the first ``limit`` problems);
+``ppl_tokens`` is the perplexity token budget. Every result carries its ``chance`` level.
+Non-finite numbers (a collapsed model's perplexity) are written as ``null`` and their
+paths listed under ``"nonfinite"``, so the output is strict JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..requests import EditRequest
+from .consistency import ConsistencyReference
+from .counterfact import evaluate_counterfact
+from .datafiles import EvalDataError, check_count
+from .general import CHOICE_TASKS, evaluate_choice_task, known_facts_recall, perplexity
+from .gsm8k import evaluate_gsm8k
+from .humaneval import evaluate_humaneval
+from .sandbox import SandboxLimits
+from .zsre import evaluate_zsre
+
+logger = logging.getLogger(__name__)
+
+DATA_FILES: dict[str, str] = {
+    "wikitext": "corpus/wikitext2_test.txt",
+    "knowns": "knowns/known_1000.json",
+    "sst2": "general/glue/sst2.jsonl",
+    "sentiment_analysis": "general/glue/sentiment_analysis.jsonl",
+    "mrpc": "general/glue/mrpc.jsonl",
+    "cola": "general/glue/cola.jsonl",
+    "rte": "general/glue/rte.jsonl",
+    "nli": "general/glue/nli.jsonl",
+    "dialogue": "general/glue/dialogue.jsonl",
+    "glue_mmlu": "general/glue/mmlu.jsonl",
+    "mmlu": "general/mmlu/mmlu_val.jsonl",
+    "gsm8k": "general/gsm8k/test.jsonl",
+    "humaneval": "general/humaneval/HumanEval.jsonl.gz",
+    "corpus": "corpus/enwiki_pages_20MB.jsonl",
+}
+GENERAL_SUITES: tuple[str, ...] = ("wikitext", "knowns", *CHOICE_TASKS, "gsm8k", "humaneval")
+DETAIL_KEYS = ("records", "items")
+
+
+def _finite_json(value: Any, path: str, nonfinite: list[str]) -> Any:
+    """Copy ``value`` with non-finite floats replaced by ``None`` (their paths noted)."""
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        nonfinite.append(path)
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _finite_json(v, f"{path}.{k}", nonfinite) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v, f"{path}[{i}]", nonfinite) for i, v in enumerate(value)]
+    return value
+
+
+def _strip_details(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k not in DETAIL_KEYS}
+
+
+def run_eval(
+    lm,
+    *,
+    counterfact: Sequence[EditRequest] | None = None,
+    zsre: Sequence[EditRequest] | None = None,
+    general: Sequence[str] = (),
+    data_dir: str | Path | None = None,
+    n: int | None = None,
+    limit: int | None = None,
+    ppl_tokens: int = 20_000,
+    batch_size: int = 16,
+    seed: int = 0,
+    pre_edit_locality: Mapping[str, Sequence[Sequence[int]]] | None = None,
+    fluency: bool = False,
+    consistency: bool = False,
+    gsm8k_shots: int = 8,
+    max_new_tokens: int | None = None,
+    sandbox_limits: SandboxLimits = SandboxLimits(),
+    details: bool = False,
+) -> dict[str, Any]:
+    """Run the requested suites on ``lm`` as it is now; see the module docstring.
+
+    ``details`` keeps per-request records and per-item lists; without it only summaries,
+    chance levels and notes are returned. ``max_new_tokens`` caps generation in GSM8K and
+    HumanEval (``None``: their defaults, 256 and 384).
+    """
+    check_count(n, "n")
+    check_count(limit, "limit")
+    check_count(ppl_tokens, "ppl_tokens")
+    check_count(max_new_tokens, "max_new_tokens")
+    gen = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    unknown = [name for name in general if name not in GENERAL_SUITES]
+    if unknown:
+        raise EvalDataError(f"unknown general suite(s) {unknown}; choose from {list(GENERAL_SUITES)}")
+    needs_data = bool(general) or consistency
+    root = Path(data_dir) if data_dir is not None else None
+    if needs_data and (root is None or not root.is_dir()):
+        raise EvalDataError(
+            f"data_dir {str(data_dir)!r} is not a directory; the general suites and consistency read "
+            "their files from it (e.g. ../shared/data)"
+        )
+    if consistency and not counterfact:
+        raise EvalDataError("consistency is a CounterFact metric; pass counterfact requests with it")
+
+    out: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        start = time.perf_counter()
+        result = fn()
+        seconds[name] = time.perf_counter() - start
+        logger.info("%s done in %.1f s", name, seconds[name])
+        return result if details else _strip_details(result)
+
+    if counterfact:
+        reference = None
+        if consistency:
+            start = time.perf_counter()
+            reference = ConsistencyReference.from_corpus(root / DATA_FILES["corpus"], [r.target_new for r in counterfact])
+            seconds["consistency_reference"] = time.perf_counter() - start
+        out["counterfact"] = timed("counterfact", lambda: evaluate_counterfact(
+            lm, counterfact, batch_size=batch_size, fluency=fluency, consistency=reference, seed=seed))
+    if zsre:
+        out["zsre"] = timed("zsre", lambda: evaluate_zsre(
+            lm, zsre, pre_edit_locality=pre_edit_locality, batch_size=batch_size))
+    if general:
+        results: dict[str, Any] = {}
+        for name in dict.fromkeys(general):  # keep order, drop repeats
+            path = root / DATA_FILES[name]
+            if name == "wikitext":
+                results[name] = timed(name, lambda: perplexity(lm, path, max_tokens=ppl_tokens))
+            elif name == "knowns":
+                results[name] = timed(name, lambda: known_facts_recall(lm, path, n=n, seed=seed, batch_size=batch_size))
+            elif name == "gsm8k":
+                results[name] = timed(name, lambda: evaluate_gsm8k(lm, path, k=gsm8k_shots, limit=limit, seed=seed, **gen))
+            elif name == "humaneval":
+                results[name] = timed(name, lambda: evaluate_humaneval(lm, path, limit=limit, limits=sandbox_limits, **gen))
+            else:
+                results[name] = timed(name, lambda: evaluate_choice_task(
+                    lm, name, path, n=n, seed=seed, batch_size=batch_size))
+        out["general"] = results
+    out["meta"] = {
+        "seconds": seconds,
+        "n": n,
+        "limit": limit,
+        "ppl_tokens": ppl_tokens,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "data_dir": None if root is None else str(root),
+    }
+    nonfinite: list[str] = []
+    clean = _finite_json(out, "$", nonfinite)
+    clean["nonfinite"] = nonfinite
+    if nonfinite:
+        logger.warning("non-finite results written as null: %s", ", ".join(nonfinite))
+    return clean
