@@ -45,6 +45,8 @@ def test_shape_of_the_model(smollm2):
     assert smollm2.arch.family == "llama"
     assert (smollm2.n_layers, smollm2.d_model, smollm2.d_k) == (30, 576, 1536)
     assert smollm2.model.dtype == torch.float32
+    # the measured edit layers (docs/LAYERS.md), inside the model
+    assert smollm2.default_layers() == (4, 5, 6, 7, 8)
 
 
 def test_knows_the_capital_of_france(smollm2):
