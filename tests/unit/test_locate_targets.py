@@ -1,9 +1,12 @@
 """Targets: batched optimisation == per-request reference; hidden states; config checks.
 
 Tolerance for batched vs reference: the two paths run the same float32 math in a different
-order (blocks replayed on cached states vs the whole model with a hook; padding to
-different lengths; gradients accumulated over length groups), so ``z`` agrees to
-``rtol = atol = 1e-4`` (observed differences are ~1e-6 relative), the step counts exactly.
+order (blocks replayed from a cached prefix vs the whole model with a hook; padding to
+different lengths; gradients accumulated over groups). Adam divides by the gradient's running
+RMS, so a coordinate whose gradient is near Adam's ε (1e-8) takes a rounding-sensitive step;
+the comparison is therefore per request on the whole vector:
+``‖z_batched − z_reference‖ / ‖z_reference‖ < 1e-4``; observed 1e-7 to 1e-6 on all three
+families. Step counts must agree exactly.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ PREFIXES = ["{}", "The city is far away. {}", "Because I said so. {}"]
 LAYER = 2
 # A small random model cannot reach MEMIT's loss threshold; a wide clamp lets δ move.
 NO_STOP = TargetConfig(steps=10, early_stop_loss=0.0, clamp_norm_factor=4.0)
-TOL = dict(rtol=1e-4, atol=1e-4)
+TOL = dict(rtol=1e-4, atol=1e-4)  # for losses and probabilities
+REL = 1e-4                         # for z, per request (see module docstring)
+
+
+def assert_rows_close(a: torch.Tensor, b: torch.Tensor, rel: float = REL) -> None:
+    err = ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()
+    assert err < rel, f"max relative row difference {err:.2e} >= {rel:.0e}"
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -50,7 +59,7 @@ def test_batched_equals_reference_without_early_stop(lm):
     reference = compute_targets_reference(lm, LAYER, requests(), PREFIXES, NO_STOP)
     assert batched.steps.tolist() == reference.steps.tolist() == [NO_STOP.steps - 1] * 3
     torch.testing.assert_close(batched.initial, reference.initial, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(batched.z, reference.z, **TOL)
+    assert_rows_close(batched.z, reference.z)
     torch.testing.assert_close(batched.losses, reference.losses, **TOL)
     torch.testing.assert_close(batched.target_prob, reference.target_prob, **TOL)
     assert (batched.delta.norm(dim=1) > 0).all()
@@ -65,7 +74,7 @@ def test_batched_equals_reference_with_early_stop_at_different_steps(lm):
     reference = compute_targets_reference(lm, LAYER, requests(), PREFIXES, config)
     assert batched.steps.tolist() == reference.steps.tolist()
     assert max(batched.steps.tolist()) == config.steps - 1 and min(batched.steps.tolist()) < config.steps - 1
-    torch.testing.assert_close(batched.z, reference.z, **TOL)
+    assert_rows_close(batched.z, reference.z)
     stopped = batched.steps < config.steps - 1
     assert (batched.losses[stopped] < config.early_stop_loss).all()
 
@@ -74,7 +83,7 @@ def test_groups_do_not_change_the_result(lm):
     # batch_size=2 splits the 12 rows into length groups and drops stopped requests' rows
     whole = compute_targets(lm, LAYER, requests(), PREFIXES, NO_STOP, batch_size=64)
     split = compute_targets(lm, LAYER, requests(), PREFIXES, NO_STOP, batch_size=2)
-    torch.testing.assert_close(whole.z, split.z, **TOL)
+    assert_rows_close(whole.z, split.z)
 
 
 def test_optimisation_lowers_the_loss_within_the_clamp(lm):
@@ -104,15 +113,21 @@ def test_without_bare_prefix_initial_is_read_separately():
     result = compute_targets(lm, LAYER, requests(), ["Because I said so. {}"], NO_STOP)
     torch.testing.assert_close(result.initial, hidden_at_subject(lm, LAYER, requests()), rtol=1e-5, atol=1e-6)
     reference = compute_targets_reference(lm, LAYER, requests(), ["Because I said so. {}"], NO_STOP)
-    torch.testing.assert_close(result.z, reference.z, **TOL)
+    assert_rows_close(result.z, reference.z)
 
 
-def test_last_layer_has_no_blocks_to_replay():
-    lm = make_lm("gpt2")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_layer_has_no_blocks_to_replay(family):
+    # At the last block a state only reaches its own position's logits: requests whose
+    # subject ends the prompt (b, c). For request a the loss would not depend on δ except
+    # through the size term, and Adam would amplify rounding noise in both paths.
+    lm = make_lm(family)
     last = lm.n_layers - 1
-    batched = compute_targets(lm, last, requests(), PREFIXES, NO_STOP)
-    reference = compute_targets_reference(lm, last, requests(), PREFIXES, NO_STOP)
-    torch.testing.assert_close(batched.z, reference.z, **TOL)
+    batched = compute_targets(lm, last, requests()[1:], PREFIXES, NO_STOP)
+    reference = compute_targets_reference(lm, last, requests()[1:], PREFIXES, NO_STOP)
+    assert_rows_close(batched.z, reference.z)
+    assert (batched.target_prob > compute_targets(lm, last, requests()[1:], PREFIXES,
+                                                  TargetConfig(steps=1)).target_prob).all()
 
 
 def test_float32_targets_within_bound_of_float64():

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -88,26 +90,77 @@ class BlockCalls:
     Attributes:
         first: the index of the first replayed block (``layer + 1``).
         calls: per block, ``(positional args after the hidden states, keyword args,
-            hidden_is_positional)``.
+            hidden_is_positional)``; the key/value cache among them is replaced by a marker.
         batch: the batch size they were captured with.
+        cache: when the capture ran on a suffix, the key/value cache of the prefix (a
+            snapshot: every replay works on a fresh shallow copy, so the suffix keys a
+            replay appends never reach the next one).
     """
 
     first: int
     calls: list[tuple[tuple, dict, bool]]
     batch: int
+    cache: object = None
 
 
-def capture_above(lm, layer: int, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor) -> tuple[torch.Tensor, BlockCalls]:
-    """Output of block ``layer`` ``(B, L, d_model)`` and the calls of the blocks above it.
+_CACHE = object()  # stands for the prefix cache inside captured block arguments
 
-    One forward without gradients, stopped before the last block runs.
+
+def _cache_argument(lm) -> str:
+    # transformers >= 5.24 names the cache argument ``cache``; earlier 5.x ``past_key_values``
+    params = inspect.signature(lm.model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _copy_cache(cache, index: torch.Tensor | None = None, batch: int | None = None):
+    """A shallow copy of a layered key/value cache whose layers can be updated without
+    touching ``cache``; with ``index``, batch-shaped layer tensors keep only those rows.
+
+    Relies on the layers replacing their tensors on update (``DynamicCache`` concatenates
+    into new tensors); :func:`capture_above` refuses a cache that writes in place.
+    """
+    fresh = copy.copy(cache)
+    layers = []
+    for layer in cache.layers:
+        twin = copy.copy(layer)
+        if index is not None:
+            for name, value in vars(layer).items():
+                if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+                    setattr(twin, name, value.index_select(0, index.to(value.device)))
+        layers.append(twin)
+    fresh.layers = layers
+    return fresh
+
+
+def capture_above(lm, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  *, split: int = 0) -> tuple[torch.Tensor, BlockCalls]:
+    """Output of block ``layer`` and the calls of the blocks above it, without gradients.
+
+    With ``split = S > 0`` the first ``S`` columns (real tokens in every row) run once as a
+    prefix whose keys and values are cached; the returned states ``(B, L − S, d_model)``
+    and block calls cover columns ``S..L-1`` only, so replays never recompute the prefix.
+    Nothing in the prefix depends on an edit at or after column ``S`` (causal attention).
+    The capturing forward stops before the last block runs.
     """
     n = lm.n_layers
     calls: list = [None] * (n - layer - 1)
     entering: list[torch.Tensor] = []
     out: list[torch.Tensor] = []
     handles = []
+    snapshot = live_cache = None
+    extra = {}
+    if split > 0:
+        with torch.no_grad():
+            prefix = lm.model(input_ids=input_ids[:, :split], attention_mask=attention_mask[:, :split],
+                              use_cache=True, logits_to_keep=1)
+        cache = getattr(prefix, "cache", None)
+        if cache is None:  # transformers < 5.24 names it past_key_values
+            cache = getattr(prefix, "past_key_values", None)
+        if cache is None or not hasattr(cache, "layers"):
+            raise UnsupportedError(f"{type(lm.model).__name__} returned no layered key/value cache")
+        snapshot, live_cache = _copy_cache(cache), cache
+        extra = {_cache_argument(lm): cache}
+        input_ids = input_ids[:, split:]
 
     def keep_output(_mod, _args, output):
         out.append(_first(output))
@@ -118,6 +171,9 @@ def capture_above(lm, layer: int, input_ids: torch.Tensor,
     for j in range(layer + 1, n):
         def keep_call(_mod, args, kwargs, j=j):
             hidden, rest, kw, positional = _split_hidden(args, kwargs)
+            if snapshot is not None:
+                rest = tuple(_CACHE if v is live_cache else v for v in rest)
+                kw = {k: (_CACHE if v is live_cache else v) for k, v in kw.items()}
             calls[j - layer - 1] = (rest, kw, positional)
             if j == layer + 1:
                 entering.append(hidden)
@@ -125,7 +181,14 @@ def capture_above(lm, layer: int, input_ids: torch.Tensor,
                 raise _StopForward
         handles.append(block(lm, j).register_forward_pre_hook(keep_call, with_kwargs=True))
     with torch.no_grad(), _hooked(handles):
-        _run(lm, input_ids, attention_mask)
+        try:
+            lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=snapshot is not None, **extra)
+        except _StopForward:
+            pass
+    if snapshot is not None and any(
+            getattr(snap, "keys", None) is not None and getattr(snap, "keys", None) is getattr(live, "keys", None)
+            for snap, live in zip(snapshot.layers[: layer + 1], live_cache.layers)):
+        raise UnsupportedError(f"{type(live_cache).__name__} updates its tensors in place; cannot replay from it")
     if not out or any(call is None for call in calls):
         raise UnsupportedError("the model's forward did not call every block; check its architecture entry")
     if entering and not torch.equal(entering[0], out[0]):
@@ -133,13 +196,20 @@ def capture_above(lm, layer: int, input_ids: torch.Tensor,
             f"the model changes the residual stream between blocks {layer} and {layer + 1}; "
             "replaying the blocks above the edited layer would be wrong for it"
         )
-    return out[0], BlockCalls(first=layer + 1, calls=calls, batch=int(input_ids.shape[0]))
+    if snapshot is not None and layer < n - 1 and not any(
+            v is _CACHE for rest, kw, _pos in calls for v in (*rest, *kw.values())):
+        raise UnsupportedError(f"{type(lm.model).__name__} does not pass its key/value cache to the blocks")
+    return out[0], BlockCalls(first=layer + 1, calls=calls, batch=int(input_ids.shape[0]), cache=snapshot)
 
 
 def run_above(lm, hidden: torch.Tensor, calls: BlockCalls) -> torch.Tensor:
     """Replay blocks ``calls.first..n_layers-1`` on ``hidden (B, L, d_model)``."""
+    cache = None if calls.cache is None else _copy_cache(calls.cache)
     h = hidden
     for offset, (rest, kwargs, positional) in enumerate(calls.calls):
+        if cache is not None:
+            rest = tuple(cache if v is _CACHE else v for v in rest)
+            kwargs = {k: (cache if v is _CACHE else v) for k, v in kwargs.items()}
         module = block(lm, calls.first + offset)
         h = _first(module(h, *rest, **kwargs) if positional else module(*rest, hidden_states=h, **kwargs))
     return h
@@ -162,14 +232,15 @@ def _take_rows(value, index: torch.Tensor, batch: int):
 
 
 def select_rows(calls: BlockCalls, index: torch.Tensor) -> BlockCalls:
-    """The same block calls restricted to batch rows ``index``."""
+    """The same block calls (and prefix cache) restricted to batch rows ``index``."""
     if calls.batch == 1:
         # Leading dims of 1 are ambiguous (batch or broadcast); only all-or-nothing happens.
         assert index.numel() == 1, index
         return calls
     picked = [(_take_rows(rest, index, calls.batch), _take_rows(kw, index, calls.batch), positional)
               for rest, kw, positional in calls.calls]
-    return BlockCalls(first=calls.first, calls=picked, batch=int(index.numel()))
+    cache = None if calls.cache is None else _copy_cache(calls.cache, index, calls.batch)
+    return BlockCalls(first=calls.first, calls=picked, batch=int(index.numel()), cache=cache)
 
 
 def logits_from_hidden(lm, hidden: torch.Tensor) -> torch.Tensor:

@@ -15,13 +15,15 @@ Adam on ``δ``; after every step ``δ`` is pulled back into the ball
 ``‖δ‖ ≤ clamp_norm_factor · ‖h_i‖``; a request stops once ``L_i`` is below
 ``early_stop_loss`` (its ``δ`` is then frozen). The result is ``z_i = h_i + δ_i``.
 
-Two notes where the official code differs from a literal reading of the papers, kept here
-because they shape the numbers: the size term is ``‖δ‖/‖h‖²`` (not squared), and the KL
-term compares next-token distributions at the subject's last token of the KL prompt.
+Two details follow the official code (``memit/compute_z.py``, ``AlphaEdit/compute_z.py``)
+where a squared-norm or last-token reading would differ: the size term is ``‖δ‖/‖h‖²``
+(the norm itself, not squared), and the KL term compares the next-token distributions at
+the subject's last token of the KL prompt, not at the prompt's last token.
 
 :func:`compute_targets` optimises all requests of a batch at once (one ``δ`` row each,
-one forward/backward per step over every request × prefix prompt and every KL prompt,
-replaying only the blocks above ``layer`` from states cached once);
+one Adam step per step over every request × prefix prompt and every KL prompt, replaying
+only the blocks above ``layer`` and only the columns from each group's first subject token
+on, from states and key/value caches computed once);
 :func:`compute_targets_reference` is the straightforward per-request loop through the
 whole model with a hook, kept for tests and the speed benchmark.
 """
@@ -33,20 +35,23 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import InvalidRequestError, NumericalError
 from ..model.hooks import edit_output
 from ..model.weights import block
 from ..requests import SUBJECT_SLOT, EditRequest, target_text
-from .forward import capture_above, logits_from_hidden, read_module, run_above, select_rows
+from .forward import BlockCalls, capture_above, logits_from_hidden, read_module, run_above, select_rows
 from .tokens import (check_layer, check_length, check_prefixes, encode_at_subject, fill_subject,
                      length_sorted_chunks, pad_id, pad_right, prompt_texts, request_template)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 64
-"""Rows (token sequences) per forward pass; bounds memory, not the result."""
+"""Rows (token sequences) per forward pass of :func:`hidden_at_subject`."""
+
+TARGET_BATCH_SIZE = 16
+"""Rows per group in :func:`compute_targets`. Small groups keep each group's cached prefix
+long and its replayed width short; on SmolLM2 (CPU) 16 was fastest of 8/16/32/64."""
 
 
 @dataclass
@@ -55,9 +60,11 @@ class TargetConfig:
 
     Defaults follow the official MEMIT/AlphaEdit configurations (``v_num_grad_steps`` 25,
     ``v_weight_decay`` 0.5, ``kl_factor`` 0.0625, ``clamp_norm_factor`` 0.75, early stop at
-    loss 5e-2). The step size is MEMIT's GPT-J / AlphaEdit's GPT-2 XL ``v_lr = 0.5`` (AlphaEdit's
-    Llama-3 uses 0.1): on SmolLM2-135M, 0.1 leaves many requests short of their target
-    within 25 steps (see docs/benchmarks/locate.md).
+    loss 5e-2). The step size is MEMIT's GPT-J and AlphaEdit's GPT-2 XL ``v_lr = 0.5``
+    (AlphaEdit's Llama-3 uses 0.1). Measured on SmolLM2-135M, layer 7, 20 CounterFact
+    records: lr 0.5 makes the new object the argmax for 20/20 (mean p(target) 0.98), lr 0.1
+    for 4/20 (mean 0.19) within 25 steps — its subject states have norms ~100-150 and the
+    per-coordinate Adam step bounds how fast ``δ`` can grow.
     """
 
     steps: int = field(default=25, metadata={"help": "maximum Adam steps on δ per request (MEMIT v_num_grad_steps)"})
@@ -257,10 +264,15 @@ class _View:
 
 @dataclass
 class _Group:
-    """Rows of similar length run together: states after block ``layer``, block arguments."""
+    """Rows run together: their states after block ``layer`` and the block arguments.
+
+    The group's first ``split`` columns (all before every row's subject) ran once as a
+    cached prefix; ``base`` and every replay cover columns ``split..`` only.
+    """
 
     rows: torch.Tensor     # (g,) global row ids, ascending
-    base: torch.Tensor     # (g, L, d) output of block `layer`, unedited
+    split: int             # columns before this are cached, never replayed
+    base: torch.Tensor     # (g, L − split, d) output of block `layer`, unedited
     calls: BlockCalls
     tgt: torch.Tensor      # (e_g,) target entries whose row is in this group
     kl_req: torch.Tensor   # (k_g,) requests whose KL row is in this group
@@ -286,35 +298,44 @@ class _Group:
 
 
 def _groups(lm, layer: int, problem: _Problem, batch_size: int) -> list[_Group]:
-    """Length-sorted groups of at most ``batch_size`` rows, each captured once."""
-    row_of_tgt = problem.tgt_row
+    """Rows sorted by subject position (then length), in groups of at most ``batch_size``.
+
+    Columns before a group's first subject token cannot change under the edit, so they run
+    once as a cached prefix; sorting by subject position makes that prefix as long as
+    possible and keeps each group's replayed width small.
+    """
+    subj = problem.row_subj.tolist()
+    order = sorted(range(len(problem.ids)), key=lambda r: (subj[r], len(problem.ids[r])))
     groups = []
-    for chunk in length_sorted_chunks([len(s) for s in problem.ids], batch_size):
-        chunk = sorted(chunk)
+    for start in range(0, len(order), batch_size):
+        chunk = sorted(order[start: start + batch_size])
+        split = min(subj[r] for r in chunk)  # every row has real tokens in columns [0, split)
         input_ids, attention_mask = pad_right([problem.ids[r] for r in chunk], pad_id(lm), lm.device)
-        base, calls = capture_above(lm, layer, input_ids, attention_mask)
+        base, calls = capture_above(lm, layer, input_ids, attention_mask, split=split)
         rows = torch.tensor(chunk, dtype=torch.long, device=lm.device)
         member = torch.zeros_like(problem.row_req, dtype=torch.bool)
         member[rows] = True
-        groups.append(_Group(rows=rows, base=base, calls=calls,
-                             tgt=torch.nonzero(member[row_of_tgt]).flatten(),
+        groups.append(_Group(rows=rows, split=split, base=base, calls=calls,
+                             tgt=torch.nonzero(member[problem.tgt_row]).flatten(),
                              kl_req=torch.nonzero(member[problem.kl_row]).flatten()))
     return groups
 
 
 def compute_targets(lm, layer: int, requests, prefixes, config: TargetConfig | None = None, *,
-                    batch_size: int = DEFAULT_BATCH_SIZE) -> TargetResult:
+                    batch_size: int = TARGET_BATCH_SIZE) -> TargetResult:
     """Optimise ``z_i = h_i + δ_i`` for every request of a batch at once (see module doc).
 
-    All ``u`` requests share each step: their rewriting and KL prompts run in length-sorted
-    groups of at most ``batch_size`` rows (gradients accumulate over groups; one Adam step
-    on ``δ (u, d_model)`` per step). The states after block ``layer`` and the arguments of
-    the blocks above are cached from one forward per group; a step adds ``δ`` at the subject
-    rows and replays only blocks ``layer+1..N-1``, then the final norm and LM head at the
-    positions a loss reads. A request whose loss drops below ``early_stop_loss`` keeps its
-    ``δ`` and leaves the batch; the loop ends when every request has stopped or ``steps``
-    are spent. ``batch_size`` bounds memory; the result does not depend on it beyond float
-    rounding.
+    All ``u`` requests share each step: their rewriting and KL prompts run in groups of at
+    most ``batch_size`` rows sorted by subject position (gradients accumulate over groups;
+    one Adam step on ``δ (u, d_model)`` per step). Per group, one forward caches the keys and
+    values of the columns before its first subject token (an edit at the subject cannot
+    change them), the states after block ``layer`` and the arguments of the blocks above; a
+    step adds ``δ`` at the subject rows and replays only blocks ``layer+1..N-1`` on the
+    remaining columns, then the final norm and LM head at the positions a loss reads. A
+    request whose loss drops below ``early_stop_loss`` keeps its ``δ`` and leaves the batch;
+    the loop ends when every request has stopped or ``steps`` are spent. ``batch_size``
+    trades memory and per-call overhead against replayed width; the result does not depend
+    on it beyond float rounding.
     """
     layer, requests, prefixes, config = _prepare(lm, layer, requests, prefixes, config, batch_size)
     if not requests:
@@ -327,7 +348,7 @@ def compute_targets(lm, layer: int, requests, prefixes, config: TargetConfig | N
         for g in groups:
             hit = torch.nonzero(torch.isin(problem.plain_row, g.rows)).flatten()   # requests
             local = torch.searchsorted(g.rows, problem.plain_row[hit])
-            initial[hit] = g.base[local, problem.row_subj[problem.plain_row[hit]]].float()
+            initial[hit] = g.base[local, problem.row_subj[problem.plain_row[hit]] - g.split].float()
     else:
         initial = hidden_at_subject(lm, layer, requests)
     init_norm = initial.norm(dim=-1)                   # (u,) ‖h_i‖
@@ -354,12 +375,12 @@ def compute_targets(lm, layer: int, requests, prefixes, config: TargetConfig | N
             with torch.enable_grad():
                 # h[row, s_row] += δ_{request(row)}   on the output of block `layer`
                 h = g.base.index_select(0, view.sel).index_put(
-                    (torch.arange(view.rows.numel(), device=device), problem.row_subj[view.rows]),
+                    (torch.arange(view.rows.numel(), device=device), problem.row_subj[view.rows] - g.split),
                     delta[problem.row_req[view.rows]].to(g.base.dtype), accumulate=True)
                 out = run_above(lm, h, view.calls)                                     # (r, L, d)
                 kl_rows = problem.kl_row[view.kl_req]
-                read = torch.cat([out[view.local[problem.tgt_row[view.tgt]], problem.tgt_pos[view.tgt]],
-                                  out[view.local[kl_rows], problem.row_subj[kl_rows]]])  # (e + k, d)
+                read = torch.cat([out[view.local[problem.tgt_row[view.tgt]], problem.tgt_pos[view.tgt] - g.split],
+                                  out[view.local[kl_rows], problem.row_subj[kl_rows] - g.split]])  # (e + k, d)
                 logp = torch.log_softmax(logits_from_hidden(lm, read).float(), dim=-1)
                 e = view.tgt.numel()
                 tok_nll = -logp[:e].gather(1, problem.tgt_id[view.tgt].unsqueeze(1)).squeeze(1) \
@@ -406,7 +427,7 @@ def compute_targets(lm, layer: int, requests, prefixes, config: TargetConfig | N
 
 
 def compute_targets_reference(lm, layer: int, requests, prefixes, config: TargetConfig | None = None, *,
-                              batch_size: int = DEFAULT_BATCH_SIZE) -> TargetResult:
+                              batch_size: int = TARGET_BATCH_SIZE) -> TargetResult:
     """The same objective, one request at a time through the whole model.
 
     For each request: its rewriting and KL prompts in one padded batch, ``δ`` added to the
