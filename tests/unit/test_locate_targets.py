@@ -186,5 +186,19 @@ def test_config_rejects_bad_values(field, value):
 def test_config_defaults_documented():
     config = TargetConfig()
     assert config.to_dict() == {"steps": 25, "lr": 0.5, "weight_decay": 0.5, "kl_factor": 0.0625,
-                                "clamp_norm_factor": 0.75, "early_stop_loss": 0.05, "kl_prompt": "{} is a"}
+                                "clamp_norm_factor": 0.75, "early_stop_loss": 0.05, "early_stop_nll": 0.0,
+                                "kl_prompt": "{} is a"}
     assert all(TargetConfig.field_help().values())
+
+
+def test_nll_early_stop_fires_and_batched_matches_reference(lm):
+    # Threshold on the target NLL alone, between the requests' NLLs after an uninterrupted run.
+    free = compute_targets(lm, LAYER, requests(), PREFIXES, NO_STOP)
+    nll = sorted((-free.target_prob.log()).tolist())
+    config = TargetConfig(steps=10, early_stop_loss=0.0, early_stop_nll=(nll[1] + nll[2]) / 2,
+                          clamp_norm_factor=4.0)
+    batched = compute_targets(lm, LAYER, requests(), PREFIXES, config)
+    reference = compute_targets_reference(lm, LAYER, requests(), PREFIXES, config)
+    assert batched.steps.tolist() == reference.steps.tolist()
+    assert min(batched.steps.tolist()) < config.steps - 1
+    assert_rows_close(batched.z, reference.z)

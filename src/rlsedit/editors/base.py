@@ -245,6 +245,7 @@ class Editor:
         return TargetConfig(
             steps=c.v_num_grad_steps, lr=c.v_lr, weight_decay=c.v_weight_decay, kl_factor=c.kl_factor,
             clamp_norm_factor=c.clamp_norm_factor, early_stop_loss=c.v_early_stop_loss,
+            early_stop_nll=c.v_early_stop_nll,
         )
 
     def _make_prefixes(self) -> list[str]:

@@ -48,7 +48,10 @@ class EditConfig:
     v_weight_decay: float = _help("target optimization: weight of ||delta||^2/||h||^2", 0.5)
     kl_factor: float = _help("target optimization: weight of the KL term on '{subject} is a'", 0.0625)
     clamp_norm_factor: float = _help("target optimization: clamp ||delta|| to this times ||h||", 0.75)
-    v_early_stop_loss: float = _help("target optimization: stop a request once its NLL is below this", 0.05)
+    v_early_stop_loss: float = _help("target optimization: stop a request once its whole loss is below this", 0.05)
+    v_early_stop_nll: float = _help(
+        "target optimization: stop a request once its target NLL is below this (p(target) ≈ 0.95); "
+        "0 restores MEMIT's rule, which on small models rarely fires because of the KL term", 0.05)
     context_count: int = _help("number of generated context prefixes (plus the empty one)", 5)
     context_length: int = _help("length in tokens of each generated context prefix", 10)
     mom2_n_samples: int = _help("corpus tokens used for the key second moment E[kk^T]", 100_000)
@@ -64,7 +67,7 @@ class EditConfig:
         for name in ("v_num_grad_steps", "context_count", "context_length", "mom2_n_samples"):
             if getattr(self, name) < 0 or (name != "context_count" and getattr(self, name) == 0):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("v_lr", "v_weight_decay", "kl_factor", "clamp_norm_factor", "v_early_stop_loss",
+        for name in ("v_lr", "v_weight_decay", "kl_factor", "clamp_norm_factor", "v_early_stop_loss", "v_early_stop_nll",
                      "mom2_update_weight"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
