@@ -95,23 +95,29 @@ def journal_requests(session) -> list:
     return out
 
 
+def check_args(args) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Refuse bad options before any model is loaded; returns ``split_suites(args.suites)``."""
+    edit, general = split_suites(args.suites)
+    if "counterfact" in edit and not args.data:
+        raise InvalidRequestError("the counterfact suite needs --data FILE (edit records)")
+    if "zsre" in edit and not (args.data or args.zsre_data):
+        raise InvalidRequestError("the zsre suite needs --data or --zsre-data FILE")
+    if "retention" in edit and args.state is None:
+        raise InvalidRequestError("the retention suite needs --state (it scores the journal's edits)")
+    for name in ("n", "general_n", "limit", "ppl_tokens", "retention_bins", "batch_size", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise InvalidRequestError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    return edit, general
+
+
 def evaluate_model(lm, args, *, session=None) -> dict[str, Any]:
     """Run the suites of ``args`` on ``lm``; ``session`` provides the journal for ``retention``."""
     from ..eval.retention import forgetting_curve
     from ..eval.runner import run_eval
     from ..requests import read_requests
 
-    edit, general = split_suites(args.suites)
-    if ("counterfact" in edit or "zsre" in edit) and not (args.data or args.zsre_data):
-        raise InvalidRequestError("the counterfact/zsre suites need --data FILE (edit records)")
-    if "counterfact" in edit and not args.data:
-        raise InvalidRequestError("the counterfact suite needs --data FILE")
-    if "retention" in edit and session is None:
-        raise InvalidRequestError("the retention suite needs --state (it scores the journal's edits)")
-    for name in ("n", "general_n", "limit", "ppl_tokens", "retention_bins", "batch_size", "max_new_tokens"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise InvalidRequestError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    edit, general = check_args(args)
     counterfact = read_requests(args.data, limit=args.n) if "counterfact" in edit else None
     zsre = read_requests(args.zsre_data or args.data, limit=args.n) if "zsre" in edit else None
     result = run_eval(lm, counterfact=counterfact, zsre=zsre, general=general, data_dir=args.data_dir,
@@ -119,6 +125,8 @@ def evaluate_model(lm, args, *, session=None) -> dict[str, Any]:
                       seed=args.seed, fluency=args.fluency, consistency=args.consistency,
                       max_new_tokens=args.max_new_tokens)
     if "retention" in edit:
+        if session is None:
+            raise InvalidRequestError("the retention suite needs --state (it scores the journal's edits)")
         applied = journal_requests(session)
         if not applied:
             raise InvalidRequestError("retention: the state has no live edits yet")
@@ -151,6 +159,7 @@ def format_eval(result: dict[str, Any]) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    check_args(args)
     if args.state is not None:
         from ..session.session import Runtime, Session
 
