@@ -20,6 +20,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "rlsedit.session.cli",
     "rlsedit.bench.solver_cli",
     "rlsedit.locate.stats_cli",
+    "rlsedit.eval.cli",
+    "rlsedit.bench.methods_cli",
 )
 
 

@@ -1,0 +1,163 @@
+"""PNG plots of a method benchmark (``results.json`` of :mod:`rlsedit.bench.methods`).
+
+* ``metrics_vs_edits.png`` — efficacy, generalization, specificity at each checkpoint;
+* ``general_vs_edits.png`` — the general suites at each checkpoint (when any were run);
+* ``forgetting_curve.png`` — efficacy of each position bin after the whole stream;
+* ``drift_anchor.png`` — ``‖W − W_0‖_F`` and ``‖K_0ᵀ(W − W_0)‖_F`` (summed in squares over
+  layers) after every batch (RQ4);
+* ``solve_cost.png`` — solve seconds of each batch (RLSEdit's recursion vs MEMIT-seq's re-solve);
+* ``sweep.png`` — final efficacy/specificity of the RLSEdit sweep against λ, one line per μ.
+
+Matplotlib runs on the Agg backend; nothing is shown on screen.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CF_METRICS = (("efficacy", "Efficacy"), ("generalization", "Generalization"), ("specificity", "Specificity"))
+
+
+def _checkpoints(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [b for b in result["batches"] if "evaluation" in b]
+
+
+def _general_value(name: str, res: dict[str, Any] | None) -> float | None:
+    if not res:
+        return None
+    for key in ("ppl", "acc", "recall", "pass@1"):
+        if isinstance(res.get(key), (int, float)):
+            return float(res[key])
+    return None
+
+
+def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
+    """Write the plots listed in the module docstring into ``out``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    written: list[Path] = []
+    methods = {name: full["methods"][name] for name in full["runs"] if name in full["methods"]}
+    if not methods:
+        return written
+    main = {k: v for k, v in methods.items() if "[" not in k}  # sweep points get their own plot
+    unedited = full.get("unedited")
+
+    def save(fig, name: str) -> None:
+        path = out / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    # metrics vs number of edits
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    for ax, (key, label) in zip(axes, CF_METRICS):
+        for name, result in main.items():
+            pts = [(b["edits"], b["evaluation"]["counterfact"]["summary"].get(key)) for b in _checkpoints(result)]
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        if unedited:
+            base = unedited["evaluation"].get("counterfact", {}).get("summary", {}).get(key)
+            if base is not None:
+                ax.axhline(base, color="grey", ls=":", lw=1, label="unedited")
+        ax.axhline(0.5, color="black", ls="--", lw=0.8, label="chance")
+        ax.set_title(label)
+        ax.set_xlabel("edits applied")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("success rate")
+    axes[-1].legend(fontsize=7, loc="lower left")
+    save(fig, "metrics_vs_edits.png")
+
+    general = full["settings"].get("general", [])
+    if general:
+        fig, axes = plt.subplots(1, len(general), figsize=(4 * len(general), 3.6), squeeze=False)
+        for ax, suite in zip(axes[0], general):
+            for name, result in main.items():
+                pts = [(b["edits"], _general_value(suite, b["evaluation"].get("general", {}).get(suite)))
+                       for b in _checkpoints(result)]
+                pts = [(x, y) for x, y in pts if y is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=name)
+            if unedited:
+                res = unedited["evaluation"].get("general", {}).get(suite)
+                base = _general_value(suite, res)
+                if base is not None:
+                    ax.axhline(base, color="grey", ls=":", lw=1, label="unedited")
+                if res and suite != "wikitext" and res.get("chance") is not None:
+                    ax.axhline(res["chance"], color="black", ls="--", lw=0.8, label="chance")
+            ax.set_title("perplexity (WikiText-2)" if suite == "wikitext" else suite)
+            ax.set_xlabel("edits applied")
+        axes[0][-1].legend(fontsize=7)
+        save(fig, "general_vs_edits.png")
+
+    # forgetting curve
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, result in main.items():
+        bins = result["final"].get("retention", {}).get("bins", {}).get("success", [])
+        pts = [((b["first"] + b["last"]) / 2, b["mean"]) for b in bins if b["mean"] is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+    ax.axhline(0.5, color="black", ls="--", lw=0.8, label="chance")
+    ax.set_xlabel("edit position in the stream (0 = oldest)")
+    ax.set_ylabel("efficacy after the whole stream")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    save(fig, "forgetting_curve.png")
+
+    # drift and anchor residual
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for key, ax, label in (("drift_fro", axes[0], "‖W − W0‖_F (all edited layers)"),
+                           ("anchor_residual", axes[1], "‖K0ᵀ(W − W0)‖_F (all edited layers)")):
+        for name, result in main.items():
+            pts = [(b["edits"], b["diagnostics"].get(key)) for b in result["batches"]]
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=name)
+        ax.set_xlabel("edits applied")
+        ax.set_title(label)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    save(fig, "drift_anchor.png")
+
+    # solve cost per batch
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, result in main.items():
+        pts = [(b["batch"], b["solve_s"]) for b in result["batches"] if b.get("solve_s") is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker=".", label=name)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("solve seconds (all layers)")
+    ax.legend(fontsize=7)
+    save(fig, "solve_cost.png")
+
+    sweep = {k: v for k, v in methods.items() if "[" in k}
+    if sweep:
+        lines: dict[float, list[tuple[float, float | None, float | None]]] = {}
+        for result in sweep.values():
+            cfg = result["config"]
+            evals = _checkpoints(result)
+            summary = evals[-1]["evaluation"]["counterfact"]["summary"] if evals else {}
+            lines.setdefault(cfg.get("mu_reg"), []).append(
+                (cfg.get("lambda_reg"), summary.get("efficacy"), summary.get("specificity")))
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+        for mu, pts in sorted(lines.items(), key=lambda kv: kv[0]):
+            pts.sort()
+            for ax, index, label in ((axes[0], 1, "efficacy"), (axes[1], 2, "specificity")):
+                xy = [(p[0], p[index]) for p in pts if p[index] is not None]
+                if xy:
+                    ax.plot(*zip(*xy), marker="o", label=f"μ={mu:g}")
+                ax.set_title(f"RLSEdit sweep: {label}")
+                ax.set_xlabel("λ")
+        axes[0].set_ylabel("success rate (end of stream)")
+        axes[0].legend(fontsize=7)
+        save(fig, "sweep.png")
+    return written

@@ -1,0 +1,183 @@
+"""``rlsedit eval``: score an edited model (a state directory) or a base model on chosen suites.
+
+Suites (``--suites``, comma-separated):
+
+* ``counterfact`` — efficacy / generalization / specificity of the first ``--n`` records of
+  ``--data`` (any layout :func:`rlsedit.requests.read_requests` reads); ``--fluency`` and
+  ``--consistency`` add the generation metrics;
+* ``zsre`` — MEND/EasyEdit token accuracies of the records of ``--zsre-data`` (default ``--data``);
+* ``retention`` — the forgetting curve: efficacy of every edit in the state's journal, in the
+  order applied (needs ``--state``);
+* general capability from ``--data-dir`` (default ``../shared/data`` beside the checkout):
+  ``ppl`` (WikiText-2 perplexity), ``knowns``, ``glue`` (every GLUE subset) or one subset
+  (``sst2``, ``mrpc``, ``cola``, ``rte``, ``nli``, ``sentiment_analysis``, ``dialogue``,
+  ``glue_mmlu``), ``mmlu``, ``gsm8k``, ``humaneval``.
+
+Scored-choice suites use a seeded sample of ``--general-n`` items; GSM8K and HumanEval the
+first ``--limit`` problems. Every figure is printed beside its chance level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidRequestError
+
+EDIT_SUITES = ("counterfact", "zsre", "retention")
+# the project's data folder when running from a checkout beside it
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[4] / "shared" / "data"
+
+
+def _names(text: str) -> tuple[str, ...]:
+    values = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return values
+
+
+def split_suites(suites) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(edit suites, general suite names as run_eval knows them)``; unknown names raise."""
+    from ..bench.methods import general_suite_names
+
+    edit = tuple(s for s in suites if s in EDIT_SUITES)
+    general = general_suite_names([s for s in suites if s not in EDIT_SUITES])
+    return edit, general
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate an edited model (state directory) or a base model on chosen suites",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--state", help="state directory of an editing session (the edited model)")
+    source.add_argument("--model", help="a model spec to evaluate unedited (smollm2, gemma3-270m, a path)")
+    p.add_argument("--data", help="edit records for counterfact (and zsre unless --zsre-data)")
+    p.add_argument("--zsre-data", help="zsRE records (MEND layout); default --data")
+    p.add_argument("--n", type=int, default=None, help="use only the first N records of --data / --zsre-data")
+    p.add_argument("--suites", type=_names, default=("counterfact",),
+                   help="comma-separated: counterfact, zsre, retention, ppl, knowns, glue, mmlu, gsm8k, humaneval, … "
+                        "(default counterfact)")
+    p.add_argument("--general-n", type=int, default=200, help="items per scored-choice suite (seeded sample; default 200)")
+    p.add_argument("--limit", type=int, default=None, help="GSM8K/HumanEval: the first N problems (default all)")
+    p.add_argument("--ppl-tokens", type=int, default=20_000, help="WikiText-2 tokens for perplexity (default 20000)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation cap for GSM8K/HumanEval")
+    p.add_argument("--fluency", action="store_true", help="counterfact: fluency (generates text)")
+    p.add_argument("--consistency", action="store_true", help="counterfact: consistency against the corpus reference")
+    p.add_argument("--retention-bins", type=int, default=10, help="bins of the forgetting curve (default 10)")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="folder laid out like ../shared/data")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="seed of samples and sampled generations")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--cache-dir", default=None, help="model cache (default ~/.cache/rlsedit)")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.set_defaults(func=cmd_eval)
+
+
+def journal_requests(session) -> list:
+    """The live edits of a session in the order they were applied (journal order, then column)."""
+    from ..requests import parse_request
+
+    by_seq: dict[int, list] = {}
+    for edit_id, (seq, column) in session.index.items():
+        by_seq.setdefault(seq, []).append((column, edit_id))
+    out = []
+    for seq in sorted(by_seq):
+        entry = session.store.read_entry(seq)
+        records = {str(r["id"]): r for r in entry.meta["requests"]}
+        for column, edit_id in sorted(by_seq[seq]):
+            out.append(parse_request(records[edit_id], len(out)))
+    return out
+
+
+def check_args(args) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Refuse bad options before any model is loaded; returns ``split_suites(args.suites)``."""
+    edit, general = split_suites(args.suites)
+    if "counterfact" in edit and not args.data:
+        raise InvalidRequestError("the counterfact suite needs --data FILE (edit records)")
+    if "zsre" in edit and not (args.data or args.zsre_data):
+        raise InvalidRequestError("the zsre suite needs --data or --zsre-data FILE")
+    if "retention" in edit and args.state is None:
+        raise InvalidRequestError("the retention suite needs --state (it scores the journal's edits)")
+    for name in ("n", "general_n", "limit", "ppl_tokens", "retention_bins", "batch_size", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise InvalidRequestError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    return edit, general
+
+
+def evaluate_model(lm, args, *, session=None) -> dict[str, Any]:
+    """Run the suites of ``args`` on ``lm``; ``session`` provides the journal for ``retention``."""
+    from ..eval.retention import forgetting_curve
+    from ..eval.runner import run_eval
+    from ..requests import read_requests
+
+    edit, general = check_args(args)
+    counterfact = read_requests(args.data, limit=args.n) if "counterfact" in edit else None
+    zsre = read_requests(args.zsre_data or args.data, limit=args.n) if "zsre" in edit else None
+    result = run_eval(lm, counterfact=counterfact, zsre=zsre, general=general, data_dir=args.data_dir,
+                      n=args.general_n, limit=args.limit, ppl_tokens=args.ppl_tokens, batch_size=args.batch_size,
+                      seed=args.seed, fluency=args.fluency, consistency=args.consistency,
+                      max_new_tokens=args.max_new_tokens)
+    if "retention" in edit:
+        if session is None:
+            raise InvalidRequestError("the retention suite needs --state (it scores the journal's edits)")
+        applied = journal_requests(session)
+        if not applied:
+            raise InvalidRequestError("retention: the state has no live edits yet")
+        curve = forgetting_curve(lm, applied, n_bins=args.retention_bins, batch_size=args.batch_size)
+        result["retention"] = {"edits": len(applied), "bins": curve["bins"], "chance": curve["chance"]}
+    return result
+
+
+def format_eval(result: dict[str, Any]) -> str:
+    """Human-readable lines: each figure with its chance level."""
+    lines = []
+    for suite in ("counterfact", "zsre"):
+        if suite in result:
+            summary, chance = result[suite]["summary"], result[suite].get("chance", {})
+            for key, value in summary.items():
+                if isinstance(value, float):
+                    extra = f"   (chance {chance[key]:.4g})" if key in chance else ""
+                    lines.append(f"{suite}.{key}: {value:.4f}{extra}")
+    for name, res in result.get("general", {}).items():
+        for key in ("ppl", "acc", "recall", "pass@1"):
+            if isinstance(res.get(key), (int, float)):
+                lines.append(f"{name}.{key}: {res[key]:.4f}   (chance {res.get('chance')}; n={res.get('n', '-')})")
+    if "retention" in result:
+        for b in result["retention"]["bins"]["success"]:
+            mean = "–" if b["mean"] is None else f"{b['mean']:.3f}"
+            lines.append(f"retention edits {b['first']}-{b['last']}: {mean}   (chance 0.5)")
+    if result.get("nonfinite"):
+        lines.append("non-finite (written as null): " + ", ".join(result["nonfinite"]))
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    check_args(args)
+    if args.state is not None:
+        from ..session.session import Runtime, Session
+
+        session = Session.open(args.state, runtime=Runtime(device=args.device, cache_dir=args.cache_dir))
+        try:
+            result = evaluate_model(session.lm, args, session=session)
+            result["state"] = {"dir": args.state, "method": session.store.meta["method"],
+                               "model": session.store.meta["model"]["spec"], "edits_applied": len(session.index)}
+        finally:
+            session.close(snapshot=False)  # evaluation only reads the state
+    else:
+        from ..model.load import load_model
+
+        lm = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
+        result = evaluate_model(lm, args)
+        result["state"] = {"model": args.model, "edits_applied": 0}
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(format_eval(result))
+    return 0

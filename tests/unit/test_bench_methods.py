@@ -1,0 +1,304 @@
+"""The method benchmark on a tiny random model saved to disk: same stream for every method,
+fresh weights per method, checkpoints, diagnostics, reports, and resumption after a kill."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from locate_tiny import SENTENCES, make_lm
+from rlsedit.bench.methods import (MethodBenchConfig, checkpoint_batches, format_results_markdown,
+                                   general_suite_names, parse_sweep, plan_runs, run_dir_name, run_method_bench,
+                                   select_edits, sweep_run_name)
+from rlsedit.errors import InvalidRequestError, StateMismatchError
+
+EDITS = [
+    {"id": "e0", "prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": "Rome",
+     "target_true": "Paris", "paraphrases": ["Where is The Eiffel Tower? It is in"],
+     "neighborhood": ["The capital of France is"], "neighborhood_answers": ["Paris"]},
+    {"id": "e1", "prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": "piano", "target_true": "guitar",
+     "paraphrases": ["The instrument of Toko Yasuda is the"], "neighborhood": ["Michael Jordan plays the"],
+     "neighborhood_answers": ["basketball"]},
+    {"id": "e2", "prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "Swedish",
+     "target_true": "French", "paraphrases": ["{} speaks".replace("{}", "Danielle Darrieux")],
+     "neighborhood": ["Sweden speaks"], "neighborhood_answers": ["Swedish"]},
+    {"id": "e3", "prompt": "{}, which is located in", "subject": "Autonomous University of Madrid",
+     "target_new": "Sweden", "target_true": "Spain", "paraphrases": ["Autonomous University of Madrid is in"],
+     "neighborhood": ["Madrid is located in"], "neighborhood_answers": ["Spain"]},
+]
+FAST = {"v_num_grad_steps": 4, "context_count": 1, "context_length": 3, "mom2_update_weight": 10.0}
+
+
+def save_tiny_model(folder: Path) -> Path:
+    """A tiny random llama (see locate_tiny) saved as a Hugging Face directory load_model reads."""
+    lm = make_lm("llama")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    model = save_tiny_model(root / "tiny-model")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES * 4))
+    data = root / "edits.jsonl"
+    data.write_text("\n".join(json.dumps(e) for e in EDITS))
+    hparams = root / "hparams"
+    hparams.mkdir()
+    for method in ("rlsedit", "memit-seq", "rome", "ft"):
+        (hparams / f"{method}.json").write_text(json.dumps(FAST))
+    data_dir = root / "data"
+    (data_dir / "corpus").mkdir(parents=True)
+    (data_dir / "corpus" / "wikitext2_test.txt").write_text(" ".join(SENTENCES * 3))
+    return {"root": root, "model": model, "corpus": corpus, "data": data, "hparams": hparams, "data_dir": data_dir}
+
+
+def _config(setup, **changes) -> MethodBenchConfig:
+    base = dict(model=str(setup["model"]), data=str(setup["data"]), methods=("rlsedit", "memit-seq", "ft"), n=4,
+                batch_size=2, checkpoints=2, general=("ppl",), ppl_tokens=60, mom2_tokens=200,
+                corpus=str(setup["corpus"]), hparams_dir=str(setup["hparams"]), data_dir=str(setup["data_dir"]),
+                cache_dir=str(setup["root"] / "cache"), retention_bins=2, eval_batch_size=4)
+    base.update(changes)
+    return MethodBenchConfig(**base)
+
+
+# ---- pieces -----------------------------------------------------------------------------------
+
+def test_checkpoint_batches_are_evenly_spaced_and_end_at_the_last():
+    assert checkpoint_batches(10, 4) == [2, 5, 8, 10]
+    assert checkpoint_batches(3, 10) == [1, 2, 3]
+    assert checkpoint_batches(7, 1) == [7]
+    with pytest.raises(InvalidRequestError):
+        checkpoint_batches(0, 2)
+
+
+def test_parse_sweep_builds_the_grid_in_order():
+    grid = parse_sweep("lambda=0,0.1;mu=0.5,1,2")
+    assert len(grid) == 6
+    assert grid[0] == {"lambda_reg": 0.0, "mu_reg": 0.5} and grid[-1] == {"lambda_reg": 0.1, "mu_reg": 2.0}
+    assert parse_sweep(None) == [] and parse_sweep("  ") == []
+    assert sweep_run_name(grid[1]) == "rlsedit[lambda_reg=0,mu_reg=1]"
+    assert run_dir_name(sweep_run_name(grid[1])) == "rlsedit_lambda_reg-0_mu_reg-1"
+    for bad in ("lambda", "nope=1", "mu=a", "mu=inf", "mu=1;mu=2"):
+        with pytest.raises(InvalidRequestError):
+            parse_sweep(bad)
+
+
+def test_general_suite_names_expand_aliases_and_refuse_unknown():
+    assert general_suite_names(["ppl", "knowns", "ppl"]) == ("wikitext", "knowns")
+    assert "sst2" in general_suite_names(["glue"]) and "mrpc" in general_suite_names(["glue"])
+    with pytest.raises(InvalidRequestError, match="unknown general suite"):
+        general_suite_names(["hellaswag"])
+
+
+def test_config_refuses_bad_values():
+    with pytest.raises(InvalidRequestError, match="batch_size"):
+        MethodBenchConfig(data="x", batch_size=0)
+    with pytest.raises(InvalidRequestError, match="twice"):
+        MethodBenchConfig(data="x", methods=("rome", "rome"))
+    with pytest.raises(InvalidRequestError, match="data_dir"):
+        MethodBenchConfig(data="x", general=("ppl",))
+
+
+def test_select_edits_file_order_or_seeded_shuffle(tiny_setup):
+    first = select_edits(tiny_setup["data"], 3)
+    assert [r.id for r in first] == ["e0", "e1", "e2"]
+    shuffled = select_edits(tiny_setup["data"], 4, shuffle=True, seed=3)
+    assert sorted(r.id for r in shuffled) == ["e0", "e1", "e2", "e3"]
+    assert [r.id for r in shuffled] == [r.id for r in select_edits(tiny_setup["data"], 4, shuffle=True, seed=3)]
+    with pytest.raises(InvalidRequestError, match="fewer than"):
+        select_edits(tiny_setup["data"], 10)
+
+
+def test_plan_runs_reads_hparams_and_adds_sweep_points(tiny_setup):
+    runs = plan_runs(_config(tiny_setup, methods=("rlsedit", "memit"), sweep="mu=0.5,2"))
+    assert [r.name for r in runs] == ["rlsedit", "memit", "rlsedit[mu_reg=0.5]", "rlsedit[mu_reg=2]"]
+    assert runs[0].config.v_num_grad_steps == 4 and runs[0].config.mom2_n_samples == 200
+    assert runs[1].config.v_num_grad_steps == 25  # no memit.json: defaults
+    assert runs[3].config.mu_reg == 2.0 and runs[3].config.v_num_grad_steps == 4
+    with pytest.raises(InvalidRequestError, match="unknown method"):
+        plan_runs(_config(tiny_setup, methods=("nope",)))
+
+
+# ---- the whole benchmark ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished(tiny_setup):
+    out = tiny_setup["root"] / "run"
+    full = run_method_bench(_config(tiny_setup), out)
+    return out, full
+
+
+def test_every_method_runs_the_same_stream_with_diagnostics_and_checkpoints(finished):
+    out, full = finished
+    assert full["runs"] == ["rlsedit", "memit-seq", "ft"]
+    assert full["settings"]["edit_ids"] == ["e0", "e1", "e2", "e3"]
+    for name in full["runs"]:
+        result = full["methods"][name]
+        assert [b["batch"] for b in result["batches"]] == [1, 2]
+        assert [b["edits"] for b in result["batches"]] == [2, 4]
+        assert result["status"]["edits_applied"] == 4
+        for b in result["batches"]:
+            assert b["total_s"] > 0 and b["diagnostics"]["drift_fro"] > 0
+            # both checkpoints evaluated, on the edits applied so far
+            assert b["evaluation"]["counterfact"]["summary"]["requests"] == b["edits"]
+            assert b["evaluation"]["general"]["wikitext"]["ppl"] > 1
+        assert result["seconds_per_edit"] > 0
+        bins = result["final"]["retention"]["bins"]["success"]
+        assert [b["count"] for b in bins] == [2, 2]
+    # the closed-form methods report solve time and an anchor residual; FT has neither
+    for name in ("rlsedit", "memit-seq"):
+        assert all(b["solve_s"] > 0 for b in full["methods"][name]["batches"])
+        assert full["methods"][name]["batches"][-1]["diagnostics"]["anchor_residual"] > 0
+    assert all(b["solve_s"] is None for b in full["methods"]["ft"]["batches"])
+    assert full["methods"]["ft"]["batches"][-1]["diagnostics"]["anchor_residual"] is None
+    # RLSEdit at λ=0 is sequential MEMIT: on the first batch (same unedited model, so the same
+    # keys and targets) both write the same weights up to float32 rounding; later batches'
+    # targets are re-optimised on slightly different models, so they are not compared
+    w_rls = full["methods"]["rlsedit"]["batches"][0]["diagnostics"]["drift_fro"]
+    w_seq = full["methods"]["memit-seq"]["batches"][0]["diagnostics"]["drift_fro"]
+    assert w_rls == pytest.approx(w_seq, rel=1e-3)
+    # the unedited row is the base model: each method's edits changed its weights away from it
+    base = full["unedited"]["weights_sha256"]
+    assert all(full["methods"][n]["status"]["weights_sha256"] != base for n in full["runs"])
+
+
+def test_reports_and_plots_are_written(finished):
+    out, full = finished
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["methods"].keys() == full["methods"].keys()
+    md = (out / "results.md").read_text()
+    for name in ("rlsedit", "memit-seq", "ft", "unedited", "chance", "Eff.", "Spe.", "PPL", "solve s/batch"):
+        assert name in md
+    assert md == format_results_markdown(on_disk)
+    for png in ("metrics_vs_edits.png", "forgetting_curve.png", "drift_anchor.png", "solve_cost.png",
+                "general_vs_edits.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_rerun_skips_finished_methods_and_refuses_other_settings(finished, tiny_setup):
+    out, full = finished
+    stamp = (out / "rlsedit" / "result.json").stat().st_mtime_ns
+    again = run_method_bench(_config(tiny_setup), out)
+    assert (out / "rlsedit" / "result.json").stat().st_mtime_ns == stamp
+    assert again["methods"] == full["methods"]
+    with pytest.raises(StateMismatchError, match="other settings"):
+        run_method_bench(_config(tiny_setup, n=3), out)
+
+
+def test_a_killed_run_resumes_mid_method_to_the_same_weights(finished, tiny_setup, monkeypatch):
+    """Kill during the second batch of rlsedit (after batch 1 is journaled); a rerun continues
+    from the journal and ends with the uninterrupted run's weights."""
+    from rlsedit.session.session import Session
+
+    _, full = finished
+    out = tiny_setup["root"] / "killed"
+    config = _config(tiny_setup, methods=("rlsedit",), general=(), checkpoints=1)
+    real_edit = Session.edit
+    calls = {"n": 0}
+
+    def dying_edit(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real_edit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "edit", dying_edit)
+    with pytest.raises(KeyboardInterrupt):
+        run_method_bench(config, out)
+    monkeypatch.setattr(Session, "edit", real_edit)
+    assert not (out / "rlsedit" / "result.json").exists()
+    assert len((out / "rlsedit" / "progress.jsonl").read_text().splitlines()) == 1
+    resumed = run_method_bench(config, out)
+    result = resumed["methods"]["rlsedit"]
+    assert [b["batch"] for b in result["batches"]] == [1, 2]
+    assert result["status"]["weights_sha256"] == full["methods"]["rlsedit"]["status"]["weights_sha256"]
+    # a batch journaled before the progress line was written keeps its edits, timings unknown
+    (out / "rlsedit" / "result.json").unlink()
+    lines = (out / "rlsedit" / "progress.jsonl").read_text().splitlines()
+    (out / "rlsedit" / "progress.jsonl").write_text(lines[0] + "\n" + lines[1][:10])  # torn last line
+    again = run_method_bench(config, out)["methods"]["rlsedit"]
+    assert again["batches"][1]["resumed"] is True and again["batches"][1]["total_s"] is None
+    assert again["status"]["weights_sha256"] == result["status"]["weights_sha256"]
+
+
+def test_plain_bench_and_bench_methods_parse_to_the_same_config(tiny_setup, monkeypatch, capsys):
+    from rlsedit import cli
+    from rlsedit.bench import methods_cli
+
+    seen = []
+
+    def fake_run(config, out, progress=False):
+        seen.append((config, out))
+        return {"settings": {"model": config.model, "data": config.data, "n": config.n,
+                             "batch_size": config.batch_size, "general": []},
+                "runs": [], "methods": {}, "unedited": None}
+
+    monkeypatch.setattr(methods_cli, "run_method_bench", fake_run)
+    args = ["--model", "m", "--data", str(tiny_setup["data"]), "--out", "o", "--methods", "rlsedit,memit-seq",
+            "--n", "8", "--batch-size", "4", "--general", "ppl,mmlu", "--data-dir", "d", "--sweep", "mu=1,2"]
+    assert cli.main(["bench", "methods", *args]) == 0
+    assert cli.main(["bench", *args]) == 0
+    assert seen[0] == seen[1]
+    config = seen[0][0]
+    assert config.methods == ("rlsedit", "memit-seq") and config.n == 8 and config.general == ("ppl", "mmlu")
+    assert config.checkpoints == MethodBenchConfig().checkpoints  # unspecified options keep their defaults
+    # bench solver still reaches the solver benchmark, and a bare `bench` explains itself
+    parser = cli.build_parser()
+    from rlsedit.bench import solver_cli
+
+    assert parser.parse_args(["bench", "solver", "--dk", "64"]).func is solver_cli._run
+    assert cli.main(["bench"]) == 2
+    assert "name a benchmark" in capsys.readouterr().err
+    assert cli.main(["bench", "--model", "m"]) == 2
+    assert "missing --data, --out" in capsys.readouterr().err
+
+
+def test_weights_that_differ_from_the_base_are_refused(tiny_setup, monkeypatch):
+    from rlsedit.bench import methods
+
+    out = tiny_setup["root"] / "tampered"
+    config = _config(tiny_setup, methods=("rlsedit",), general=(), checkpoints=1)
+    real = methods._run_unedited
+
+    def tampered(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result["weights_sha256"] = "f" * 64
+        return result
+
+    monkeypatch.setattr(methods, "_run_unedited", tampered)
+    with pytest.raises(StateMismatchError, match="differ from the base"):
+        run_method_bench(config, out)
+
+
+def test_progress_without_a_journal_is_redone(finished, tiny_setup):
+    """A run folder whose state was lost keeps no credit for its progress lines."""
+    import shutil
+
+    out = tiny_setup["root"] / "lost-state"
+    config = _config(tiny_setup, methods=("memit-seq",), general=(), checkpoints=1)
+    first = run_method_bench(config, out)["methods"]["memit-seq"]
+    shutil.rmtree(out / "memit-seq" / "state")
+    (out / "memit-seq" / "result.json").unlink()
+    again = run_method_bench(config, out)["methods"]["memit-seq"]
+    assert again["status"]["edits_applied"] == 4
+    assert all(b["total_s"] is not None and "resumed" not in b for b in again["batches"])
+    assert again["status"]["weights_sha256"] == first["status"]["weights_sha256"]
+
+
+def test_report_only_gathers_finished_runs(finished, tiny_setup, capsys):
+    from rlsedit import cli
+
+    out, full = finished
+    assert cli.main(["bench", "methods", "--report-only", "--out", str(out), "--methods", "ft,rlsedit,rome"]) == 0
+    md = capsys.readouterr().out
+    assert md.index("| ft |") < md.index("| rlsedit |")
+    assert "| rome | not run" in md
+    assert json.loads((out / "results.json").read_text())["runs"] == ["ft", "rlsedit", "rome"]
+    with pytest.raises(InvalidRequestError, match="no benchmark"):
+        from rlsedit.bench.methods import write_report
+        write_report(tiny_setup["root"] / "nothing-here")
