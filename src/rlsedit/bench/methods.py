@@ -339,30 +339,6 @@ def _consistency_reference(config: MethodBenchConfig, requests: Sequence[EditReq
     return ConsistencyReference.from_corpus(path, [r.target_new for r in requests[:config.fluency_n]])
 
 
-def layer_diagnostics(editor) -> dict[str, dict[str, float]]:
-    """Per edited layer: ``drift_fro = ‖W − W_0‖_F`` and, with an anchor,
-    ``anchor_residual = ‖K_0ᵀ(W − W_0)‖_F = sqrt(n · tr(Dᵀ E[kkᵀ] D))`` (``D = W − W_0``, float64).
-
-    The same figures as :meth:`Editor.diagnostics`, computed on the CPU whatever device the
-    model is on (the statistics live on the CPU).
-    """
-    import torch
-
-    from ..model.weights import get_W
-
-    out: dict[str, dict[str, float]] = {}
-    for layer in editor.layers:
-        D = get_W(editor.lm, layer).detach().cpu().double() - editor.W0[layer].detach().cpu().double()  # (d_k, d_v)
-        entry = {"drift_fro": float(torch.linalg.norm(D))}
-        moment = editor.moments.get(layer) if editor.moments else None
-        if moment is not None:
-            E = moment.detach().cpu().double()  # (d_k, d_k)
-            quad = float((D * (E @ D)).sum().clamp_min(0))  # tr(Dᵀ E D)
-            entry["anchor_residual"] = math.sqrt(editor.config.mom2_update_weight * quad)
-        out[str(layer)] = entry
-    return out
-
-
 def _diagnostics_summary(per_layer: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Per-layer diagnostics plus totals over layers (root of the sum of squares)."""
     drift = [d["drift_fro"] for d in per_layer.values() if d.get("drift_fro") is not None]
@@ -372,22 +348,6 @@ def _diagnostics_summary(per_layer: dict[str, dict[str, float]]) -> dict[str, An
         "drift_fro": math.sqrt(sum(x * x for x in drift)) if drift else None,
         "anchor_residual": math.sqrt(sum(x * x for x in anchor)) if anchor else None,
     }
-
-
-def _state_to_model_device(editor) -> None:
-    """Move the editor's per-layer tensor dicts (``W0``, ``moments``, method state such as
-    AlphaEdit's projector) to the model's device.
-
-    The session builds them on the CPU (the statistics cache lives there); on an accelerator
-    some editors would then mix devices inside their solve. Only dicts whose values are all
-    tensors are moved; solver objects are left alone.
-    """
-    import torch
-
-    device = editor.lm.device
-    for name, value in list(vars(editor).items()):
-        if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
-            setattr(editor, name, {k: v.to(device) for k, v in value.items()})
 
 
 class _PhaseTimer:
@@ -593,8 +553,6 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
                 raise StateMismatchError(
                     f"{run.name}: the freshly loaded model's weights ({sha[:12]}…) differ from the base model's "
                     f"({base_sha[:12]}…); refusing to benchmark on changed weights")
-        if session.lm.device.type != "cpu":
-            _state_to_model_device(session.editor)
         timer = _PhaseTimer(session.editor, session.store)
         batches = [requests[i:i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
         checkpoints = set(checkpoint_batches(len(batches), config.checkpoints))
@@ -627,7 +585,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
             else:
                 record.update(total_s=total, solve_s=solve_s, journal_s=journal_s,
                               locate_s=total - (solve_s or 0.0) - journal_s)
-            record["diagnostics"] = _diagnostics_summary(layer_diagnostics(session.editor))
+            record["diagnostics"] = _diagnostics_summary(session.editor.diagnostics())
             if b in checkpoints:
                 so_far = [r for bb in batches[:b] for r in bb]
                 record["evaluation"] = _evaluate(session.lm, so_far, config, general)

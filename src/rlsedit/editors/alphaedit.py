@@ -25,7 +25,7 @@ class AlphaEdit(Editor):
     def _init_state(self) -> None:
         self.projector_ = {l: null_space_projector(self.moments[l].double(), self.config.nullspace_threshold)
                            for l in self.layers}
-        self.gram_ = {l: torch.zeros(self.lm.d_k, self.lm.d_k, dtype=torch.float64) for l in self.layers}
+        self.gram_ = {l: torch.zeros(self.lm.d_k, self.lm.d_k, dtype=torch.float64, device=self.lm.device) for l in self.layers}
 
     def _solve(self, layer, K, V, W):
         R = (V - K.T @ W).double()
@@ -40,4 +40,4 @@ class AlphaEdit(Editor):
         return {f"layers.{l}.gram": g.contiguous() for l, g in self.gram_.items()}
 
     def load_method_state_dict(self, tensors):
-        self.gram_ = {l: tensors[f"layers.{l}.gram"].double().clone() for l in self.layers}
+        self.gram_ = {l: tensors[f"layers.{l}.gram"].to(self.lm.device, torch.float64).clone() for l in self.layers}

@@ -123,7 +123,8 @@ class Editor:
                 if tuple(moments[l].shape) != (lm.d_k, lm.d_k):
                     raise StateMismatchError(
                         f"layer {l}: second moment of shape {tuple(moments[l].shape)}, model has d_k={lm.d_k}")
-        self.moments = moments or {}
+        # E[kkᵀ] lives where the weights live, so every solve runs on the model's device
+        self.moments = {l: m.to(lm.device) for l, m in (moments or {}).items() if l in self.layers}
         self.W0 = {l: get_W(lm, l) for l in self.layers}
         # Context prefixes come from the *unedited* model, once: a resumed session must use the
         # same prefixes as the run it continues, whatever the weights are now.

@@ -41,7 +41,7 @@ class MEMITSeq(MEMIT):
     name = "memit-seq"
 
     def _init_state(self) -> None:
-        self.gram_ = {l: torch.zeros(self.lm.d_k, self.lm.d_k, dtype=torch.float64) for l in self.layers}
+        self.gram_ = {l: torch.zeros(self.lm.d_k, self.lm.d_k, dtype=torch.float64, device=self.lm.device) for l in self.layers}
 
     def _solve(self, layer, K, V, W):
         R = (V - K.T @ W).double()
@@ -57,4 +57,4 @@ class MEMITSeq(MEMIT):
         return {f"layers.{l}.gram": g.contiguous() for l, g in self.gram_.items()}
 
     def load_method_state_dict(self, tensors):
-        self.gram_ = {l: tensors[f"layers.{l}.gram"].double().clone() for l in self.layers}
+        self.gram_ = {l: tensors[f"layers.{l}.gram"].to(self.lm.device, torch.float64).clone() for l in self.layers}
