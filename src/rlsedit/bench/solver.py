@@ -369,8 +369,8 @@ def plot_solver_bench(result: dict, path: Path) -> None:
     right.set_title("per-batch cost: RLS vs MEMIT-seq")
     right.legend(fontsize=8)
     machine = result["machine"]
-    fig.suptitle(f"rlsedit bench solver — {machine.get('gpu', machine['cpu'])}, {result['config']['dtype']}",
-                 fontsize=10)
+    where = machine["gpu"] if "gpu" in machine else f"{machine['cpu']}, {machine['torch_threads']} thread(s)"
+    fig.suptitle(f"rlsedit bench solver — {where}, {result['config']['dtype']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
