@@ -8,7 +8,9 @@ For each layer size ``(d_k, d_v)`` and batch size ``u`` the benchmark
    length (the state after ``n`` keys does not depend on how they were batched, so the
    history is reached in chunks of ``drive_chunk`` keys);
 2. times one ``update(K, V)`` of ``u`` keys from each history snapshot, restoring the
-   snapshot before every repeat and interleaving the histories (median over repeats);
+   snapshot before every repeat and interleaving the histories (median over repeats); the
+   history ratio is the median of the back-to-back ratios ``t_last / t_first`` (paired, so
+   a change of machine load during the run cancels), with the ratio of medians beside it;
 3. times this run's GEMM rate on the same shapes (``C @ K``, ``d_k×d_k @ d_k×u``, same dtype),
    the periodic ``symmetrize()`` and one :func:`~rlsedit.solvers.memit_seq_solve`;
 4. checks the recursion against :func:`~rlsedit.solvers.solve_oneshot` on a small float64
@@ -174,12 +176,17 @@ def _bench_layer(config, d_k, d_v, device, dtype, generator) -> list[dict]:
 
         restore(config.histories[0])
         work.update(K, V)  # warm-up (library initialisation, kernel selection)
-        for _ in range(config.repeats):
-            for history in config.histories:  # interleaved, so drift hits every history alike
+        for repeat in range(config.repeats):
+            # interleaved, alternating the order, so drift and load hit every history alike
+            order = config.histories if repeat % 2 == 0 else config.histories[::-1]
+            for history in order:
                 restore(history)
                 times[history].append(_time_once(lambda: work.update(K, V), device))
         median = {history: statistics.median(values) for history, values in times.items()}
         first, last = config.histories[0], config.histories[-1]
+        # ratio: median over repeats of t_last / t_first measured back to back (paired), which
+        # cancels slow changes of machine load; the ratio of the medians is reported as well
+        ratio = statistics.median(b / a for a, b in zip(times[first], times[last]))
         C = snapshots[last][0]
         gemm_s = _median_time(lambda: C @ K, config.repeats, device)
         W_prev = snapshots[last][1]
@@ -190,7 +197,6 @@ def _bench_layer(config, d_k, d_v, device, dtype, generator) -> list[dict]:
         t_update = median[last]
         update_gflops = flops / t_update / 1e9
         gemm_gflops = 2 * d_k**2 * u / gemm_s / 1e9
-        ratio = median[last] / median[first]
         row = {
             "d_k": d_k,
             "d_v": d_v,
@@ -200,6 +206,7 @@ def _bench_layer(config, d_k, d_v, device, dtype, generator) -> list[dict]:
             "t_update_min_s": {str(h): min(times[h]) for h in config.histories},
             f"ratio_t{last}_over_t{first}": ratio,
             "ratio_last_over_first": ratio,
+            "ratio_of_medians": median[last] / median[first],
             "update_flops": flops,
             "update_gflops": update_gflops,
             "gemm_s": gemm_s,
@@ -309,7 +316,7 @@ def format_markdown_table(result: dict) -> str:
     head = (
         ["d_k", "d_v", "u"]
         + [f"update @{h} (ms)" for h in histories]
-        + [f"t{last}/t{first}", "update GFLOP/s", "GEMM GFLOP/s", "GEMM fraction", "symmetrize (ms)",
+        + [f"t{last}/t{first} paired", f"t{last}/t{first} medians", "update GFLOP/s", "GEMM GFLOP/s", "GEMM fraction", "symmetrize (ms)",
            "MEMIT-seq (ms)", "MEMIT-seq / update"]
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -318,6 +325,7 @@ def format_markdown_table(result: dict) -> str:
         cells += [f"{row['t_update_s'][str(h)] * 1e3:.3f}" for h in histories]
         cells += [
             f"{row['ratio_last_over_first']:.3f}",
+            f"{row['ratio_of_medians']:.3f}",
             f"{row['update_gflops']:.1f}",
             f"{row['gemm_gflops']:.1f}",
             f"{row['gemm_fraction']:.2f}",
@@ -361,8 +369,8 @@ def plot_solver_bench(result: dict, path: Path) -> None:
     right.set_title("per-batch cost: RLS vs MEMIT-seq")
     right.legend(fontsize=8)
     machine = result["machine"]
-    fig.suptitle(f"rlsedit bench solver — {machine.get('gpu', machine['cpu'])}, {result['config']['dtype']}",
-                 fontsize=10)
+    where = machine["gpu"] if "gpu" in machine else f"{machine['cpu']}, {machine['torch_threads']} thread(s)"
+    fig.suptitle(f"rlsedit bench solver — {where}, {result['config']['dtype']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

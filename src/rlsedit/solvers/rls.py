@@ -170,7 +170,7 @@ class RLSState:
         self.n_updates_ = n_updates
         self.symmetrize_every = symmetrize_every
         self._last_S: torch.Tensor | None = None  # (u, u) float64, for last_s_condition()
-        # an upper bound on max |W|, kept up to date by _check_magnitudes (overflow guard)
+        # an upper bound on max |W|, kept up to date by _apply (overflow guard)
         self._w_abs_bound = float(W.abs().max()) if W.numel() else 0.0
 
     # ------------------------------------------------------------------ construction
@@ -319,11 +319,12 @@ class RLSState:
         # Y = L⁻¹ E, so that H Y = F S⁻¹ E = C_new K E  [the gain C_new K = F S⁻¹]   (u, d_v)
         Y = torch.linalg.solve_triangular(L, E.double(), upper=False).to(C.dtype)
         # refuse anything that would write a non-finite value or a non-PD C
-        self._check_magnitudes(op, H, Y, sign)
+        w_abs_bound = self._check_magnitudes(op, H, Y, sign)
         # C_new = C − s H Hᵀ   [Woodbury, in place; downdate: (C⁻¹ − KKᵀ)⁻¹]
         C.addmm_(H, H.mT, alpha=-float(sign))
         # W_new = W + C_new K s (V − Kᵀ W) = W + H Y   [in place]
         W.addmm_(H, Y)
+        self._w_abs_bound = w_abs_bound
         self.n_keys_ += sign * u
         self.n_updates_ += 1
         self._last_S = S
@@ -340,8 +341,10 @@ class RLSState:
         require_finite("V", V)
         return K, V
 
-    def _check_magnitudes(self, op: str, H: torch.Tensor, Y: torch.Tensor, sign: int) -> None:
+    def _check_magnitudes(self, op: str, H: torch.Tensor, Y: torch.Tensor, sign: int) -> float:
         """Refuse a write that could overflow or leave ``C`` with a non-positive diagonal.
+
+        Returns the new upper bound on ``max |W|`` (the caller stores it once it commits).
 
         Bounds in ``O(d_k u + u d_v)`` instead of a pass over the ``d_k × d_v`` and
         ``d_k × d_k`` results (Cauchy–Schwarz; ``h_i = ‖H_i,:‖``, ``y_j = ‖Y_:,j‖``)::
@@ -373,7 +376,7 @@ class RLSState:
             W_new = torch.addmm(self.W_, H, Y)
             require_finite(f"{op}: the new W", W_new)
             w_bound = float(W_new.abs().max())
-        self._w_abs_bound = w_bound
+        return w_bound
 
     @torch.no_grad()
     def symmetrize(self) -> None:
