@@ -133,6 +133,11 @@ class Editor:
         self.n_batches_ = 0
         self._init_state()
 
+    @property
+    def anchor_weight(self) -> float:
+        """``n`` of the anchor Gram ``n·E[kkᵀ]`` on this model (:meth:`EditConfig.anchor_weight`)."""
+        return self.config.anchor_weight(self.lm.d_k)
+
     # ---- subclass interface -------------------------------------------------------------------
     def _init_state(self) -> None:
         """Build the method's per-layer state from ``self.W0`` and ``self.moments``."""
@@ -162,7 +167,7 @@ class Editor:
                 D = (W - self.W0[l]).double()
                 # anchor residual ||K_0ᵀ(W − W_0)|| with K_0K_0ᵀ = n·E[kkᵀ]:  sqrt(n · tr(Dᵀ E D))
                 quad = torch.einsum("ij,ik,kj->", D, self.moments[l].double(), D).clamp_min(0)
-                d["anchor_residual"] = float(torch.sqrt(self.config.mom2_update_weight * quad))
+                d["anchor_residual"] = float(torch.sqrt(self.anchor_weight * quad))
             out[str(l)] = d
         return out
 

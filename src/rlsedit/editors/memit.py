@@ -27,7 +27,7 @@ class MEMIT(Editor):
     name = "memit"
 
     def _anchor(self, layer: int) -> torch.Tensor:
-        return self.config.mom2_update_weight * self.moments[layer].double()  # A = n·E[kkᵀ]
+        return self.anchor_weight * self.moments[layer].double()  # A = n·E[kkᵀ]
 
     def _solve(self, layer, K, V, W):
         R = (V - K.T @ W).double()  # (u, d_v) residual

@@ -34,7 +34,7 @@ class RLSEdit(Editor):
         c = self.config
         dtype = getattr(torch, c.state_dtype)
         self.states_ = {
-            l: RLSState.from_anchor(self.W0[l], c.mom2_update_weight * self.moments[l].double(),
+            l: RLSState.from_anchor(self.W0[l], self.anchor_weight * self.moments[l].double(),
                                     c.lambda_reg, c.mu_reg, dtype=dtype)
             for l in self.layers
         }
