@@ -82,6 +82,17 @@ def target_text(target: str) -> str:
     return target if target.startswith(" ") else " " + target
 
 
+def _check_text(value: str, key: str, where: str) -> str:
+    """Refuse a string that is not Unicode text: JSON's ``\ud800`` escapes decode to lone
+    surrogates, which no tokenizer (nor the UTF-8 journal) can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"{where}: field {key!r} is not valid Unicode text ({exc.reason} at position {exc.start})") from None
+    return value
+
+
 def _require_str(record: dict, key: str, where: str, *, allow_empty: bool = False) -> str:
     if key not in record:
         raise InvalidRequestError(f"{where}: missing field {key!r}")
@@ -90,7 +101,7 @@ def _require_str(record: dict, key: str, where: str, *, allow_empty: bool = Fals
         raise InvalidRequestError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise InvalidRequestError(f"{where}: field {key!r} is empty")
-    return value
+    return _check_text(value, key, where)
 
 
 def _str_list(record: dict, key: str, where: str) -> tuple[str, ...]:
@@ -101,7 +112,7 @@ def _str_list(record: dict, key: str, where: str) -> tuple[str, ...]:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise InvalidRequestError(f"{where}: field {key!r} must be a string or a list of strings")
-    return tuple(value)
+    return tuple(_check_text(v, key, where) for v in value)
 
 
 def _template(prompt: str, subject: str, where: str) -> str:
@@ -130,7 +141,7 @@ def _target(value: Any, key: str, where: str) -> str:
     value = value.strip()
     if not value:
         raise InvalidRequestError(f"{where}: {key!r} is empty")
-    return value
+    return _check_text(value, key, where)
 
 
 def parse_request(record: Any, index: int = 0) -> EditRequest:
@@ -145,7 +156,7 @@ def parse_request(record: Any, index: int = 0) -> EditRequest:
     rec_id = record.get("id", record.get("case_id", index))
     if not isinstance(rec_id, (str, int)) or isinstance(rec_id, bool):
         raise InvalidRequestError(f"{where}: 'id' must be a string or an integer, got {rec_id!r}")
-    rec_id = str(rec_id)
+    rec_id = _check_text(str(rec_id), "id", where)
     where = f"edit #{index} (id {rec_id})"
 
     if "requested_rewrite" in record:  # ROME / MEMIT CounterFact
@@ -215,7 +226,7 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
     if stripped.startswith("["):
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise InvalidRequestError(f"edit file {str(path)!r}: invalid JSON: {exc}") from None
         yield from enumerate(data)
         return
@@ -224,7 +235,7 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
             continue
         try:
             yield lineno - 1, json.loads(line)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise InvalidRequestError(f"edit file {str(path)!r} line {lineno}: invalid JSON: {exc}") from None
 
 

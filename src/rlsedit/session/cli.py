@@ -90,7 +90,12 @@ def _load_config(args):
         return None
     from ..editors import get_editor_class
 
-    return get_editor_class(args.method or "rlsedit").config_class.from_json_file(args.hparams)
+    try:
+        return get_editor_class(args.method or "rlsedit").config_class.from_json_file(args.hparams)
+    except InvalidRequestError:
+        raise
+    except ValueError as exc:  # a config's __post_init__ names the field and value
+        raise InvalidRequestError(f"hparams file {args.hparams!r}: {exc}") from None
 
 
 def cmd_edit(args) -> int:

@@ -13,6 +13,7 @@ rolls the weights back; a crash after it is repaired on open by replaying the jo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,8 +25,9 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..editors import EditRecord, get_editor_class
-from ..errors import InvalidRequestError, NumericalError, RLSEditError, StateError, StateMismatchError
-from ..model.load import load_model
+from ..errors import (InvalidRequestError, NumericalError, RLSEditError, StateCorruptError, StateError,
+                      StateMismatchError)
+from ..model.load import EMBEDDED, load_model
 from ..model.weights import down_proj, get_W, weights_sha256
 from ..requests import EditRequest, target_text
 from .store import StateStore, is_state_dir
@@ -68,7 +70,8 @@ class Session:
     """
 
     def __init__(self, directory: Path, store: StateStore, lm, editor, runtime: Runtime,
-                 index: dict[str, list[int]], undone: set[str], batches_since_snapshot: int) -> None:
+                 index: dict[str, list[int]], undone: set[str], batches_since_snapshot: int,
+                 s_spectrum: dict[str, list[float]] | None = None) -> None:
         self.directory = directory
         self.store = store  # holds the directory's lock until close()
         self.lm = lm
@@ -77,6 +80,9 @@ class Session:
         self.index = index  # live edit id -> [journal seq, column]
         self.undone = undone
         self._since_snapshot = batches_since_snapshot
+        # [λ_min(S), λ_max(S)] of the last update/downdate per layer; carried through snapshots
+        # because a solver state rebuilt from a snapshot no longer holds its last S (status shows it)
+        self._s_spectrum = dict(s_spectrum or {})
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -90,7 +96,7 @@ class Session:
             raise InvalidRequestError(f"method {method!r} needs a {editor_cls.config_class.__name__}")
         if is_state_dir(directory):
             raise StateError(f"{directory} already holds a state; open it instead of creating one")
-        lm = load_model(model, device=runtime.device, cache_dir=runtime.cache_dir)
+        lm = load_model(_model_spec(model), device=runtime.device, cache_dir=runtime.cache_dir)
         layers = editor_cls.layers_for(lm, config)
         moments = _moments(lm, layers, config, runtime) if editor_cls.needs_moments else None
         editor = editor_cls(lm, config, moments=moments, progress=runtime.progress)
@@ -107,7 +113,8 @@ class Session:
         directory.mkdir(parents=True, exist_ok=True)
         store = StateStore.create(directory, meta)  # takes the directory's lock
         try:
-            store.write_snapshot(editor.state_dict(), _snapshot_meta(editor, {}, set()), covers_seq=0)
+            # A crash before this write leaves a state without a snapshot; open() finishes it.
+            store.write_snapshot(editor.state_dict(), _snapshot_meta(editor, {}, set(), {}), covers_seq=0)
         except BaseException:
             store.close()
             raise
@@ -124,9 +131,10 @@ class Session:
         store = StateStore.open(directory)  # takes the lock and verifies every file first
         try:
             meta = store.meta
+            _check_meta(meta, store)
             if method is not None and method != meta["method"]:
                 raise StateMismatchError(f"{directory} was made with method {meta['method']!r}, not {method!r}")
-            if model is not None and model != meta["model"]["spec"]:
+            if model is not None and _model_spec(model) != _model_spec(meta["model"]["spec"]):
                 raise StateMismatchError(
                     f"{directory} was made for model {meta['model']['spec']!r}, not {model!r}")
             lm = load_model(meta["model"]["spec"], device=runtime.device, cache_dir=runtime.cache_dir)
@@ -135,33 +143,43 @@ class Session:
                     f"{directory} was made for model weights {meta['model']['fingerprint'][:12]}…, but "
                     f"{meta['model']['spec']!r} now loads {lm.fingerprint[:12]}…; refusing to mix them")
             editor_cls = get_editor_class(meta["method"])
-            config = editor_cls.config_class.from_dict(meta["config"])
-            tensors, snap_meta, covers_seq = store.read_snapshot()
+            config = _stored_config(editor_cls, meta, store)
             layers = tuple(meta["layers"])
             if editor_cls.layers_for(lm, config) != layers:
                 raise StateMismatchError(f"state layers {list(layers)} differ from its config's layers")
+            if store.snapshot_covers_seq is None:
+                _finish_create(store, lm, editor_cls, config, meta, runtime)
+            tensors, snap_meta, covers_seq = store.read_snapshot()
+            _check_snapshot_meta(snap_meta, store)
             moments = {l: tensors[f"layers.{l}.mom2"] for l in layers} if editor_cls.needs_moments else None
             editor = editor_cls(lm, config, moments=moments, prefixes=meta["prefixes"], progress=runtime.progress)
             editor.load_state_dict(tensors, n_edits=snap_meta["n_edits"], n_batches=snap_meta["n_batches"])
             index = {k: list(v) for k, v in snap_meta["index"].items()}
             undone = set(snap_meta["undone"])
+            s_spectrum = dict(snap_meta.get("s_spectrum_last", {}))
             replayed = 0
             for entry in store.entries(covers_seq):  # snapshot = state after entries 0..covers_seq-1
                 _replay(editor, store, entry, index, undone)
                 replayed += 1
             if replayed:
                 log.info("replayed %d journal entries after the snapshot", replayed)
+                s_spectrum.update(_s_spectra(getattr(editor, "states_", {})))
         except BaseException:
             store.close()
             raise
-        return cls(directory, store, lm, editor, runtime, index, undone, replayed)
+        return cls(directory, store, lm, editor, runtime, index, undone, replayed, s_spectrum)
 
     @classmethod
     def open_or_create(cls, directory, *, model=None, method=None, config=None, runtime=None) -> "Session":
         if is_state_dir(Path(directory)):
+            session = cls.open(directory, runtime=runtime, model=model, method=method)
             if config is not None:
-                log.warning("--hparams is ignored: %s already has its configuration", directory)
-            return cls.open(directory, runtime=runtime, model=model, method=method)
+                try:  # a state keeps the configuration it was made with (layers, λ, μ, ...)
+                    _check_same_config(session.store.meta, config, directory)
+                except BaseException:
+                    session.close(snapshot=False)
+                    raise
+            return session
         return cls.create(directory, model=model or "smollm2", method=method or "rlsedit", config=config,
                           runtime=runtime)
 
@@ -192,14 +210,14 @@ class Session:
             raise InvalidRequestError(f"batch size must be positive, got {batch_size}")
         report = EditReport()
         start = time.perf_counter()
-        todo: list[EditRequest] = []
+        valid: list[EditRequest] = []
         seen: set[str] = set()
         for r in requests:
             if r.id in seen:
                 raise InvalidRequestError(f"edit id {r.id!r} occurs twice in this stream")
             seen.add(r.id)
             if r.id in self.index or r.id in self.undone:
-                report.already_applied.append(r.id)
+                valid.append(r)
                 continue
             try:
                 self.validate(r)
@@ -208,11 +226,23 @@ class Session:
                     raise
                 report.skipped.append({"id": r.id, "error": str(exc)})
                 continue
-            todo.append(r)
+            valid.append(r)
+        # Batches are cut from the stream by position, *then* what is already applied is
+        # dropped: a resumed run (after a crash, or after --skip-bad split a batch) forms
+        # exactly the batches of an uninterrupted run, so it ends in the same weights.
+        batches = []
+        for b in range(0, len(valid), batch_size):
+            batch = []
+            for r in valid[b:b + batch_size]:
+                if r.id in self.index or r.id in self.undone:
+                    report.already_applied.append(r.id)
+                else:
+                    batch.append(r)
+            if batch:
+                batches.append(batch)
         show = self.runtime.progress if progress is None else progress
-        with tqdm(total=len(todo), disable=not show, desc="editing", unit="edit") as bar:
-            for b in range(0, len(todo), batch_size):
-                batch = todo[b:b + batch_size]
+        with tqdm(total=sum(map(len, batches)), disable=not show, desc="editing", unit="edit") as bar:
+            for batch in batches:
                 try:
                     self._apply_batch(batch)
                     report.applied.extend(r.id for r in batch)
@@ -233,8 +263,14 @@ class Session:
         return report
 
     def _apply_batch(self, batch: list[EditRequest]) -> None:
-        proposal = self.editor.propose(batch)
+        which = f"edit {batch[0].id}" if len(batch) == 1 else "batch of edits " + ", ".join(r.id for r in batch)
         try:
+            proposal = self.editor.propose(batch)
+        except (InvalidRequestError, NumericalError) as exc:
+            # the editor's message says why; say which edits (the weights are already restored)
+            raise type(exc)(f"{which}: {exc}") from exc
+        try:
+            _refuse_ill_conditioned(proposal.new_state, which)
             seq = self.store.append("batch", {"requests": [r.to_record() for r in batch],
                                               "ids": list(proposal.record.ids), "info": proposal.record.info},
                                     proposal.record.tensors)
@@ -244,6 +280,7 @@ class Session:
         proposal.commit()
         for column, edit_id in enumerate(proposal.record.ids):
             self.index[edit_id] = [seq, column]
+        self._s_spectrum.update(_s_spectra(proposal.new_state))
         self._since_snapshot += 1
         if self._since_snapshot >= self.runtime.snapshot_every:
             self.snapshot()
@@ -259,13 +296,15 @@ class Session:
         proposal = self.editor.propose_undo(record, column)
         self.store.append("undo", {"id": edit_id, "seq": seq, "column": column}, {})
         proposal.commit()
+        self._s_spectrum.update(_s_spectra(getattr(proposal, "new_states", {})))
         del self.index[edit_id]
         self.undone.add(edit_id)
         self._since_snapshot += 1
 
     def snapshot(self) -> None:
         """Write the editor's full state so reopening need not replay the journal."""
-        self.store.write_snapshot(self.editor.state_dict(), _snapshot_meta(self.editor, self.index, self.undone),
+        self.store.write_snapshot(self.editor.state_dict(),
+                                  _snapshot_meta(self.editor, self.index, self.undone, self._s_spectrum),
                                   covers_seq=self.store.journal_count)
         self._since_snapshot = 0
 
@@ -283,9 +322,27 @@ class Session:
             "batches": self.editor.n_batches_,
             "journal_entries": self.store.journal_count,
             "weights_sha256": weights_sha256(self.lm),
-            "layer_diagnostics": self.editor.diagnostics(),
+            "layer_diagnostics": self._layer_diagnostics(),
             "config": meta["config"],
         }
+
+    def _layer_diagnostics(self) -> dict[str, Any]:
+        """The editor's per-layer diagnostics, plus the extreme eigenvalues of the last ``S``.
+
+        ``cond(S)`` alone says nothing for rank-one updates (``S`` is 1×1, so it is 1);
+        ``λ_max(S) = 1 + kᵀCk`` of an update is how much it shrinks ``C`` along ``Ck``, and
+        ``λ_min(S)`` of an undo (downdate) how much it grows ``C``. They come from the session's
+        record when the solver state was rebuilt from a snapshot (which keeps no ``S``).
+        """
+        out = self.editor.diagnostics()
+        for layer, d in out.items():
+            if layer not in self._s_spectrum:
+                continue
+            low, high = self._s_spectrum[layer]
+            d["S_eig_min_last"], d["S_eig_max_last"] = low, high
+            if "S_condition_last" in d and d["S_condition_last"] is None:
+                d["S_condition_last"] = high / low
+        return out
 
     def export(self, out: str | Path, *, delta_only: bool = False) -> Path:
         """A full Hugging Face checkpoint, or (``delta_only``) a safetensors file of W − W_0."""
@@ -313,6 +370,9 @@ class Session:
 
     # ---- lifetime -----------------------------------------------------------------------------
     def close(self, *, snapshot: bool = True) -> None:
+        """Snapshot (if anything is not yet in one) and release the lock; again is a no-op."""
+        if self.store.closed:
+            return
         try:
             if snapshot and self._since_snapshot:
                 self.snapshot()
@@ -338,9 +398,139 @@ def _moments(lm, layers, config, runtime: Runtime) -> dict[int, torch.Tensor]:
     return {l: stats[l].mom for l in layers}
 
 
-def _snapshot_meta(editor, index: dict, undone: Iterable[str]) -> dict[str, Any]:
+def _snapshot_meta(editor, index: dict, undone: Iterable[str], s_spectrum: dict[str, list[float]]) -> dict[str, Any]:
     return {"n_edits": editor.n_edits_, "n_batches": editor.n_batches_, "index": index,
-            "undone": sorted(undone)}
+            "undone": sorted(undone), "s_spectrum_last": dict(s_spectrum)}
+
+
+def _last_s(state) -> torch.Tensor | None:
+    """The ``S`` (u, u) float64 of a solver state's last update/downdate, for solvers that keep
+    one (:class:`~rlsedit.solvers.rls.RLSState` keeps it for ``last_s_condition``)."""
+    S = getattr(state, "_last_S", None)
+    return S if isinstance(S, torch.Tensor) and S.dim() == 2 and S.numel() else None
+
+
+def _s_spectra(states: dict) -> dict[str, list[float]]:
+    """``[λ_min(S), λ_max(S)]`` of the last factored ``S`` per layer."""
+    out = {}
+    for layer, state in states.items():
+        S = _last_s(state)
+        if S is not None:
+            eigenvalues = torch.linalg.eigvalsh(S)
+            out[str(layer)] = [float(eigenvalues[0]), float(eigenvalues[-1])]
+    return out
+
+
+def _refuse_ill_conditioned(states: dict, which: str) -> None:
+    """Refuse an update whose ``S = I + KᵀCK`` has ``λ_max(S)`` over ``1/eps`` of the state dtype.
+
+    ``C_new = C − F S⁻¹ Fᵀ`` shrinks ``C`` by ``1/λ(S)`` along the directions ``CK``; beyond
+    ``1/eps`` what remains there is below the rounding of ``C``'s other entries, so ``C`` can
+    silently become indefinite (measured: a float32 state fed one key 1e5 times the anchor's
+    scale, ``λ_max(S)`` ≈ 3e8, gets a negative eigenvalue and no error). Since ``λ_min(S) ≥ 1``
+    for an update, this also bounds ``cond(S)``. Real keys are far from it: on SmolLM2-135M
+    (layers 3-7, CounterFact subjects, ``A = 15000·E[kkᵀ]``) ``kᵀC₀k`` is 0.2-0.9, so a
+    rank-one ``λ_max(S)`` is below 2, against a float32 limit of 8.4e6.
+    """
+    for layer, state in states.items():
+        S = _last_s(state)
+        dtype = getattr(state, "dtype", None)
+        if S is None or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            continue
+        eigenvalues = torch.linalg.eigvalsh(S)
+        low, high = float(eigenvalues[0]), float(eigenvalues[-1])
+        limit = 1.0 / torch.finfo(dtype).eps
+        if not high <= limit:
+            raise NumericalError(
+                f"{which}: layer {layer}: S = I + K^T C K has largest eigenvalue {high:.3g} (condition number "
+                f"{high / low:.3g}), over 1/eps of {dtype} ({limit:.3g}): the keys lie far outside the scale or "
+                "span of the anchor, and the update would lose C's positive definiteness to rounding; "
+                "nothing was applied")
+
+
+def _model_spec(spec: str) -> str:
+    """A model spec as stored: a local directory or file becomes an absolute path, so the
+    state opens from any working directory; embedded and hub names stay as they are."""
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if spec not in EMBEDDED and path.exists():
+        return str(path.resolve())
+    return spec
+
+
+def _check_meta(meta: dict, store: StateStore) -> None:
+    """The manifest's meta has the fields and types a session writes (its checksum already
+    matched, so a failure here means a forged or foreign manifest)."""
+    model = meta.get("model")
+    problems = []
+    if not isinstance(model, dict) or not all(isinstance(model.get(k), str) for k in ("spec", "fingerprint")):
+        problems.append("model must hold the strings spec and fingerprint")
+    if not isinstance(meta.get("method"), str):
+        problems.append("method must be a string")
+    if not isinstance(meta.get("config"), dict):
+        problems.append("config must be an object")
+    layers = meta.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(l, int) and not isinstance(l, bool) for l in layers):
+        problems.append("layers must be a list of integers")
+    prefixes = meta.get("prefixes")
+    if not isinstance(prefixes, list) or not all(isinstance(p, str) and p.count("{}") == 1 for p in prefixes):
+        problems.append("prefixes must be a list of strings with one '{}' each")
+    if problems:
+        raise StateCorruptError(
+            f"manifest {store.directory / 'manifest.json'} is not a session's: " + "; ".join(problems))
+
+
+def _check_snapshot_meta(snap_meta: Any, store: StateStore) -> None:
+    ok = (isinstance(snap_meta, dict)
+          and all(isinstance(snap_meta.get(k), int) and not isinstance(snap_meta.get(k), bool)
+                  for k in ("n_edits", "n_batches"))
+          and isinstance(snap_meta.get("index"), dict)
+          and all(isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v)
+                  for v in snap_meta["index"].values())
+          and isinstance(snap_meta.get("undone"), list) and all(isinstance(x, str) for x in snap_meta["undone"])
+          and isinstance(snap_meta.get("s_spectrum_last", {}), dict))
+    if not ok:
+        raise StateCorruptError(f"the snapshot of {store.directory} has malformed metadata (n_edits, n_batches, "
+                                "index, undone)")
+
+
+def _stored_config(editor_cls, meta: dict, store: StateStore):
+    try:
+        return editor_cls.config_class.from_dict(meta["config"])
+    except (ValueError, TypeError) as exc:
+        raise StateCorruptError(
+            f"manifest {store.directory / 'manifest.json'}: stored config is invalid: {exc}") from None
+
+
+def _check_same_config(meta: dict, config, directory) -> None:
+    """Refuse hyperparameters that differ from the ones the state was made with."""
+    if config.method != meta["method"]:
+        raise StateMismatchError(
+            f"{directory} was made with method {meta['method']!r}; the given hyperparameters are for "
+            f"{config.method!r} (pass --method {meta['method']})")
+    given, stored = config.to_dict(), meta["config"]
+    differ = sorted(k for k in given.keys() | stored.keys() if given.get(k) != stored.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: state has {stored.get(k)!r}, given {given.get(k)!r}" for k in differ)
+        raise StateMismatchError(f"{directory} was made with other hyperparameters ({detail}); "
+                                 "a state keeps its configuration: use a new --state for new settings")
+
+
+def _finish_create(store: StateStore, lm, editor_cls, config, meta: dict, runtime: Runtime) -> None:
+    """Write the initial snapshot of a state whose creation was interrupted before it.
+
+    ``create`` writes the manifest (model, config, layers, prefixes) and then the snapshot
+    of the unedited editor; both are functions of what the manifest records, so finishing
+    gives the snapshot an uninterrupted ``create`` would have written.
+    """
+    if store.journal_count:
+        raise StateCorruptError(f"{store.directory} has {store.journal_count} journal entries but no snapshot")
+    log.warning("%s was left without its initial snapshot (interrupted creation); writing it now", store.directory)
+    moments = None
+    if editor_cls.needs_moments:
+        moments = _moments(lm, meta["layers"], config, dataclasses.replace(runtime, corpus=meta.get("corpus")))
+    editor = editor_cls(lm, config, moments=moments, prefixes=meta["prefixes"], progress=runtime.progress)
+    store.write_snapshot(editor.state_dict(), _snapshot_meta(editor, {}, set(), {}), covers_seq=0)
 
 
 def _record(entry) -> EditRecord:
