@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -81,6 +82,7 @@ def register(sub) -> None:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--method", default="rlsedit")
     p.add_argument("--state", default=None, help="keep the state here (default: a temporary directory)")
+    p.add_argument("--corpus", default=None, help="text/JSONL corpus for E[kkᵀ] (default: the bundled Wikipedia sample)")
     _runtime_args(p)
     p.set_defaults(func=cmd_demo)
 
@@ -122,7 +124,8 @@ def _ask(lm, prompt: str, max_new_tokens: int) -> dict:
 
     completion = greedy_generate(lm, [prompt], max_new_tokens=max_new_tokens)[0]
     top = next_token_topk(lm, prompt, 5)
-    return {"prompt": prompt, "completion": completion, "top5": [{"token": t, "prob": round(p, 4)} for t, p in top]}
+    return {"prompt": prompt, "completion": completion,
+            "top5": [{"token": t.text, "prob": round(math.exp(t.logprob), 4)} for t in top]}
 
 
 def cmd_ask(args) -> int:
@@ -188,7 +191,7 @@ def cmd_demo(args) -> int:
     try:
         print(f"loading {args.model} and preparing the editor ({args.method}) ...", flush=True)
         with Session.create(state, model=args.model, method=args.method, config=config,
-                            runtime=_runtime(args)) as session:
+                            runtime=_runtime(args, corpus=args.corpus)) as session:
             prompts = [r.text for r in requests] + DEMO_UNRELATED
             before = [_ask(session.lm, p, 8) for p in prompts]
             report = session.edit(requests, batch_size=len(requests))
