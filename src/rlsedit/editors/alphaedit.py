@@ -14,9 +14,10 @@ import torch
 from ..solvers.alphaedit import alphaedit_delta, null_space_projector
 from .base import Editor
 from .config import AlphaEditConfig
+from .gram import AccumulatedGram
 
 
-class AlphaEdit(Editor):
+class AlphaEdit(AccumulatedGram, Editor):
     """Null-space constrained editing; past keys enter through their accumulated Gram."""
 
     config_class = AlphaEditConfig
@@ -25,19 +26,9 @@ class AlphaEdit(Editor):
     def _init_state(self) -> None:
         self.projector_ = {l: null_space_projector(self.moments[l].double(), self.config.nullspace_threshold)
                            for l in self.layers}
-        self.gram_ = {l: torch.zeros(self.lm.d_k, self.lm.d_k, dtype=torch.float64, device=self.lm.device) for l in self.layers}
+        self._init_gram()
 
     def _solve(self, layer, K, V, W):
         R = (V - K.T @ W).double()
-        K64 = K.double()
-        delta = alphaedit_delta(self.projector_[layer], K64, R, self.gram_[layer], self.config.L2)
-        return W + delta.to(W.dtype), self.gram_[layer] + K64 @ K64.T
-
-    def _commit_state(self, new_state) -> None:
-        self.gram_.update(new_state)
-
-    def method_state_dict(self):
-        return {f"layers.{l}.gram": g.contiguous() for l, g in self.gram_.items()}
-
-    def load_method_state_dict(self, tensors):
-        self.gram_ = {l: tensors[f"layers.{l}.gram"].to(self.lm.device, torch.float64).clone() for l in self.layers}
+        delta = alphaedit_delta(self.projector_[layer], K.double(), R, self.gram_[layer], self.config.L2)
+        return W + delta.to(W.dtype), self._grown_gram(layer, K)

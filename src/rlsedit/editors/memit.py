@@ -18,6 +18,7 @@ import torch
 from ..solvers.memit import memit_delta
 from .base import Editor
 from .config import MEMITConfig, MEMITSeqConfig
+from .gram import AccumulatedGram
 
 
 class MEMIT(Editor):
@@ -34,27 +35,16 @@ class MEMIT(Editor):
         return W + memit_delta(self._anchor(layer), K.double(), R).to(W.dtype), None
 
 
-class MEMITSeq(MEMIT):
+class MEMITSeq(AccumulatedGram, MEMIT):
     """Sequential MEMIT: MEMIT's solve with the accumulated Gram of all earlier keys."""
 
     config_class = MEMITSeqConfig
     name = "memit-seq"
 
     def _init_state(self) -> None:
-        self.gram_ = {l: torch.zeros(self.lm.d_k, self.lm.d_k, dtype=torch.float64, device=self.lm.device) for l in self.layers}
+        self._init_gram()
 
     def _solve(self, layer, K, V, W):
         R = (V - K.T @ W).double()
-        K64 = K.double()
-        gram = self.gram_[layer] + K64 @ K64.T  # G_t = G_{t-1} + K_tK_tᵀ
-        delta = memit_delta(self._anchor(layer) + self.gram_[layer], K64, R)
-        return W + delta.to(W.dtype), gram
-
-    def _commit_state(self, new_state) -> None:
-        self.gram_.update(new_state)
-
-    def method_state_dict(self):
-        return {f"layers.{l}.gram": g.contiguous() for l, g in self.gram_.items()}
-
-    def load_method_state_dict(self, tensors):
-        self.gram_ = {l: tensors[f"layers.{l}.gram"].to(self.lm.device, torch.float64).clone() for l in self.layers}
+        delta = memit_delta(self._anchor(layer) + self.gram_[layer], K.double(), R)
+        return W + delta.to(W.dtype), self._grown_gram(layer, K)
