@@ -111,7 +111,8 @@ class RLSState:
       and the counters bitwise unchanged — if ``K`` or ``V`` holds NaN/inf, if ``S`` is not
       positive definite, if the new ``C`` would get a non-positive diagonal, or if a new
       entry of ``C`` or ``W`` could overflow. The last two are decided from ``O(d_k u)``
-      bounds, not from passes over the results (see ``_check_magnitudes``).
+      bounds, not from passes over the results; all checks are read back in one host
+      synchronisation per call (see ``_verify``).
     * Singular anchor rule (``from_anchor`` with ``jitter=None``): ``M = λ²I + μ²A`` is
       factored in float64. If the factorisation fails, or its smallest pivot is below
       ``δ · tr(M)/d_k`` (``δ =`` :data:`RELATIVE_JITTER`), ``jitter = δ · tr(M)/d_k`` is added to
@@ -304,12 +305,10 @@ class RLSState:
         C, W = self.C_, self.W_
         # F = C K                                             (d_k, u)
         F = C @ K
-        # S = I_u + s Kᵀ F = L Lᵀ   [factored in float64]     (u, u)
+        # S = I_u + s Kᵀ F = L Lᵀ   [factored in float64; its status is checked below]   (u, u)
         S = (K.mT @ F).double().mul_(sign)
         S.diagonal().add_(1.0)
-        L = _factor_innovation(S, f"{op}: S = I {'+' if sign > 0 else '-'} K^T C K")
-        if sign < 0:
-            _warn_if_ill_conditioned_downdate(L, C.dtype)
+        L, info = torch.linalg.cholesky_ex(S)
         # H = F L⁻ᵀ, so that H Hᵀ = F S⁻¹ Fᵀ                  (d_k, u)
         H = torch.linalg.solve_triangular(L.mT, F.double(), upper=True, left=False).to(C.dtype)
         # E = s (V − Kᵀ W)   [update: a-priori residual; downdate: Kᵀ W − V]   (u, d_v)
@@ -318,8 +317,8 @@ class RLSState:
             E.neg_()
         # Y = L⁻¹ E, so that H Y = F S⁻¹ E = C_new K E  [the gain C_new K = F S⁻¹]   (u, d_v)
         Y = torch.linalg.solve_triangular(L, E.double(), upper=False).to(C.dtype)
-        # refuse anything that would write a non-finite value or a non-PD C
-        w_abs_bound = self._check_magnitudes(op, H, Y, sign)
+        # every check, read back at once (one host sync), before any write
+        w_abs_bound = self._verify(op, sign, K, V, S, L, info, H, Y)
         # C_new = C − s H Hᵀ   [Woodbury, in place; downdate: (C⁻¹ − KKᵀ)⁻¹]
         C.addmm_(H, H.mT, alpha=-float(sign))
         # W_new = W + C_new K s (V − Kᵀ W) = W + H Y   [in place]
@@ -333,36 +332,69 @@ class RLSState:
         return self
 
     def _prepare(self, K: object, V: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check shapes and cast to the state's dtype and device (finiteness: :meth:`_verify`)."""
         K, V = require_batch(K, V, self.d_k, self.d_v)
-        K = K.to(device=self.device, dtype=self.dtype)
-        V = V.to(device=self.device, dtype=self.dtype)
-        # checked after the cast: a float64 value beyond float32's range becomes inf here
-        require_finite("K", K)
-        require_finite("V", V)
-        return K, V
+        return K.to(device=self.device, dtype=self.dtype), V.to(device=self.device, dtype=self.dtype)
 
-    def _check_magnitudes(self, op: str, H: torch.Tensor, Y: torch.Tensor, sign: int) -> float:
-        """Refuse a write that could overflow or leave ``C`` with a non-positive diagonal.
+    def _verify(self, op, sign, K, V, S, L, info, H, Y) -> float:
+        """Refuse the call unless every value it would write is finite and ``C`` stays PD.
 
         Returns the new upper bound on ``max |W|`` (the caller stores it once it commits).
-
-        Bounds in ``O(d_k u + u d_v)`` instead of a pass over the ``d_k × d_v`` and
-        ``d_k × d_k`` results (Cauchy–Schwarz; ``h_i = ‖H_i,:‖``, ``y_j = ‖Y_:,j‖``)::
+        All quantities are reduced on the device and read back together, so a call costs
+        one host synchronisation. In order, it refuses: non-finite ``K`` or ``V`` (checked
+        after the cast, so a float64 value beyond float32's range counts), a non-finite or
+        non-positive-definite ``S``, and results that could overflow or lose positive
+        definiteness. The last are bounds in ``O(d_k u + u d_v)`` instead of passes over the
+        ``d_k × d_v`` and ``d_k × d_k`` results (Cauchy–Schwarz; ``h_i = ‖H_i,:‖``,
+        ``y_j = ‖Y_:,j‖``)::
 
             diag(C_new) = diag(C) − s h²                (must be > 0 and finite)
             |(C − s H Hᵀ)_ij| ≤ max diag(C) + max h²    (C is PD: |C_ij| ≤ max diag(C))
             |(W + H Y)_ij|    ≤ w_bound + max h · max y  (w_bound ≥ max |W|, kept up to date)
 
-        A bound that is not below half the dtype's largest value falls back to an exact
-        finiteness check of ``W + HY`` (one extra pass); only an actual overflow is refused.
+        A ``W`` bound that is not below half the dtype's largest value falls back to an
+        exact finiteness check of ``W + HY`` (one extra pass); only an actual overflow is
+        refused.
         """
         h_sq = (H * H).sum(dim=1)  # (d_k,)
         diag = self.C_.diagonal()
         new_diag = diag - sign * h_sq
-        summary = torch.stack(
-            [new_diag.min(), new_diag.max(), diag.max(), h_sq.max(), torch.linalg.vector_norm(Y, dim=0).max()]
-        )
-        new_min, new_max, diag_max, h_sq_max, y_max = summary.double().tolist()
+        reductions = [
+            torch.isfinite(K).all(),
+            torch.isfinite(V).all(),
+            torch.isfinite(S).all(),
+            info,
+            L.diagonal().min(),
+            new_diag.min(),
+            new_diag.max(),
+            diag.max(),
+            h_sq.max(),
+            torch.linalg.vector_norm(Y, dim=0).max(),
+        ]
+        (k_finite, v_finite, s_finite, info, l_min, new_min, new_max, diag_max, h_sq_max, y_max) = torch.stack(
+            [value.double() for value in reductions]
+        ).tolist()
+        if not k_finite:
+            require_finite("K", K)
+        if not v_finite:
+            require_finite("V", V)
+        what = f"{op}: S = I {'+' if sign > 0 else '-'} K^T C K"
+        if not s_finite:
+            raise NumericalError(f"{what} has non-finite entries (C or K far out of range); nothing was applied")
+        if info != 0:
+            raise NumericalError(
+                f"{what} is not positive definite (leading minor {int(info)} of {S.shape[0]}); nothing was applied"
+            )
+        if sign < 0 and l_min**2 < DOWNDATE_WARN_PIVOT:
+            # S's eigenvalues lie in (0, 1]; a tiny one means the removed keys were almost the
+            # only information in some direction, and the result inherits ~ eps / pivot error
+            log.warning(
+                "ill-conditioned downdate: S = I - K^T C K has a pivot of %.2e; expect a relative "
+                "error of order %.0e / %.2e in C and W",
+                l_min**2,
+                torch.finfo(self.dtype).eps,
+                l_min**2,
+            )
         limit = 0.5 * torch.finfo(self.dtype).max
         if not all(map(math.isfinite, (new_min, new_max, h_sq_max, y_max))) or not new_min > 0.0:
             raise NumericalError(
@@ -384,7 +416,7 @@ class RLSState:
 
         On CPU this runs tile by tile (:data:`SYMMETRIZE_TILE` square tiles and their mirror
         images), so the transposed reads stay in cache and no ``d_k × d_k`` temporary is
-        allocated (7× faster than the whole-matrix expression at d_k = 1536 here). On
+        allocated (24 ms → 3–4 ms at d_k = 1536 on one CPU thread here). On
         accelerators the whole-matrix expression is one fast kernel, and many small tiles
         would cost a launch each, so it is used there.
         """
@@ -513,31 +545,6 @@ def _factor_anchor(M: torch.Tensor, jitter: float | None) -> tuple[torch.Tensor,
             f"(leading minor {int(info)} of {d_k}); is A positive semi-definite?"
         )
     return L, floor
-
-
-def _warn_if_ill_conditioned_downdate(L: torch.Tensor, dtype: torch.dtype) -> None:
-    smallest_pivot = float(L.diagonal().min()) ** 2
-    if smallest_pivot < DOWNDATE_WARN_PIVOT:
-        # S's eigenvalues lie in (0, 1]; a tiny one means the removed keys were almost the
-        # only information in some direction, and the result inherits ~ eps / pivot error
-        log.warning(
-            "ill-conditioned downdate: S = I - K^T C K has a pivot of %.2e; expect a relative "
-            "error of order %.0e / %.2e in C and W",
-            smallest_pivot,
-            torch.finfo(dtype).eps,
-            smallest_pivot,
-        )
-
-
-def _factor_innovation(S: torch.Tensor, what: str) -> torch.Tensor:
-    """Lower Cholesky factor of the ``u × u`` system ``S``, or NumericalError."""
-    require_finite(what, S)
-    L, info = torch.linalg.cholesky_ex(S)
-    if int(info) != 0:
-        raise NumericalError(
-            f"{what} is not positive definite (leading minor {int(info)} of {S.shape[0]}); nothing was applied"
-        )
-    return L
 
 
 def _parse_scalar(state: Mapping[str, object], key: str, kind: type) -> float | int:
