@@ -133,14 +133,15 @@ def _copy_cache(cache, index: torch.Tensor | None = None, batch: int | None = No
 
 
 def capture_above(lm, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  *, split: int = 0) -> tuple[torch.Tensor, BlockCalls]:
+                  *, split: int = 0, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, BlockCalls]:
     """Output of block ``layer`` and the calls of the blocks above it, without gradients.
 
-    With ``split = S > 0`` the first ``S`` columns (real tokens in every row) run once as a
+    With ``split = S > 0`` the first ``S`` columns run once as a
     prefix whose keys and values are cached; the returned states ``(B, L − S, d_model)``
     and block calls cover columns ``S..L-1`` only, so replays never recompute the prefix.
     Nothing in the prefix depends on an edit at or after column ``S`` (causal attention).
-    The capturing forward stops before the last block runs.
+    ``position_ids`` (``(B, L)``) are needed where rows are left-padded. The capturing
+    forward stops before the last block runs.
     """
     n = lm.n_layers
     calls: list = [None] * (n - layer - 1)
@@ -149,17 +150,22 @@ def capture_above(lm, layer: int, input_ids: torch.Tensor, attention_mask: torch
     handles = []
     snapshot = live_cache = None
     extra = {}
+    if position_ids is not None:
+        extra["position_ids"] = position_ids[:, split:]
     if split > 0:
         with torch.no_grad():
-            prefix = lm.model(input_ids=input_ids[:, :split], attention_mask=attention_mask[:, :split],
-                              use_cache=True, logits_to_keep=1)
+            head = {} if position_ids is None else {"position_ids": position_ids[:, :split]}
+            # the decoder alone: the prefix needs no logits (and an LM head on a 3-D batch is
+            # slow in bfloat16 on CPU, where torch expands the weight per row)
+            prefix = lm.model.base_model(input_ids=input_ids[:, :split], attention_mask=attention_mask[:, :split],
+                                         use_cache=True, **head)
         cache = getattr(prefix, "cache", None)
         if cache is None:  # transformers < 5.24 names it past_key_values
             cache = getattr(prefix, "past_key_values", None)
         if cache is None or not hasattr(cache, "layers"):
             raise UnsupportedError(f"{type(lm.model).__name__} returned no layered key/value cache")
         snapshot, live_cache = _copy_cache(cache), cache
-        extra = {_cache_argument(lm): cache}
+        extra[_cache_argument(lm)] = cache
         input_ids = input_ids[:, split:]
 
     def keep_output(_mod, _args, output):

@@ -47,6 +47,9 @@ def compute_keys(lm, layer: int, requests, prefixes, *, batch_size: int = DEFAUL
     requests = list(requests)
     items = prompt_texts(requests, prefixes)
     ids, positions = encode_at_subject(lm, items)
+    # Causal attention: nothing after the subject's last token reaches it, so the forward
+    # needs each text only up to there.
+    ids = [seq[: pos + 1] for seq, pos in zip(ids, positions)]
     module = down_proj(lm, layer)
     rows = torch.empty((len(items), lm.d_k), dtype=torch.float32, device=lm.device)  # (u·P, d_k)
     for chunk in length_sorted_chunks([len(s) for s in ids], batch_size):
