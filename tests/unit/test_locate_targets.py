@@ -12,6 +12,7 @@ families. Step counts must agree exactly.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -187,7 +188,7 @@ def test_config_defaults_documented():
     config = TargetConfig()
     assert config.to_dict() == {"steps": 25, "lr": 0.5, "weight_decay": 0.5, "kl_factor": 0.0625,
                                 "clamp_norm_factor": 0.75, "early_stop_loss": 0.05, "early_stop_nll": 0.0,
-                                "kl_prompt": "{} is a"}
+                                "kl_prompt": "{} is a", "dtype": "float32"}
     assert all(TargetConfig.field_help().values())
 
 
@@ -202,3 +203,30 @@ def test_nll_early_stop_fires_and_batched_matches_reference(lm):
     assert batched.steps.tolist() == reference.steps.tolist()
     assert min(batched.steps.tolist()) < config.steps - 1
     assert_rows_close(batched.z, reference.z)
+
+
+def test_bfloat16_weights_give_nearby_targets_and_leave_weights_exact(lm):
+    """bfloat16 optimisation: z = h(float32) + δ, δ near the float32 one, weights restored bit for bit."""
+    from rlsedit.locate.targets import weights_in
+
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    full = compute_targets(lm, LAYER, requests(), PREFIXES, NO_STOP)
+    half = compute_targets(lm, LAYER, requests(), PREFIXES, replace(NO_STOP, dtype="bfloat16"))
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].dtype == before[k].dtype for k in before)
+    torch.testing.assert_close(half.initial, full.initial, rtol=1e-5, atol=1e-6)  # h read in float32
+    assert torch.allclose(half.z, half.initial + half.delta)
+    rel = (half.delta - full.delta).norm(dim=1) / full.delta.norm(dim=1)
+    assert rel.max() < 0.1, rel
+    assert (half.target_prob - full.target_prob).abs().max() < 0.05
+    # an error inside restores the weights too
+    with pytest.raises(RuntimeError, match="boom"):
+        with weights_in(lm, torch.bfloat16):
+            assert next(lm.model.parameters()).dtype == torch.bfloat16
+            raise RuntimeError("boom")
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+
+
+def test_dtype_is_checked():
+    with pytest.raises(ValueError, match="dtype"):
+        TargetConfig(dtype="float16")

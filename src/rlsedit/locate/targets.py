@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -49,9 +50,43 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 64
 """Rows (token sequences) per forward pass of :func:`hidden_at_subject`."""
 
-TARGET_BATCH_SIZE = 16
-"""Rows per group in :func:`compute_targets`. Small groups keep each group's cached prefix
-long and its replayed width short; on SmolLM2 (CPU) 16 was fastest of 8/16/32/64."""
+TARGET_BATCH_SIZE = 64
+"""Rows per group in :func:`compute_targets`. Rows are aligned on their subject, so a group's
+replayed width is its longest subject-to-end span whatever its size; on SmolLM2 (CPU, 20
+requests × 7 rows) 64 took 34.7 s where 16 took 48.4 s (benchmarks/SPEED.md)."""
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@contextmanager
+def weights_in(lm, dtype: torch.dtype):
+    """Run the model with every parameter cast to ``dtype``; the original tensors (not copies)
+    come back on exit, so the weights are bit-for-bit what they were.
+
+    Buffers (rotary frequencies) stay as they are; the model casts what it derives from them
+    to the hidden states' dtype.
+    """
+    params = [p for p in lm.model.parameters() if p.dtype != dtype]
+    originals = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = p.data.to(dtype)
+        yield
+    finally:
+        for p, original in zip(params, originals):
+            p.data = original
+
+
+def _attention_for(lm, dtype: str):
+    """PyTorch's composed ("math") attention for bfloat16 on CPU: its fused CPU kernel's
+    backward takes ~30 ms per call at these tiny shapes in bfloat16 (measured, torch 2.13),
+    more than the whole block's matrix products."""
+    if dtype == "bfloat16" and torch.device(lm.device).type == "cpu":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    return nullcontext()
 
 
 @dataclass
@@ -77,6 +112,10 @@ class TargetConfig:
         "help": "a request also stops once its mean target NLL alone is below this (0 disables). MEMIT's "
                 "test on the whole loss rarely fires on small models: the KL term alone stays near 0.05"})
     kl_prompt: str = field(default="{} is a", metadata={"help": "prompt with '{}' for the subject on which the KL term is measured"})
+    dtype: str = field(default="float32", metadata={
+        "help": "precision of the model's weights during the optimisation ('float32' or 'bfloat16'); δ, the "
+                "loss and h stay float32. bfloat16 runs the matrix products several times faster where the "
+                "processor has bf16 units (AMX, recent GPUs); the batched path only"})
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -89,6 +128,8 @@ class TargetConfig:
                 bound = "> 0" if positive else ">= 0"
                 raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
             setattr(self, name, float(value))
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.kl_prompt, str) or self.kl_prompt.count(SUBJECT_SLOT) != 1:
             raise ValueError(f"kl_prompt must be a string with exactly one '{{}}', got {self.kl_prompt!r}")
 
@@ -225,6 +266,7 @@ def hidden_at_subject(lm, layer: int, requests, *, batch_size: int = DEFAULT_BAT
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     requests = list(requests)
     ids, positions = encode_at_subject(lm, prompt_texts(requests, [SUBJECT_SLOT]))
+    ids = [seq[: pos + 1] for seq, pos in zip(ids, positions)]  # later tokens cannot reach it (causal)
     out = torch.empty((len(requests), lm.d_model), dtype=torch.float32, device=lm.device)
     for chunk in length_sorted_chunks([len(s) for s in ids], batch_size):
         input_ids, attention_mask = pad_right([ids[i] for i in chunk], pad_id(lm), lm.device)
@@ -269,13 +311,16 @@ class _View:
 class _Group:
     """Rows run together: their states after block ``layer`` and the block arguments.
 
-    The group's first ``split`` columns (all before every row's subject) ran once as a
-    cached prefix; ``base`` and every replay cover columns ``split..`` only.
+    Each row is left-padded so that every row's subject token falls on the same column
+    ``split``; the columns before it (each row's own text before its subject, behind its
+    left padding) ran once as a cached prefix. ``base`` and every replay cover the columns
+    from the subject on only: replay column ``c`` of row ``r`` is column ``start[r] + c`` of
+    that row's own token sequence.
     """
 
     rows: torch.Tensor     # (g,) global row ids, ascending
-    split: int             # columns before this are cached, never replayed
-    base: torch.Tensor     # (g, L − split, d) output of block `layer`, unedited
+    start: torch.Tensor    # (R,) for rows of this group: their subject column (replay column 0)
+    base: torch.Tensor     # (g, W, d) output of block `layer`, unedited, from each subject on
     calls: BlockCalls
     tgt: torch.Tensor      # (e_g,) target entries whose row is in this group
     kl_req: torch.Tensor   # (k_g,) requests whose KL row is in this group
@@ -300,25 +345,48 @@ class _Group:
         return self.view
 
 
-def _groups(lm, layer: int, problem: _Problem, batch_size: int) -> list[_Group]:
-    """Rows sorted by subject position (then length), in groups of at most ``batch_size``.
+def _subject_aligned(seqs: list[list[int]], subj: list[int], pad: int, device):
+    """Token rows left-padded so every subject lands on column ``max(subj)`` and right-padded
+    to a common length: ``(input_ids, attention_mask, position_ids, split)``.
 
-    Columns before a group's first subject token cannot change under the edit, so they run
-    once as a cached prefix; sorting by subject position makes that prefix as long as
-    possible and keeps each group's replayed width small.
+    Position ids count real tokens only, so each row sees exactly the positions it has
+    alone; padding is masked out of every attention.
+    """
+    split = max(subj)
+    tail = max(len(q) - s for q, s in zip(seqs, subj))
+    ids = torch.full((len(seqs), split + tail), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, (q, s) in enumerate(zip(seqs, subj)):
+        left = split - s
+        ids[r, left:left + len(q)] = torch.tensor(q)
+        mask[r, left:left + len(q)] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+    return ids.to(device), mask.to(device), positions.to(device), split
+
+
+def _groups(lm, layer: int, problem: _Problem, batch_size: int) -> list[_Group]:
+    """Rows sorted by the length from their subject on, in groups of at most ``batch_size``.
+
+    Columns before a row's subject cannot change under the edit, so they run once as a
+    cached prefix. Aligning every row's subject on one column (left padding) makes the
+    replayed width of a group its longest subject-to-end span, whatever the prefixes'
+    lengths; sorting by that span keeps the right padding small.
     """
     subj = problem.row_subj.tolist()
-    order = sorted(range(len(problem.ids)), key=lambda r: (subj[r], len(problem.ids[r])))
+    span = [len(q) - s for q, s in zip(problem.ids, subj)]
+    order = sorted(range(len(problem.ids)), key=lambda r: (span[r], subj[r]))
     groups = []
-    for start in range(0, len(order), batch_size):
-        chunk = sorted(order[start: start + batch_size])
-        split = min(subj[r] for r in chunk)  # every row has real tokens in columns [0, split)
-        input_ids, attention_mask = pad_right([problem.ids[r] for r in chunk], pad_id(lm), lm.device)
-        base, calls = capture_above(lm, layer, input_ids, attention_mask, split=split)
+    for begin in range(0, len(order), batch_size):
+        chunk = sorted(order[begin: begin + batch_size])
+        input_ids, attention_mask, positions, split = _subject_aligned(
+            [problem.ids[r] for r in chunk], [subj[r] for r in chunk], pad_id(lm), lm.device)
+        base, calls = capture_above(lm, layer, input_ids, attention_mask, split=split, position_ids=positions)
         rows = torch.tensor(chunk, dtype=torch.long, device=lm.device)
         member = torch.zeros_like(problem.row_req, dtype=torch.bool)
         member[rows] = True
-        groups.append(_Group(rows=rows, split=split, base=base, calls=calls,
+        start = torch.zeros_like(problem.row_subj)
+        start[rows] = problem.row_subj[rows]
+        groups.append(_Group(rows=rows, start=start, base=base, calls=calls,
                              tgt=torch.nonzero(member[problem.tgt_row]).flatten(),
                              kl_req=torch.nonzero(member[problem.kl_row]).flatten()))
     return groups
@@ -344,14 +412,29 @@ def compute_targets(lm, layer: int, requests, prefixes, config: TargetConfig | N
     if not requests:
         return _empty(lm)
     problem = _build_problem(lm, requests, prefixes, config)
-    u, P, device = len(requests), len(prefixes), lm.device
+    if config.dtype == "float32":
+        return _optimise(lm, layer, requests, problem, config, batch_size)
+    # δ is optimised against the model in low precision, then added to the float32 state:
+    # z = h + δ with h from the float32 model, so the residual the solver spreads, z − h, is δ
+    # itself and carries no rounding of h.
+    initial = hidden_at_subject(lm, layer, requests)
+    with weights_in(lm, DTYPES[config.dtype]), _attention_for(lm, config.dtype):
+        result = _optimise(lm, layer, requests, problem, config, batch_size)
+    return TargetResult(z=initial + result.delta.float(), initial=initial, losses=result.losses,
+                        target_prob=result.target_prob, steps=result.steps)
+
+
+def _optimise(lm, layer: int, requests: list[EditRequest], problem: _Problem, config: TargetConfig,
+              batch_size: int) -> TargetResult:
+    """The loop of :func:`compute_targets` on prepared token rows."""
+    u, P, device = len(requests), problem.n_prefixes, lm.device
     groups = _groups(lm, layer, problem, batch_size)
     if problem.plain_row is not None:
         initial = torch.empty((u, lm.d_model), dtype=torch.float32, device=device)
         for g in groups:
             hit = torch.nonzero(torch.isin(problem.plain_row, g.rows)).flatten()   # requests
             local = torch.searchsorted(g.rows, problem.plain_row[hit])
-            initial[hit] = g.base[local, problem.row_subj[problem.plain_row[hit]] - g.split].float()
+            initial[hit] = g.base[local, 0].float()  # replay column 0 is the subject
     else:
         initial = hidden_at_subject(lm, layer, requests)
     init_norm = initial.norm(dim=-1)                   # (u,) ‖h_i‖
@@ -377,13 +460,15 @@ def compute_targets(lm, layer: int, requests, prefixes, config: TargetConfig | N
                 continue
             with torch.enable_grad():
                 # h[row, s_row] += δ_{request(row)}   on the output of block `layer`
+                # (s_row is replay column 0 of every row)
                 h = g.base.index_select(0, view.sel).index_put(
-                    (torch.arange(view.rows.numel(), device=device), problem.row_subj[view.rows] - g.split),
+                    (torch.arange(view.rows.numel(), device=device), torch.zeros_like(view.rows)),
                     delta[problem.row_req[view.rows]].to(g.base.dtype), accumulate=True)
                 out = run_above(lm, h, view.calls)                                     # (r, L, d)
                 kl_rows = problem.kl_row[view.kl_req]
-                read = torch.cat([out[view.local[problem.tgt_row[view.tgt]], problem.tgt_pos[view.tgt] - g.split],
-                                  out[view.local[kl_rows], problem.row_subj[kl_rows] - g.split]])  # (e + k, d)
+                tgt_rows = problem.tgt_row[view.tgt]
+                read = torch.cat([out[view.local[tgt_rows], problem.tgt_pos[view.tgt] - g.start[tgt_rows]],
+                                  out[view.local[kl_rows], 0]])  # (e + k, d)
                 logp = torch.log_softmax(logits_from_hidden(lm, read).float(), dim=-1)
                 e = view.tgt.numel()
                 tok_nll = -logp[:e].gather(1, problem.tgt_id[view.tgt].unsqueeze(1)).squeeze(1) \
