@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Sequence
 
@@ -96,6 +97,9 @@ class Editor:
         moments: ``{layer: E[kkᵀ] (d_k, d_k)}`` for the edited layers, for methods that use
             the corpus anchor (all but FT).
         progress: show progress bars.
+        targets: ``"batched"`` (:func:`~rlsedit.locate.targets.compute_targets`, the default) or
+            ``"reference"`` (:func:`~rlsedit.locate.targets.compute_targets_reference`, one request
+            at a time through the whole model; the same objective, for the speed benchmark).
 
     Attributes (learned state ends in ``_``): ``n_edits_``, ``n_batches_``.
     """
@@ -106,13 +110,16 @@ class Editor:
     needs_moments: ClassVar[bool] = True
 
     def __init__(self, lm, config: EditConfig | None = None, *, moments: dict[int, torch.Tensor] | None = None,
-                 prefixes: Sequence[str] | None = None, progress: bool = False) -> None:
+                 prefixes: Sequence[str] | None = None, progress: bool = False, targets: str = "batched") -> None:
         config = self.config_class() if config is None else config
         if not isinstance(config, self.config_class):
             raise InvalidRequestError(
                 f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        if targets not in ("batched", "reference"):
+            raise InvalidRequestError(f"targets must be 'batched' or 'reference', got {targets!r}")
         self.lm = lm
         self.config = config
+        self.targets = targets
         self.progress = progress
         self.layers: tuple[int, ...] = self.layers_for(lm, config)
         if self.needs_moments:
@@ -251,7 +258,7 @@ class Editor:
         return TargetConfig(
             steps=c.v_num_grad_steps, lr=c.v_lr, weight_decay=c.v_weight_decay, kl_factor=c.kl_factor,
             clamp_norm_factor=c.clamp_norm_factor, early_stop_loss=c.v_early_stop_loss,
-            early_stop_nll=c.v_early_stop_nll,
+            early_stop_nll=c.v_early_stop_nll, dtype=c.v_dtype,
         )
 
     def _make_prefixes(self) -> list[str]:
@@ -262,30 +269,37 @@ class Editor:
 
     def _compute_batch(self, requests: list[EditRequest]) -> tuple[EditRecord, dict[int, Any]]:
         from ..locate.keys import compute_keys
-        from ..locate.targets import compute_targets, hidden_at_subject
+        from ..locate.targets import compute_targets, compute_targets_reference, hidden_at_subject
 
         ids = tuple(r.id for r in requests)
         prefixes = self.prefixes_
         top = self.layers[-1]
-        result = compute_targets(self.lm, top, requests, prefixes, self._target_config())
+        clock = _PhaseClock()
+        with clock("targets"):
+            optimise = compute_targets if self.targets == "batched" else compute_targets_reference
+            result = optimise(self.lm, top, requests, prefixes, self._target_config())
         z = result.z.float()  # (u, d_model)
         _check_finite("value target z", z, ids)
         tensors: dict[str, torch.Tensor] = {}
         new_state: dict[int, Any] = {}
         for i, l in enumerate(self.layers):
-            K = compute_keys(self.lm, l, requests, prefixes).float()  # (d_k, u)
-            _check_finite(f"layers.{l}.K", K, ids)
-            h = hidden_at_subject(self.lm, top, requests).float()  # (u, d_model)
-            R = (z - h) / (len(self.layers) - i)  # this layer's share of the residual
-            W = get_W(self.lm, l)
-            V = self._absolute_targets(l, K, W, R)  # (u, d_v)
-            _check_finite(f"layers.{l}.V", V, ids)
-            W_new, new_state[l] = self._solve(l, K, V, W)
-            _check_finite(f"layers.{l}.W", W_new, ids)
-            set_W(self.lm, l, W_new)
+            with clock("keys"):
+                K = compute_keys(self.lm, l, requests, prefixes).float()  # (d_k, u)
+                _check_finite(f"layers.{l}.K", K, ids)
+                h = hidden_at_subject(self.lm, top, requests).float()  # (u, d_model)
+            with clock("solve"):
+                R = (z - h) / (len(self.layers) - i)  # this layer's share of the residual
+                W = get_W(self.lm, l)
+                V = self._absolute_targets(l, K, W, R)  # (u, d_v)
+                _check_finite(f"layers.{l}.V", V, ids)
+                W_new, new_state[l] = self._solve(l, K, V, W)
+                _check_finite(f"layers.{l}.W", W_new, ids)
+                set_W(self.lm, l, W_new)
             tensors[f"layers.{l}.K"] = K.contiguous()
             tensors[f"layers.{l}.V"] = V.contiguous()
-        info = {"target_loss": [float(x) for x in getattr(result, "losses", [])]}
+        info = {"target_loss": [float(x) for x in getattr(result, "losses", [])],
+                "target_steps": [int(x) for x in getattr(result, "steps", [])],
+                "seconds": clock.seconds}
         return EditRecord(ids=ids, tensors=tensors, info=info), new_state
 
     def _absolute_targets(self, layer: int, K: torch.Tensor, W: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -345,6 +359,36 @@ class Editor:
         self.load_method_state_dict(tensors)
         self.n_edits_ = n_edits
         self.n_batches_ = n_batches
+
+
+class _PhaseClock:
+    """Wall-clock seconds per named phase of a batch (``with clock("keys"): ...``), summed
+    over repeats; synchronises the device first so asynchronous GPU work is charged to the
+    phase that queued it."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, phase: str):
+        return _Phase(self, phase)
+
+
+class _Phase:
+    def __init__(self, clock: _PhaseClock, phase: str) -> None:
+        self.clock, self.phase = clock, phase
+
+    def __enter__(self) -> None:
+        _sync()
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        _sync()
+        self.clock.seconds[self.phase] = self.clock.seconds.get(self.phase, 0.0) + time.perf_counter() - self.start
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def clone_state(state: Any) -> Any:

@@ -8,6 +8,8 @@ to an ℓ∞ ball of radius ``norm_constraint`` around their values at the start
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..model.weights import down_proj, get_W, set_W
@@ -40,6 +42,7 @@ class FT(Editor):
 
     def _compute_batch(self, requests):
         c = self.config
+        start_time = time.perf_counter()
         inputs, target_mask = _nll_batch(self.lm, requests)
         params = [down_proj(self.lm, l).weight for l in self.layers]
         start = [p.detach().clone() for p in params]
@@ -72,7 +75,8 @@ class FT(Editor):
             W = get_W(self.lm, l)
             _check_finite(f"layers.{l}.W", W, ids)
             tensors[f"layers.{l}.W"] = W
-        return EditRecord(ids=ids, tensors=tensors, info={"final_loss": float(loss.detach())}), {}
+        return EditRecord(ids=ids, tensors=tensors, info={"final_loss": float(loss.detach()),
+                                                                 "seconds": {"finetune": time.perf_counter() - start_time}}), {}
 
     def apply_record(self, record: EditRecord) -> None:
         old = {l: get_W(self.lm, l) for l in self.layers}

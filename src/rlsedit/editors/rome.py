@@ -45,5 +45,10 @@ class ROME(Editor):
         for key in records[0].tensors:
             dim = 1 if key.endswith(".K") else 0
             tensors[key] = torch.cat([r.tensors[key] for r in records], dim=dim).contiguous()
-        info = {"target_loss": [x for r in records for x in r.info.get("target_loss", [])]}
+        seconds: dict[str, float] = {}
+        for r in records:
+            for phase, t in r.info.get("seconds", {}).items():
+                seconds[phase] = seconds.get(phase, 0.0) + t
+        info = {key: [x for r in records for x in r.info.get(key, [])] for key in ("target_loss", "target_steps")}
+        info["seconds"] = seconds
         return EditRecord(ids=tuple(r.id for r in requests), tensors=tensors, info=info), states
