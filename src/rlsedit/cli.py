@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "rlsedit.locate.stats_cli",
     "rlsedit.eval.cli",
     "rlsedit.bench.methods_cli",
+    "rlsedit.bench.speed_cli",
 )
 
 

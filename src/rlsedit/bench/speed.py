@@ -1,0 +1,308 @@
+"""Speed of the edit stream (``rlsedit bench speed``).
+
+One run answers four questions about editing a model through a real session (journal and
+snapshots included):
+
+1. **Seconds per edit**, split into the phases of a batch (``Editor._compute_batch`` times
+   them into each journal entry's ``info.seconds``): ``targets`` (value-target optimisation),
+   ``keys`` (keys and the current top-layer state, per edited layer), ``solve`` (absolute
+   targets, the method's closed form, the weight write) and ``bookkeeping`` (everything
+   else of the batch's wall time: validation, the journal append, snapshots).
+2. **Flat in history**: seconds per edit over the first and the last tenth of the stream's
+   batches, and their ratio, for the total and for every phase.
+3. **Speedup over the reference**: the first ``reference_n`` edits again, in the same batches,
+   from the unedited weights, with targets from the straightforward per-request loop
+   (:func:`~rlsedit.locate.targets.compute_targets_reference`) — same objective, same keys,
+   same solve — and the ratio of the two paths' seconds per edit on those edits.
+4. **Quality at that speed**: efficacy (ROME's ``p(new) > p(true)`` on the edit prompt, and
+   top-1 of the new object) of those first edits right after them, on both paths; and of all
+   ``n`` edits at the end of the stream.
+
+Peak resident memory is read after the stream (before the reference run) and set beside the
+model's and the editor state's sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..editors import get_editor_class
+from ..editors.base import iter_batches
+from ..errors import InvalidRequestError
+from ..requests import EditRequest
+from .methods import select_edits
+
+log = logging.getLogger(__name__)
+
+PHASES = ("targets", "keys", "solve", "bookkeeping")
+
+
+@dataclass
+class SpeedBenchConfig:
+    data: str = field(metadata={"help": "edit file (CounterFact / zsRE / ours)"})
+    model: str = field(default="smollm2", metadata={"help": "model spec (embedded name, path, .gguf)"})
+    method: str = field(default="rlsedit", metadata={"help": "editing method"})
+    n: int = field(default=1000, metadata={"help": "edits in the stream (the first n records of the file)"})
+    batch_size: int = field(default=20, metadata={"help": "edits per batch"})
+    reference_n: int = field(default=40, metadata={
+        "help": "the first edits also run through the per-request reference path (0 = skip it)"})
+    hparams: str | None = field(default=None, metadata={"help": "the method's hyperparameters JSON (default: its defaults)"})
+    corpus: str | None = field(default=None, metadata={"help": "corpus for E[kkᵀ] (default: the session's)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "cache for models and E[kkᵀ]"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    threads: int | None = field(default=None, metadata={"help": "torch intra-op threads (default: torch's choice)"})
+    state_dir: str | None = field(default=None, metadata={
+        "help": "where the session state goes (default: a temporary folder, removed after)"})
+
+    def __post_init__(self) -> None:
+        for name, low in (("n", 1), ("batch_size", 1), ("reference_n", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InvalidRequestError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.reference_n > self.n:
+            raise InvalidRequestError(f"reference_n ({self.reference_n}) cannot exceed n ({self.n})")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise InvalidRequestError(f"threads must be an integer >= 1, got {self.threads!r}")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux, bytes on macOS
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _tensor_mb(tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def efficacy(lm, requests: Sequence[EditRequest]) -> dict[str, float]:
+    """ROME's efficacy (``p(new) > p(true)`` on the edit prompt) and top-1 of the new object."""
+    from ..eval.counterfact import score_requests
+
+    records = score_requests(lm, requests, groups=("rewrite",))
+    return {"success": statistics.fmean(r["rewrite_success"] for r in records),
+            "top1": statistics.fmean(r["rewrite_acc"] for r in records)}
+
+
+def _batch_row(edits_done: int, size: int, wall: float, info: dict[str, Any]) -> dict[str, Any]:
+    phases = {k: float(v) for k, v in info.get("seconds", {}).items()}
+    row = {"edits_done": edits_done, "size": size, "seconds": wall,
+           **{p: phases.get(p, 0.0) for p in PHASES if p != "bookkeeping"},
+           "bookkeeping": max(0.0, wall - sum(phases.values()))}
+    steps = info.get("target_steps") or []
+    row["target_steps_mean"] = statistics.fmean(steps) if steps else None
+    return row
+
+
+def _per_edit(rows: Sequence[dict[str, Any]], key: str = "seconds") -> float:
+    return sum(r[key] for r in rows) / max(1, sum(r["size"] for r in rows))
+
+
+def history_check(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Seconds per edit (total and per phase) over the first and last tenth of the batches
+    (at least one batch each) and the ratio last/first."""
+    k = max(1, len(rows) // 10)
+    first, last = rows[:k], rows[-k:]
+    out: dict[str, Any] = {"batches_each": k}
+    for key in ("seconds", *PHASES, "target_steps_mean"):
+        if key == "target_steps_mean":
+            a = [r[key] for r in first if r[key] is not None]
+            b = [r[key] for r in last if r[key] is not None]
+            if a and b:
+                out["target_steps"] = {"first": statistics.fmean(a), "last": statistics.fmean(b),
+                                       "ratio": statistics.fmean(b) / statistics.fmean(a)}
+            continue
+        a, b = _per_edit(first, key), _per_edit(last, key)
+        name = "total" if key == "seconds" else key
+        out[name] = {"first": a, "last": b, "ratio": (b / a) if a > 0 else None}
+    return out
+
+
+def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from ..session.session import Runtime, Session
+
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    requests = select_edits(config.data, config.n)
+    if len(requests) < config.n:
+        raise InvalidRequestError(f"{config.data} holds {len(requests)} records, fewer than n = {config.n}")
+    batches = list(iter_batches(requests, config.batch_size))
+    runtime = Runtime(device=config.device, cache_dir=config.cache_dir, corpus=config.corpus)
+    editor_cls = get_editor_class(config.method)
+    method_config = editor_cls.config_class.from_json_file(config.hparams) if config.hparams else None
+
+    with tempfile.TemporaryDirectory(prefix="rlsedit-speed-") as tmp:
+        state_dir = Path(config.state_dir) if config.state_dir else Path(tmp) / "state"
+        start = time.perf_counter()
+        session = Session.create(state_dir, model=config.model, method=config.method, config=method_config,
+                                 runtime=runtime)
+        create_s = time.perf_counter() - start
+        try:
+            lm, editor = session.lm, session.editor
+            rows: list[dict[str, Any]] = []
+            checkpoint: dict[str, float] | None = None
+            done = 0
+            for batch in tqdm(batches, disable=not progress, desc="stream", unit="batch"):
+                _sync(config.device)
+                t = time.perf_counter()
+                session.edit(batch, batch_size=config.batch_size)
+                _sync(config.device)
+                wall = time.perf_counter() - t
+                done += len(batch)
+                info = session.store.read_entry(session.store.journal_count - 1).meta.get("info", {})
+                rows.append(_batch_row(done, len(batch), wall, info))
+                if config.reference_n and checkpoint is None and done >= config.reference_n:
+                    checkpoint = efficacy(lm, requests[:done])  # not timed
+            peak_rss = _peak_rss_mb()
+            final = efficacy(lm, requests)
+            model_mb = _tensor_mb([*lm.model.parameters(), *lm.model.buffers()])
+            state_mb = _tensor_mb(editor.state_dict().values())
+            config_used = editor.config
+            moments, prefixes = editor.moments, editor.prefixes_
+            editor.reset()  # unedited weights for the reference run
+        finally:
+            session.close(snapshot=False)
+
+    result: dict[str, Any] = {
+        "settings": {**asdict(config), "torch": torch.__version__, "python": platform.python_version(),
+                     "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+                     "layers": list(editor.layers), "prefixes": len(prefixes)},
+        "create_seconds": create_s,
+        "n": config.n,
+        "seconds_per_edit": _per_edit(rows),
+        "phases_per_edit": {p: _per_edit(rows, p) for p in PHASES},
+        "edits_per_minute": 60.0 / _per_edit(rows),
+        "history": history_check(rows),
+        "peak_rss_mb": peak_rss,
+        "model_mb": model_mb,
+        "state_mb": state_mb,
+        "rss_budget_mb": model_mb + state_mb + 1024.0,
+        "efficacy_all": final["success"],
+        "efficacy_all_top1": final["top1"],
+        "batches": rows,
+    }
+    if config.reference_n:
+        covered = [r for r in rows if r["edits_done"] <= _covering(rows, config.reference_n)]
+        fast_first = _per_edit(covered)
+        ref_requests = requests[:covered[-1]["edits_done"]]
+        ref_editor = editor_cls(lm, config_used, moments=moments, prefixes=prefixes,
+                                                     targets="reference")
+        ref_rows = []
+        done = 0
+        for batch in tqdm(list(iter_batches(ref_requests, config.batch_size)), disable=not progress,
+                          desc="reference", unit="batch"):
+            _sync(config.device)
+            t = time.perf_counter()
+            proposal = ref_editor.propose(batch)
+            proposal.commit()
+            _sync(config.device)
+            done += len(batch)
+            ref_rows.append(_batch_row(done, len(batch), time.perf_counter() - t, proposal.record.info))
+        ref_eff = efficacy(lm, ref_requests)
+        ref_editor.reset()
+        result.update({
+            "reference_n": len(ref_requests),
+            "reference_seconds_per_edit": _per_edit(ref_rows),
+            "reference_phases_per_edit": {p: _per_edit(ref_rows, p) for p in PHASES},
+            "seconds_per_edit_on_reference_edits": fast_first,
+            "speedup": _per_edit(ref_rows) / fast_first,
+            "efficacy": checkpoint["success"],
+            "efficacy_top1": checkpoint["top1"],
+            "reference_efficacy": ref_eff["success"],
+            "reference_efficacy_top1": ref_eff["top1"],
+            "reference_batches": ref_rows,
+        })
+    return result
+
+
+def _covering(rows: Sequence[dict[str, Any]], n: int) -> int:
+    """Edits done at the end of the first batch that reaches ``n`` edits."""
+    return next(r["edits_done"] for r in rows if r["edits_done"] >= n)
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    ph = result["phases_per_edit"]
+    hist = result["history"]
+    lines = [
+        f"model `{s['model']}`, method `{s['method']}`, n = {result['n']}, batch {s['batch_size']}, "
+        f"layers {s['layers']}, {s['prefixes']} prefixes, {s['threads']} threads, torch {s['torch']}",
+        "",
+        "| | s/edit | targets | keys | solve | bookkeeping | edits/min | efficacy | top-1 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| stream (all {result['n']}) | {result['seconds_per_edit']:.3f} | {ph['targets']:.3f} | {ph['keys']:.3f} | "
+        f"{ph['solve']:.4f} | {ph['bookkeeping']:.4f} | {result['edits_per_minute']:.1f} | "
+        f"{100 * result['efficacy_all']:.1f} | {100 * result['efficacy_all_top1']:.1f} |",
+    ]
+    if "reference_seconds_per_edit" in result:
+        rp = result["reference_phases_per_edit"]
+        lines += [
+            f"| batched, first {result['reference_n']} | {result['seconds_per_edit_on_reference_edits']:.3f} | | | | | | "
+            f"{100 * result['efficacy']:.1f} | {100 * result['efficacy_top1']:.1f} |",
+            f"| reference, first {result['reference_n']} | {result['reference_seconds_per_edit']:.3f} | "
+            f"{rp['targets']:.3f} | {rp['keys']:.3f} | {rp['solve']:.4f} | – | "
+            f"{60 / result['reference_seconds_per_edit']:.1f} | {100 * result['reference_efficacy']:.1f} | "
+            f"{100 * result['reference_efficacy_top1']:.1f} |",
+            "",
+            f"speedup over the per-request reference: **{result['speedup']:.2f}×**",
+        ]
+    lines += [
+        "",
+        f"history (first vs last {hist['batches_each']} batches, s/edit): total {hist['total']['first']:.3f} → "
+        f"{hist['total']['last']:.3f} (ratio {hist['total']['ratio']:.3f}); "
+        + "; ".join(f"{p} {hist[p]['first']:.4f} → {hist[p]['last']:.4f}" for p in PHASES)
+        + (f"; target steps {hist['target_steps']['first']:.1f} → {hist['target_steps']['last']:.1f}"
+           if "target_steps" in hist else ""),
+        "",
+        f"peak RSS {result['peak_rss_mb']:.0f} MiB; model {result['model_mb']:.0f} MiB + editor state "
+        f"{result['state_mb']:.0f} MiB + 1 GiB = {result['rss_budget_mb']:.0f} MiB",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_speed(result: dict[str, Any], path: str | Path) -> None:
+    """Seconds per edit of every batch along the stream, stacked by phase."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["batches"]
+    x = [r["edits_done"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bottom = [0.0] * len(rows)
+    for phase in PHASES:
+        y = [r[phase] / r["size"] for r in rows]
+        ax.bar(x, y, bottom=bottom, width=0.9 * result["settings"]["batch_size"], align="edge", label=phase)
+        bottom = [b + v for b, v in zip(bottom, y)]
+    if "reference_seconds_per_edit" in result:
+        ax.axhline(result["reference_seconds_per_edit"], color="k", ls="--",
+                   label=f"reference (first {result['reference_n']})")
+    ax.set_xlabel("edits applied")
+    ax.set_ylabel("seconds per edit")
+    ax.set_title(f"{result['settings']['model']} · {result['settings']['method']} · batch "
+                 f"{result['settings']['batch_size']}")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,109 @@
+"""``rlsedit bench speed`` on a tiny random model saved to disk: phases add up to the wall
+time, the reference path runs the same edits, and the report carries every promised key."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from locate_tiny import SENTENCES, make_lm
+from rlsedit.bench.speed import PHASES, SpeedBenchConfig, format_markdown, history_check, run_speed_bench
+from rlsedit.cli import main
+from rlsedit.errors import InvalidRequestError
+
+SUBJECTS = ["The Eiffel Tower", "Toko Yasuda", "Danielle Darrieux", "Madrid", "Autonomous University",
+            "Michael Jordan"]
+TARGETS = [("Rome", "Paris"), ("piano", "guitar"), ("Swedish", "French"), ("Sweden", "Spain"),
+           ("tennis", "basketball"), ("London", "Berlin")]
+FAST = {"v_num_grad_steps": 4, "context_count": 1, "context_length": 3, "mom2_update_weight": 10.0}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("speed")
+    lm = make_lm("llama")
+    lm.model.save_pretrained(root / "model")
+    lm.tokenizer.save_pretrained(root / "model")
+    (root / "corpus.txt").write_text("\n".join(SENTENCES * 4))
+    edits = [{"id": f"e{i}", "prompt": "{} is located in", "subject": s, "target_new": new, "target_true": old}
+             for i, (s, (new, old)) in enumerate(zip(SUBJECTS, TARGETS))]
+    (root / "edits.jsonl").write_text("\n".join(json.dumps(e) for e in edits))
+    (root / "hparams.json").write_text(json.dumps(FAST))
+    return {"root": root}
+
+
+def _config(setup, **changes) -> SpeedBenchConfig:
+    root = setup["root"]
+    base = dict(data=str(root / "edits.jsonl"), model=str(root / "model"), n=6, batch_size=2, reference_n=4,
+                hparams=str(root / "hparams.json"), corpus=str(root / "corpus.txt"), cache_dir=str(root / "cache"),
+                threads=1)
+    return SpeedBenchConfig(**{**base, **changes})
+
+
+def test_stream_phases_reference_and_history(setup):
+    result = run_speed_bench(_config(setup))
+    for key in ("seconds_per_edit", "reference_seconds_per_edit", "speedup", "peak_rss_mb", "efficacy",
+                "reference_efficacy"):
+        assert isinstance(result[key], float) and math.isfinite(result[key]), key
+    rows = result["batches"]
+    assert [r["edits_done"] for r in rows] == [2, 4, 6]
+    # the phases (bookkeeping = the rest of the wall time) add up to each batch's wall time
+    for r in rows:
+        assert sum(r[p] for p in PHASES) == pytest.approx(r["seconds"], rel=1e-9)
+        assert r["targets"] > 0 and r["keys"] > 0 and r["solve"] > 0
+    assert result["seconds_per_edit"] == pytest.approx(sum(r["seconds"] for r in rows) / 6)
+    assert sum(result["phases_per_edit"].values()) == pytest.approx(result["seconds_per_edit"])
+    # the reference ran the first 4 edits in the same two batches
+    assert result["reference_n"] == 4
+    assert [r["edits_done"] for r in result["reference_batches"]] == [2, 4]
+    assert result["speedup"] == pytest.approx(
+        result["reference_seconds_per_edit"] / result["seconds_per_edit_on_reference_edits"])
+    # same objective, same keys and solve: the two paths make the same edits to float rounding
+    assert abs(result["efficacy"] - result["reference_efficacy"]) <= 0.25
+    assert 0.0 <= result["efficacy_all"] <= 1.0
+    assert result["peak_rss_mb"] > result["model_mb"] > 0
+    assert result["history"]["batches_each"] == 1
+    text = format_markdown(result)
+    assert "speedup over the per-request reference" in text and "peak RSS" in text
+
+
+def test_history_check_reads_first_and_last_tenth():
+    rows = [{"edits_done": 10 * (i + 1), "size": 10, "seconds": 1.0 + (i >= 18), "targets": 0.5, "keys": 0.2,
+             "solve": 0.1, "bookkeeping": 0.2 + (i >= 18), "target_steps_mean": 10.0} for i in range(20)]
+    h = history_check(rows)
+    assert h["batches_each"] == 2
+    assert h["total"]["first"] == pytest.approx(0.1) and h["total"]["last"] == pytest.approx(0.2)
+    assert h["total"]["ratio"] == pytest.approx(2.0)
+    assert h["bookkeeping"]["ratio"] == pytest.approx(6.0)
+    assert h["targets"]["ratio"] == pytest.approx(1.0)
+
+
+def test_cli_json_and_out(setup, capsys, tmp_path):
+    root = setup["root"]
+    code = main(["bench", "speed", "--data", str(root / "edits.jsonl"), "--model", str(root / "model"),
+                 "--n", "4", "--batch-size", "2", "--reference-n", "2", "--hparams", str(root / "hparams.json"),
+                 "--corpus", str(root / "corpus.txt"), "--cache-dir", str(root / "cache"), "--threads", "1",
+                 "--out", str(tmp_path / "out"), "--json"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["n"] == 4 and printed["reference_n"] == 2
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["speedup"] == printed["speedup"]
+    assert (tmp_path / "out" / "speed.png").stat().st_size > 0
+    assert "s/edit" in (tmp_path / "out" / "result.md").read_text()
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"reference_n": 9}, "reference_n"), ({"n": 0}, "n must be"), ({"batch_size": 0}, "batch_size"),
+    ({"threads": 0}, "threads"),
+])
+def test_bad_settings_are_refused(setup, changes, needle):
+    with pytest.raises(InvalidRequestError, match=needle):
+        _config(setup, **changes)
+
+
+def test_more_edits_than_records_is_refused(setup):
+    with pytest.raises(InvalidRequestError, match="fewer than n"):
+        run_speed_bench(_config(setup, n=7, reference_n=0))
