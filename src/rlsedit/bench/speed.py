@@ -156,6 +156,7 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
         session = Session.create(state_dir, model=config.model, method=config.method, config=method_config,
                                  runtime=runtime)
         create_s = time.perf_counter() - start
+        rss_after_create = _peak_rss_mb()
         try:
             lm, editor = session.lm, session.editor
             rows: list[dict[str, Any]] = []
@@ -193,6 +194,7 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
         "edits_per_minute": 60.0 / _per_edit(rows),
         "history": history_check(rows),
         "peak_rss_mb": peak_rss,
+        "peak_rss_after_create_mb": rss_after_create,
         "model_mb": model_mb,
         "state_mb": state_mb,
         "rss_budget_mb": model_mb + state_mb + 1024.0,
@@ -273,7 +275,8 @@ def format_markdown(result: dict[str, Any]) -> str:
         + (f"; target steps {hist['target_steps']['first']:.1f} → {hist['target_steps']['last']:.1f}"
            if "target_steps" in hist else ""),
         "",
-        f"peak RSS {result['peak_rss_mb']:.0f} MiB; model {result['model_mb']:.0f} MiB + editor state "
+        f"peak RSS {result['peak_rss_mb']:.0f} MiB ({result['peak_rss_after_create_mb']:.0f} MiB by the end of "
+        f"loading and session creation); model {result['model_mb']:.0f} MiB + editor state "
         f"{result['state_mb']:.0f} MiB + 1 GiB = {result['rss_budget_mb']:.0f} MiB",
     ]
     return "\n".join(lines) + "\n"
