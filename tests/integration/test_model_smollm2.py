@@ -57,3 +57,15 @@ def test_knows_the_capital_of_france(smollm2):
                                      pad_token_id=tok.pad_token_id)
     text = tok.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in text, text
+
+
+def test_the_embedded_file_given_by_path_gets_the_embedded_defaults(smollm2):
+    """Same weights, same defaults: a path to the embedded GGUF is recognised by its sha256
+    (a run once edited layers 3-7, the generic band, because the model came by path)."""
+    from rlsedit.model.load import default_cache_dir, embedded_gguf
+
+    path = embedded_gguf("smollm2", default_cache_dir())
+    by_path = load_model(str(path))
+    assert by_path.name != smollm2.name or by_path.spec != smollm2.spec
+    assert by_path.fingerprint == smollm2.fingerprint
+    assert by_path.default_layers() == smollm2.default_layers() == (4, 5, 6, 7, 8)

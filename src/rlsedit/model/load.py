@@ -37,6 +37,13 @@ EMBEDDED_LAYERS: dict[str, tuple[int, ...]] = {
     GEMMA3: (2, 3, 4, 5, 6),
 }
 
+# sha256 of the embedded GGUF files: the same weights given by path (or from another copy of
+# the package) get the embedded model's defaults, not the generic band.
+EMBEDDED_FINGERPRINTS: dict[str, str] = {
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53": SMOLLM2,
+    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818": GEMMA3,
+}
+
 
 @dataclass
 class LoadedModel:
@@ -79,7 +86,7 @@ class LoadedModel:
 
     def default_layers(self) -> tuple[int, ...]:
         """The edit layers this model uses unless a config says otherwise."""
-        key = self.name.lower()
+        key = EMBEDDED_FINGERPRINTS.get(self.fingerprint, self.name.lower())
         if key in EMBEDDED_LAYERS:
             return EMBEDDED_LAYERS[key]
         if key in DEFAULT_LAYERS:
