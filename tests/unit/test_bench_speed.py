@@ -107,3 +107,21 @@ def test_bad_settings_are_refused(setup, changes, needle):
 def test_more_edits_than_records_is_refused(setup):
     with pytest.raises(InvalidRequestError, match="fewer than n"):
         run_speed_bench(_config(setup, n=7, reference_n=0))
+
+
+def test_floor_counts_scale_with_steps_and_layers(setup):
+    from rlsedit.bench.floor import batch_flops, floor_summary
+    from rlsedit.model.load import load_model
+    from rlsedit.requests import read_requests
+
+    lm = load_model(str(setup["root"] / "model"))
+    reqs = read_requests(str(setup["root"] / "edits.jsonl"))[:2]
+    prefixes = ["{}", "A b c. {}"]
+    one = batch_flops(lm, [1, 2], reqs, prefixes, [1, 1])
+    more = batch_flops(lm, [1, 2], reqs, prefixes, [5, 5])
+    assert more["targets"] > one["targets"] > 0
+    assert more["keys"] == one["keys"] > 0          # keys do not depend on the steps
+    wider = batch_flops(lm, [1, 2, 3], reqs, prefixes, [1, 1])
+    assert wider["keys"] > one["keys"] and wider["solve"] == pytest.approx(one["solve"] * 1.5)
+    summary = floor_summary(one, 2, {"float32": 1e9})
+    assert summary["floor_seconds_per_edit_total"] == pytest.approx(sum(one.values()) / 2 / 1e9)

@@ -107,6 +107,7 @@ def _batch_row(edits_done: int, size: int, wall: float, info: dict[str, Any]) ->
            **{p: phases.get(p, 0.0) for p in PHASES if p != "bookkeeping"},
            "bookkeeping": max(0.0, wall - sum(phases.values()))}
     steps = info.get("target_steps") or []
+    row["target_steps"] = [int(x) for x in steps]
     row["target_steps_mean"] = statistics.fmean(steps) if steps else None
     return row
 
@@ -178,6 +179,7 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
             model_mb = _tensor_mb([*lm.model.parameters(), *lm.model.buffers()])
             state_mb = _tensor_mb(editor.state_dict().values())
             config_used = editor.config
+            floor = _floor(lm, editor, batches, rows, config.device)
             moments, prefixes = editor.moments, editor.prefixes_
             editor.reset()  # unedited weights for the reference run
         finally:
@@ -198,6 +200,8 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
         "model_mb": model_mb,
         "state_mb": state_mb,
         "rss_budget_mb": model_mb + state_mb + 1024.0,
+        "floor": floor,
+        "seconds_per_edit_over_floor": _per_edit(rows) / floor["floor_seconds_per_edit_total"],
         "efficacy_all": final["success"],
         "efficacy_all_top1": final["top1"],
         "batches": rows,
@@ -234,6 +238,23 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
             "reference_batches": ref_rows,
         })
     return result
+
+
+def _floor(lm, editor, batches, rows, device) -> dict[str, Any] | None:
+    """The stream's FLOP floor (:mod:`rlsedit.bench.floor`) from its real token counts and
+    the Adam steps each request took, at this machine's measured matrix-product rate."""
+    from .floor import batch_flops, floor_summary, matmul_rate
+
+    total = {"targets": 0.0, "keys": 0.0, "solve": 0.0}
+    kl_prompt = editor._target_config().kl_prompt
+    for batch, row in zip(batches, rows):
+        steps = row.get("target_steps") or [round(row["target_steps_mean"] or editor.config.v_num_grad_steps)] * len(batch)
+        for k, v in batch_flops(editor.lm, editor.layers, batch, editor.prefixes_, steps, kl_prompt).items():
+            total[k] += v
+    rates = {"float32": matmul_rate(torch.float32, device)}
+    if getattr(editor.config, "v_dtype", "float32") == "bfloat16":
+        rates["targets"] = matmul_rate(torch.bfloat16, device)
+    return floor_summary(total, sum(len(b) for b in batches), rates)
 
 
 def _covering(rows: Sequence[dict[str, Any]], n: int) -> int:
@@ -274,6 +295,12 @@ def format_markdown(result: dict[str, Any]) -> str:
         + "; ".join(f"{p} {hist[p]['first']:.4f} → {hist[p]['last']:.4f}" for p in PHASES)
         + (f"; target steps {hist['target_steps']['first']:.1f} → {hist['target_steps']['last']:.1f}"
            if "target_steps" in hist else ""),
+        "",
+        "floor (matrix products of the real tokens at the measured rate "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in result["floor"]["matmul_gflops"].items()) + "): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in result["floor"]["floor_seconds_per_edit"].items())
+        + f" s/edit; total {result['floor']['floor_seconds_per_edit_total']:.3f} s/edit "
+        f"(measured / floor = {result['seconds_per_edit_over_floor']:.2f})",
         "",
         f"peak RSS {result['peak_rss_mb']:.0f} MiB ({result['peak_rss_after_create_mb']:.0f} MiB by the end of "
         f"loading and session creation); model {result['model_mb']:.0f} MiB + editor state "
