@@ -187,3 +187,24 @@ def test_configs_validate_and_load_official_hparams():
         RLSEditConfig(layers=(3, 2))
     with pytest.raises(InvalidRequestError, match="unknown method"):
         get_editor_class("nope")
+
+
+def test_non_finite_values_name_their_edits():
+    from rlsedit.editors.base import _check_finite
+    from rlsedit.errors import NumericalError
+
+    ids = ("a", "b", "c")
+    K = torch.zeros(4, 3)
+    K[1, 2] = float("nan")
+    with pytest.raises(NumericalError, match=r"layers\.1\.K has non-finite values \(edits c\)"):
+        _check_finite("layers.1.K", K, ids)
+    z = torch.zeros(3, 5)
+    z[0, 1] = float("inf")
+    z[1, 0] = float("-inf")
+    with pytest.raises(NumericalError, match=r"value target z has non-finite values \(edits a, b\)"):
+        _check_finite("value target z", z, ids)
+    W = torch.zeros(3, 3)
+    W[0, 0] = float("nan")
+    with pytest.raises(NumericalError, match=r"layers\.2\.W has non-finite values; nothing"):
+        _check_finite("layers.2.W", W, ids)
+    _check_finite("layers.2.W", torch.ones(3, 3), ids)  # finite: no error

@@ -80,12 +80,18 @@ class Proposal:
 
 
 def _check_finite(name: str, tensor: torch.Tensor, ids: Sequence[str]) -> None:
-    if not torch.isfinite(tensor).all():
-        bad_cols = (~torch.isfinite(tensor)).reshape(tensor.shape[0], -1).any(dim=1) if tensor.dim() == 2 else None
-        which = ""
-        if bad_cols is not None and name.endswith(".V"):
-            which = " (edits " + ", ".join(ids[i] for i in bad_cols.nonzero().flatten().tolist()) + ")"
-        raise NumericalError(f"{name} has non-finite values{which}; nothing was applied")
+    """Refuse non-finite values, naming the edits they belong to: keys ``K (d_k, u)`` hold one
+    edit per column, targets ``z (u, d)`` and ``V (u, d_v)`` one per row; a weight belongs to
+    the whole batch."""
+    bad = ~torch.isfinite(tensor)
+    if not bad.any():
+        return
+    which = ""
+    if tensor.dim() == 2 and name.endswith(".K") and tensor.shape[1] == len(ids):
+        which = " (edits " + ", ".join(ids[i] for i in bad.any(dim=0).nonzero().flatten().tolist()) + ")"
+    elif tensor.dim() == 2 and not name.endswith(".W") and tensor.shape[0] == len(ids):
+        which = " (edits " + ", ".join(ids[i] for i in bad.any(dim=1).nonzero().flatten().tolist()) + ")"
+    raise NumericalError(f"{name} has non-finite values{which}; nothing was applied")
 
 
 class Editor:
