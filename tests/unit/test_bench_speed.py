@@ -73,8 +73,17 @@ def test_stream_phases_reference_and_history(setup):
 def test_history_check_reads_first_and_last_tenth():
     rows = [{"edits_done": 10 * (i + 1), "size": 10, "seconds": 1.0 + (i >= 18), "targets": 0.5, "keys": 0.2,
              "solve": 0.1, "bookkeeping": 0.2 + (i >= 18), "target_steps_mean": 10.0} for i in range(20)]
+    rows[19]["snapshot"] = True
+    rows[19]["bookkeeping"] += 3.0
+    rows[19]["seconds"] += 3.0
     h = history_check(rows)
     assert h["batches_each"] == 2
+    # the snapshot batch is set apart for bookkeeping, and its own cost reported
+    assert h["bookkeeping_between_snapshots"]["ratio"] == pytest.approx(6.0)
+    assert h["snapshot_bookkeeping_seconds"] == {"first": pytest.approx(4.2), "last": pytest.approx(4.2), "count": 1}
+    rows[19]["bookkeeping"] -= 3.0
+    rows[19]["seconds"] -= 3.0
+    h = history_check(rows)
     assert h["total"]["first"] == pytest.approx(0.1) and h["total"]["last"] == pytest.approx(0.2)
     assert h["total"]["ratio"] == pytest.approx(2.0)
     assert h["bookkeeping"]["ratio"] == pytest.approx(6.0)

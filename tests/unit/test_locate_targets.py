@@ -230,3 +230,20 @@ def test_bfloat16_weights_give_nearby_targets_and_leave_weights_exact(lm):
 def test_dtype_is_checked():
     with pytest.raises(ValueError, match="dtype"):
         TargetConfig(dtype="float16")
+
+
+def test_bfloat16_copies_are_reused_until_a_weight_changes():
+    from rlsedit.locate.targets import weights_in
+    from rlsedit.model.weights import get_W, set_W
+
+    lm = make_lm("llama")
+    with weights_in(lm, torch.bfloat16):
+        pass
+    memo = lm.cache[("weights_in", torch.bfloat16)]
+    first = {name: entry[1] for name, entry in memo.items()}
+    set_W(lm, 1, get_W(lm, 1) + 1.0)   # an edit writes one down projection in place
+    with weights_in(lm, torch.bfloat16):
+        down = block(lm, 1).mlp.down_proj.weight
+        assert torch.equal(down, (get_W(lm, 1) + 0).T.to(torch.bfloat16))  # the new weight, cast
+    changed = [name for name, entry in memo.items() if entry[1] is not first[name]]
+    assert changed == ["model.layers.1.mlp.down_proj.weight"]

@@ -118,21 +118,33 @@ def _per_edit(rows: Sequence[dict[str, Any]], key: str = "seconds") -> float:
 
 def history_check(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Seconds per edit (total and per phase) over the first and last tenth of the batches
-    (at least one batch each) and the ratio last/first."""
+    (at least one batch each) and the ratio last/first.
+
+    Bookkeeping is also given without the batches that wrote a periodic snapshot
+    (``bookkeeping_between_snapshots``; a snapshot costs the same whenever it happens, but
+    one landing in only one of the two tenths would read as growth), and the snapshots' own
+    cost first and last (``snapshot_bookkeeping_seconds``).
+    """
     k = max(1, len(rows) // 10)
     first, last = rows[:k], rows[-k:]
     out: dict[str, Any] = {"batches_each": k}
-    for key in ("seconds", *PHASES, "target_steps_mean"):
-        if key == "target_steps_mean":
-            a = [r[key] for r in first if r[key] is not None]
-            b = [r[key] for r in last if r[key] is not None]
-            if a and b:
-                out["target_steps"] = {"first": statistics.fmean(a), "last": statistics.fmean(b),
-                                       "ratio": statistics.fmean(b) / statistics.fmean(a)}
-            continue
+    for key in ("seconds", *PHASES):
         a, b = _per_edit(first, key), _per_edit(last, key)
         name = "total" if key == "seconds" else key
         out[name] = {"first": a, "last": b, "ratio": (b / a) if a > 0 else None}
+    a = [r["target_steps_mean"] for r in first if r.get("target_steps_mean") is not None]
+    b = [r["target_steps_mean"] for r in last if r.get("target_steps_mean") is not None]
+    if a and b:
+        out["target_steps"] = {"first": statistics.fmean(a), "last": statistics.fmean(b),
+                               "ratio": statistics.fmean(b) / statistics.fmean(a)}
+    plain_first = [r for r in first if not r.get("snapshot")]
+    plain_last = [r for r in last if not r.get("snapshot")]
+    if plain_first and plain_last:
+        a, b = _per_edit(plain_first, "bookkeeping"), _per_edit(plain_last, "bookkeeping")
+        out["bookkeeping_between_snapshots"] = {"first": a, "last": b, "ratio": (b / a) if a > 0 else None}
+    snaps = [r["bookkeeping"] for r in rows if r.get("snapshot")]
+    if snaps:
+        out["snapshot_bookkeeping_seconds"] = {"first": snaps[0], "last": snaps[-1], "count": len(snaps)}
     return out
 
 
@@ -164,6 +176,7 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
             checkpoint: dict[str, float] | None = None
             done = 0
             for batch in tqdm(batches, disable=not progress, desc="stream", unit="batch"):
+                snapshots_before = session.store.snapshot_covers_seq
                 _sync(config.device)
                 t = time.perf_counter()
                 session.edit(batch, batch_size=config.batch_size)
@@ -172,6 +185,9 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
                 done += len(batch)
                 info = session.store.read_entry(session.store.journal_count - 1).meta.get("info", {})
                 rows.append(_batch_row(done, len(batch), wall, info))
+                # a periodic snapshot (every Runtime.snapshot_every batches) lands in this batch's
+                # bookkeeping; the history check sets those batches apart
+                rows[-1]["snapshot"] = session.store.snapshot_covers_seq != snapshots_before
                 if config.reference_n and checkpoint is None and done >= config.reference_n:
                     checkpoint = efficacy(lm, requests[:done])  # not timed
             peak_rss = _peak_rss_mb()
@@ -294,7 +310,12 @@ def format_markdown(result: dict[str, Any]) -> str:
         f"{hist['total']['last']:.3f} (ratio {hist['total']['ratio']:.3f}); "
         + "; ".join(f"{p} {hist[p]['first']:.4f} → {hist[p]['last']:.4f}" for p in PHASES)
         + (f"; target steps {hist['target_steps']['first']:.1f} → {hist['target_steps']['last']:.1f}"
-           if "target_steps" in hist else ""),
+           if "target_steps" in hist else "")
+        + (f"; bookkeeping without snapshot batches {hist['bookkeeping_between_snapshots']['first']:.4f} → "
+           f"{hist['bookkeeping_between_snapshots']['last']:.4f}" if "bookkeeping_between_snapshots" in hist else "")
+        + (f"; a snapshot batch's bookkeeping {hist['snapshot_bookkeeping_seconds']['first']:.2f} s (first) → "
+           f"{hist['snapshot_bookkeeping_seconds']['last']:.2f} s (last of {hist['snapshot_bookkeeping_seconds']['count']})"
+           if "snapshot_bookkeeping_seconds" in hist else ""),
         "",
         "floor (matrix products of the real tokens at the measured rate "
         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in result["floor"]["matmul_gflops"].items()) + "): "
