@@ -22,8 +22,9 @@ the subject's last token of the KL prompt, not at the prompt's last token.
 
 :func:`compute_targets` optimises all requests of a batch at once (one ``δ`` row each,
 one Adam step per step over every request × prefix prompt and every KL prompt, replaying
-only the blocks above ``layer`` and only the columns from each group's first subject token
-on, from states and key/value caches computed once);
+only the blocks above ``layer`` and only each row's tokens from its subject on — rows are
+left-padded so all subjects share one column — from states and key/value caches computed once;
+optionally with the model's weights in bfloat16, ``TargetConfig.dtype``);
 :func:`compute_targets_reference` is the straightforward per-request loop through the
 whole model with a hook, kept for tests and the speed benchmark.
 """
@@ -408,12 +409,13 @@ def compute_targets(lm, layer: int, requests, prefixes, config: TargetConfig | N
     """Optimise ``z_i = h_i + δ_i`` for every request of a batch at once (see module doc).
 
     All ``u`` requests share each step: their rewriting and KL prompts run in groups of at
-    most ``batch_size`` rows sorted by subject position (gradients accumulate over groups;
-    one Adam step on ``δ (u, d_model)`` per step). Per group, one forward caches the keys and
-    values of the columns before its first subject token (an edit at the subject cannot
-    change them), the states after block ``layer`` and the arguments of the blocks above; a
-    step adds ``δ`` at the subject rows and replays only blocks ``layer+1..N-1`` on the
-    remaining columns, then the final norm and LM head at the positions a loss reads. A
+    most ``batch_size`` rows sorted by their subject-to-end length, left-padded so every
+    row's subject falls on one column (gradients accumulate over groups; one Adam step on
+    ``δ (u, d_model)`` per step). Per group, one forward caches the keys and values of the
+    columns before that column (an edit at the subject cannot change them), the states after
+    block ``layer`` and the arguments of the blocks above; a step adds ``δ`` at the subject
+    column and replays only blocks ``layer+1..N-1`` on the columns from it on, then the final
+    norm and LM head at the positions a loss reads. A
     request whose loss drops below ``early_stop_loss`` keeps its ``δ`` and leaves the batch;
     the loop ends when every request has stopped or ``steps`` are spent. ``batch_size``
     trades memory and per-call overhead against replayed width; the result does not depend
