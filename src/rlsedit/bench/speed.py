@@ -88,6 +88,17 @@ def _peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def _current_rss_mb() -> float | None:
+    """Resident memory now (Linux ``/proc``; None elsewhere): logged per batch to see growth."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def _tensor_mb(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
@@ -188,6 +199,7 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
                 # a periodic snapshot (every Runtime.snapshot_every batches) lands in this batch's
                 # bookkeeping; the history check sets those batches apart
                 rows[-1]["snapshot"] = session.store.snapshot_covers_seq != snapshots_before
+                rows[-1]["rss_mb"] = _current_rss_mb()
                 if config.reference_n and checkpoint is None and done >= config.reference_n:
                     checkpoint = efficacy(lm, requests[:done])  # not timed
             peak_rss = _peak_rss_mb()
