@@ -21,7 +21,6 @@ so the floor is a lower bound on what any implementation of the same computation
 
 from __future__ import annotations
 
-import time
 from typing import Any, Sequence
 
 import torch
@@ -29,6 +28,7 @@ import torch
 from ..locate.tokens import encode_at_subject, prompt_texts
 from ..model.weights import block
 from ..requests import SUBJECT_SLOT, EditRequest, target_text
+from .solver import _median_time
 
 
 def _matrix_params(module: torch.nn.Module) -> int:
@@ -45,7 +45,7 @@ def batch_flops(lm, layers: Sequence[int], requests: Sequence[EditRequest], pref
     p_head = lm.d_model * int(lm.model.config.get_text_config().vocab_size)
     P = len(prefixes)
     ids, subj = encode_at_subject(lm, prompt_texts(requests, list(prefixes)))
-    bare_ids, bare_subj = encode_at_subject(lm, prompt_texts(requests, [SUBJECT_SLOT]))
+    _, bare_subj = encode_at_subject(lm, prompt_texts(requests, [SUBJECT_SLOT]))
     kl_texts = [kl_prompt.replace(SUBJECT_SLOT, r.subject) for r in requests]
 
     targets = 0.0
@@ -76,18 +76,7 @@ def matmul_rate(dtype: torch.dtype = torch.float32, device: str | torch.device =
     m, k, n = shape
     a = torch.randn(m, k, dtype=dtype, device=device)
     b = torch.randn(k, n, dtype=dtype, device=device)
-    times = []
-    for i in range(repeats + 3):
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    times.sort()
-    return 2 * m * k * n / times[len(times) // 2]
+    return 2 * m * k * n / _median_time(lambda: a @ b, repeats, torch.device(device))
 
 
 def floor_summary(flops: dict[str, float], n_edits: int, rates: dict[str, float]) -> dict[str, Any]:

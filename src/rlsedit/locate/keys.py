@@ -16,7 +16,7 @@ import torch
 from ..errors import NumericalError
 from ..model.weights import down_proj
 from .forward import read_module
-from .tokens import (check_layer, check_prefixes, encode_at_subject, length_sorted_chunks, pad_id,
+from .tokens import (check_layer, check_prefixes, encode_through_subject, length_sorted_chunks, pad_id,
                      pad_right, prompt_texts)
 
 DEFAULT_BATCH_SIZE = 64
@@ -46,10 +46,7 @@ def compute_keys(lm, layer: int, requests, prefixes, *, batch_size: int = DEFAUL
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     requests = list(requests)
     items = prompt_texts(requests, prefixes)
-    ids, positions = encode_at_subject(lm, items)
-    # Causal attention: nothing after the subject's last token reaches it, so the forward
-    # needs each text only up to there.
-    ids = [seq[: pos + 1] for seq, pos in zip(ids, positions)]
+    ids, positions = encode_through_subject(lm, items)
     module = down_proj(lm, layer)
     rows = torch.empty((len(items), lm.d_k), dtype=torch.float32, device=lm.device)  # (u·P, d_k)
     for chunk in length_sorted_chunks([len(s) for s in ids], batch_size):

@@ -43,8 +43,8 @@ from ..model.hooks import edit_output
 from ..model.weights import block
 from ..requests import SUBJECT_SLOT, EditRequest, target_text
 from .forward import BlockCalls, capture_above, logits_from_hidden, read_module, run_above, select_rows
-from .tokens import (check_layer, check_length, check_prefixes, encode_at_subject, fill_subject,
-                     length_sorted_chunks, pad_id, pad_right, prompt_texts, request_template)
+from .tokens import (check_layer, check_length, check_prefixes, encode_at_subject, encode_through_subject,
+                     fill_subject, length_sorted_chunks, pad_id, pad_right, prompt_texts, request_template)
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ def weights_in(lm, dtype: torch.dtype):
     The cast copies are kept in ``lm.cache`` and reused while a parameter is unchanged (same
     storage, same version counter — every in-place write, e.g. :func:`set_W`, bumps it), so a
     stream recasts only the layers it edited. Casting the whole model afresh for every batch
-    grew the process by ~50 MB per batch on CPU (allocator fragmentation) and slowed it by
-    ~15% over 1,000 edits (benchmarks/SPEED.md).
+    grew a loop of target batches by ~40 MB per batch on CPU; it was one cause, not the only
+    one, of the bfloat16 stream's growth in benchmarks/SPEED.md.
 
     Buffers (rotary frequencies) stay as they are; the model casts what it derives from them
     to the hidden states' dtype.
@@ -207,7 +207,7 @@ def _build_problem(lm, requests: list[EditRequest], prefixes: list[str], config:
         request_template(r)  # validates every subject before any model work
     prompt_ids, prompt_subj = encode_at_subject(lm, prompt_texts(requests, prefixes))
     kl_items = [fill_subject(config.kl_prompt, r.subject, f"edit {r.id!r}") for r in requests]
-    kl_ids, kl_subj = encode_at_subject(lm, kl_items)
+    kl_ids, kl_subj = encode_through_subject(lm, kl_items)
 
     ids: list[list[int]] = []
     tgt_row, tgt_pos, tgt_id, tgt_scale = [], [], [], []
@@ -227,7 +227,7 @@ def _build_problem(lm, requests: list[EditRequest], prefixes: list[str], config:
             tgt_pos.extend(range(first, first + len(target)))
             tgt_id.extend(int(t) for t in target)
             tgt_scale.extend([1.0 / len(target)] * len(target))
-    ids.extend(seq[: s + 1] for seq, s in zip(kl_ids, kl_subj))
+    ids.extend(kl_ids)
     device = lm.device
     plain = prefixes.index(SUBJECT_SLOT) if SUBJECT_SLOT in prefixes else None
     long = dict(dtype=torch.long, device=device)
@@ -277,8 +277,7 @@ def hidden_at_subject(lm, layer: int, requests, *, batch_size: int = DEFAULT_BAT
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     requests = list(requests)
-    ids, positions = encode_at_subject(lm, prompt_texts(requests, [SUBJECT_SLOT]))
-    ids = [seq[: pos + 1] for seq, pos in zip(ids, positions)]  # later tokens cannot reach it (causal)
+    ids, positions = encode_through_subject(lm, prompt_texts(requests, [SUBJECT_SLOT]))
     out = torch.empty((len(requests), lm.d_model), dtype=torch.float32, device=lm.device)
     for chunk in length_sorted_chunks([len(s) for s in ids], batch_size):
         input_ids, attention_mask = pad_right([ids[i] for i in chunk], pad_id(lm), lm.device)
@@ -326,12 +325,11 @@ class _Group:
     Each row is left-padded so that every row's subject token falls on the same column
     ``split``; the columns before it (each row's own text before its subject, behind its
     left padding) ran once as a cached prefix. ``base`` and every replay cover the columns
-    from the subject on only: replay column ``c`` of row ``r`` is column ``start[r] + c`` of
-    that row's own token sequence.
+    from the subject on only: replay column ``c`` of row ``r`` is column
+    ``problem.row_subj[r] + c`` of that row's own token sequence.
     """
 
     rows: torch.Tensor     # (g,) global row ids, ascending
-    start: torch.Tensor    # (R,) for rows of this group: their subject column (replay column 0)
     base: torch.Tensor     # (g, W, d) output of block `layer`, unedited, from each subject on
     calls: BlockCalls
     tgt: torch.Tensor      # (e_g,) target entries whose row is in this group
@@ -396,9 +394,7 @@ def _groups(lm, layer: int, problem: _Problem, batch_size: int) -> list[_Group]:
         rows = torch.tensor(chunk, dtype=torch.long, device=lm.device)
         member = torch.zeros_like(problem.row_req, dtype=torch.bool)
         member[rows] = True
-        start = torch.zeros_like(problem.row_subj)
-        start[rows] = problem.row_subj[rows]
-        groups.append(_Group(rows=rows, start=start, base=base, calls=calls,
+        groups.append(_Group(rows=rows, base=base, calls=calls,
                              tgt=torch.nonzero(member[problem.tgt_row]).flatten(),
                              kl_req=torch.nonzero(member[problem.kl_row]).flatten()))
     return groups
@@ -480,7 +476,7 @@ def _optimise(lm, layer: int, requests: list[EditRequest], problem: _Problem, co
                 out = run_above(lm, h, view.calls)                                     # (r, L, d)
                 kl_rows = problem.kl_row[view.kl_req]
                 tgt_rows = problem.tgt_row[view.tgt]
-                read = torch.cat([out[view.local[tgt_rows], problem.tgt_pos[view.tgt] - g.start[tgt_rows]],
+                read = torch.cat([out[view.local[tgt_rows], problem.tgt_pos[view.tgt] - problem.row_subj[tgt_rows]],
                                   out[view.local[kl_rows], 0]])  # (e + k, d)
                 logp = torch.log_softmax(logits_from_hidden(lm, read).float(), dim=-1)
                 e = view.tgt.numel()

@@ -144,6 +144,13 @@ def encode_at_subject(lm, items: list[SubjectText]) -> tuple[list[list[int]], li
     return [list(ids) for ids in enc["input_ids"]], positions
 
 
+def encode_through_subject(lm, items: list[SubjectText]) -> tuple[list[list[int]], list[int]]:
+    """:func:`encode_at_subject` with each text cut after the subject's last token: under causal
+    attention nothing later reaches that token, so a forward that only reads there needs no more."""
+    ids, positions = encode_at_subject(lm, items)
+    return [seq[: pos + 1] for seq, pos in zip(ids, positions)], positions
+
+
 def check_length(lm, ids: list[int], owner: str) -> None:
     """Refuse a token sequence longer than the model's context."""
     limit = max_positions(lm)
