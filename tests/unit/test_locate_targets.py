@@ -87,6 +87,18 @@ def test_groups_do_not_change_the_result(lm):
     assert_rows_close(whole.z, split.z)
 
 
+def test_rows_are_split_evenly_over_the_fewest_groups(lm):
+    from rlsedit.locate.targets import _build_problem, _groups, _prepare
+
+    layer, reqs, prefixes, config = _prepare(lm, LAYER, requests(), PREFIXES, NO_STOP, 5)
+    problem = _build_problem(lm, reqs, prefixes, config)
+    rows = len(problem.ids)  # 3 requests × (3 prefixes + 1 KL prompt)
+    sizes = [len(g.rows) for g in _groups(lm, layer, problem, 5)]
+    assert rows == 12 and sizes == [4, 4, 4]  # not 5, 5, 2: the largest group sets the memory
+    assert sorted(torch.cat([g.rows for g in _groups(lm, layer, problem, 5)]).tolist()) == list(range(rows))
+    assert [len(g.rows) for g in _groups(lm, layer, problem, 12)] == [12]
+
+
 def test_optimisation_lowers_the_loss_within_the_clamp(lm):
     before = compute_targets(lm, LAYER, requests(), PREFIXES, TargetConfig(steps=1, clamp_norm_factor=4.0))
     assert before.steps.tolist() == [0, 0, 0]

@@ -51,10 +51,14 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 64
 """Rows (token sequences) per forward pass of :func:`hidden_at_subject`."""
 
-TARGET_BATCH_SIZE = 64
-"""Rows per group in :func:`compute_targets`. Rows are aligned on their subject, so a group's
-replayed width is its longest subject-to-end span whatever its size; on SmolLM2 (CPU, 20
-requests × 7 rows) 64 took 34.7 s where 16 took 48.4 s (benchmarks/SPEED.md)."""
+TARGET_BATCH_SIZE = 32
+"""Most rows per group in :func:`compute_targets` (rows are split evenly over the fewest
+groups of at most this many). Rows are aligned on their subject, so a group's replayed width
+is its longest subject-to-end span whatever its size. Memory grows with the group: autograd
+keeps a group's activations through every block above the edited one. On SmolLM2 (CPU, 20
+requests × 7 rows) the optimisation's own peak was +934 MiB at 64 rows, +561 at 40, +538 at
+32, with no loss of speed from 64 to 32 (interleaved timing); 16 rows were slower (48.4 s
+against 34.7 s per batch at 64). Stream figures: benchmarks/SPEED.md."""
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -375,7 +379,9 @@ def _subject_aligned(seqs: list[list[int]], subj: list[int], pad: int, device):
 
 
 def _groups(lm, layer: int, problem: _Problem, batch_size: int) -> list[_Group]:
-    """Rows sorted by the length from their subject on, in groups of at most ``batch_size``.
+    """Rows sorted by the length from their subject on, split evenly into the fewest groups
+    of at most ``batch_size`` (even sizes: the largest group sets the memory, the count the
+    per-call overhead).
 
     Columns before a row's subject cannot change under the edit, so they run once as a
     cached prefix. Aligning every row's subject on one column (left padding) makes the
@@ -386,8 +392,10 @@ def _groups(lm, layer: int, problem: _Problem, batch_size: int) -> list[_Group]:
     span = [len(q) - s for q, s in zip(problem.ids, subj)]
     order = sorted(range(len(problem.ids)), key=lambda r: (span[r], subj[r]))
     groups = []
-    for begin in range(0, len(order), batch_size):
-        chunk = sorted(order[begin: begin + batch_size])
+    n_groups = -(-len(order) // batch_size)
+    bounds = [len(order) * g // n_groups for g in range(n_groups + 1)]
+    for begin, end in zip(bounds, bounds[1:]):
+        chunk = sorted(order[begin:end])
         input_ids, attention_mask, positions, split = _subject_aligned(
             [problem.ids[r] for r in chunk], [subj[r] for r in chunk], pad_id(lm), lm.device)
         base, calls = capture_above(lm, layer, input_ids, attention_mask, split=split, position_ids=positions)

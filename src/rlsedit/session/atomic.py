@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from ..errors import StateError
@@ -46,6 +47,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     Raises :class:`~rlsedit.errors.StateError` naming the file if the system refuses the
     write (disk full, permissions, ...); the old file, if any, is then left untouched.
     """
+    atomic_write_chunks(path, (data,))
+
+
+def atomic_write_chunks(path: str | os.PathLike[str], chunks: Iterable[bytes | memoryview]) -> None:
+    """:func:`atomic_write_bytes` of the concatenation of ``chunks``, written as they come
+    (a large file never needs to exist in memory as one buffer)."""
     path = Path(path)
     tmp = path.with_name(f"{TEMP_PREFIX}{path.name}-{secrets.token_hex(6)}")
     try:
@@ -53,7 +60,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                for chunk in chunks:
+                    handle.write(chunk)
                 handle.flush()
                 os.fsync(handle.fileno())
         except BaseException:

@@ -20,12 +20,13 @@ import torch
 
 from ..errors import StateCorruptError, StateError
 from .jsonio import dumps_json, loads_json, to_json_value
-from .tensorfile import decode, encode
+from .tensorfile import Encoded, decode, encode_parts
 
 SNAPSHOT_FORMAT = "rlsedit.snapshot/1"
 
 
-def encode_snapshot(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], covers_seq: int) -> bytes:
+def encode_snapshot(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], covers_seq: int) -> Encoded:
+    """The snapshot file, unassembled (the store hashes it, then writes it piece by piece)."""
     if not isinstance(meta, Mapping):
         raise StateError(f"snapshot meta must be a dict, got {type(meta).__name__}")
     metadata = {
@@ -33,7 +34,7 @@ def encode_snapshot(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
         "covers_seq": str(covers_seq),
         "meta": dumps_json(to_json_value(dict(meta), what="snapshot meta"), compact=True),
     }
-    return encode(tensors, metadata)
+    return encode_parts(tensors, metadata)
 
 
 def decode_snapshot(data: bytes, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:

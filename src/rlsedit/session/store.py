@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from ..errors import StateCorruptError, StateError, StateMismatchError
-from .atomic import atomic_write_bytes, atomic_write_json, fsync_dir, list_temp_files, remove_temp_files
+from .atomic import atomic_write_bytes, atomic_write_chunks, atomic_write_json, fsync_dir, list_temp_files, remove_temp_files
 from .journal import (
     JOURNAL_DIR_NAME,
     JournalEntry,
@@ -251,11 +251,11 @@ class StateStore:
             raise StateError(
                 f"covers_seq must be an integer in [0, {count}] (the journal length), got {covers_seq!r}"
             )
-        data = encode_snapshot(tensors, meta, covers_seq)
-        sha = sha256_hex(data)
+        encoded = encode_snapshot(tensors, meta, covers_seq)
+        sha = encoded.sha256()  # the name carries the hash, so hash first, then write
         name = snapshot_file_name(covers_seq, sha)
-        atomic_write_bytes(self._directory / name, data)
-        ref = SnapshotRef(file=name, sha256=sha, size=len(data), covers_seq=covers_seq)
+        atomic_write_chunks(self._directory / name, encoded.chunks())
+        ref = SnapshotRef(file=name, sha256=sha, size=encoded.size, covers_seq=covers_seq)
         self._commit_manifest(replace(self._manifest, snapshot=ref))
         try:
             _remove_orphan_snapshots(self._directory, keep=name, level=logging.DEBUG)
