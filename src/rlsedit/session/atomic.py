@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from ..errors import StateError

@@ -50,7 +50,8 @@ from typing import Any
 import torch
 
 from ..errors import StateCorruptError, StateError, StateMismatchError
-from .atomic import atomic_write_bytes, atomic_write_chunks, atomic_write_json, fsync_dir, list_temp_files, remove_temp_files
+from .atomic import (atomic_write_bytes, atomic_write_chunks, atomic_write_json, fsync_dir, list_temp_files,
+                     remove_temp_files)
 from .journal import (
     JOURNAL_DIR_NAME,
     JournalEntry,
