@@ -93,9 +93,9 @@ def test_rows_are_split_evenly_over_the_fewest_groups(lm):
     layer, reqs, prefixes, config = _prepare(lm, LAYER, requests(), PREFIXES, NO_STOP, 5)
     problem = _build_problem(lm, reqs, prefixes, config)
     rows = len(problem.ids)  # 3 requests × (3 prefixes + 1 KL prompt)
-    sizes = [len(g.rows) for g in _groups(lm, layer, problem, 5)]
-    assert rows == 12 and sizes == [4, 4, 4]  # not 5, 5, 2: the largest group sets the memory
-    assert sorted(torch.cat([g.rows for g in _groups(lm, layer, problem, 5)]).tolist()) == list(range(rows))
+    groups = _groups(lm, layer, problem, 5)
+    assert rows == 12 and [len(g.rows) for g in groups] == [4, 4, 4]  # not 5, 5, 2: the largest group sets the memory
+    assert sorted(torch.cat([g.rows for g in groups]).tolist()) == list(range(rows))
     assert [len(g.rows) for g in _groups(lm, layer, problem, 12)] == [12]
 
 

@@ -28,7 +28,7 @@ import torch
 from ..locate.tokens import encode_at_subject, prompt_texts
 from ..model.weights import block
 from ..requests import SUBJECT_SLOT, EditRequest, target_text
-from .solver import _median_time
+from .solver import median_time
 
 
 def _matrix_params(module: torch.nn.Module) -> int:
@@ -76,7 +76,7 @@ def matmul_rate(dtype: torch.dtype = torch.float32, device: str | torch.device =
     m, k, n = shape
     a = torch.randn(m, k, dtype=dtype, device=device)
     b = torch.randn(k, n, dtype=dtype, device=device)
-    return 2 * m * k * n / _median_time(lambda: a @ b, repeats, torch.device(device))
+    return 2 * m * k * n / median_time(lambda: a @ b, repeats, torch.device(device))
 
 
 def floor_summary(flops: dict[str, float], n_edits: int, rates: dict[str, float]) -> dict[str, Any]:

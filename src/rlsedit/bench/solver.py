@@ -160,7 +160,7 @@ def _bench_layer(config, d_k, d_v, device, dtype, generator) -> list[dict]:
     )
     del state
     G_past = A.mul(1.0 / ANCHOR_SCALE)  # a PSD stand-in for Σ KKᵀ: memit_seq's cost does not depend on it
-    symmetrize_s = _median_time(work.symmetrize, config.repeats, device)
+    symmetrize_s = median_time(work.symmetrize, config.repeats, device)
     rows = []
     for u in config.us:
         K = torch.randn(d_k, u, generator=generator, device=device, dtype=dtype)
@@ -188,9 +188,9 @@ def _bench_layer(config, d_k, d_v, device, dtype, generator) -> list[dict]:
         # cancels slow changes of machine load; the ratio of the medians is reported as well
         ratio = statistics.median(b / a for a, b in zip(times[first], times[last]))
         C = snapshots[last][0]
-        gemm_s = _median_time(lambda: C @ K, config.repeats, device)
+        gemm_s = median_time(lambda: C @ K, config.repeats, device)
         W_prev = snapshots[last][1]
-        memit_seq_s = _median_time(
+        memit_seq_s = median_time(
             lambda: memit_seq_solve(W_prev, A, G_past, K, V), max(3, config.repeats // 3), device
         )
         flops = update_flops(d_k, d_v, u)
@@ -290,20 +290,22 @@ def _require_device(device: torch.device) -> None:
         raise UnsupportedError(f"device {device} cannot allocate tensors here: {exc}") from exc
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a no-op on the CPU), so a timer reads finished work."""
     if device.type != "cpu":
         torch.accelerator.synchronize(device)
 
 
 def _time_once(fn, device: torch.device) -> float:
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    _synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
-def _median_time(fn, repeats: int, device: torch.device) -> float:
+def median_time(fn, repeats: int, device: torch.device) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` synchronised calls, after one warm-up."""
     fn()  # warm-up
     return statistics.median(_time_once(fn, device) for _ in range(repeats))
 

@@ -42,7 +42,7 @@ from ..editors.base import iter_batches
 from ..errors import InvalidRequestError
 from ..requests import EditRequest
 from .methods import select_edits
-from .solver import _synchronize
+from .solver import synchronize
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +184,10 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
             done = 0
             for batch in tqdm(batches, disable=not progress, desc="stream", unit="batch"):
                 snapshots_before = session.store.snapshot_covers_seq
-                _synchronize(torch.device(config.device))
+                synchronize(torch.device(config.device))
                 t = time.perf_counter()
                 session.edit(batch, batch_size=config.batch_size)
-                _synchronize(torch.device(config.device))
+                synchronize(torch.device(config.device))
                 wall = time.perf_counter() - t
                 done += len(batch)
                 info = session.store.read_entry(session.store.journal_count - 1).meta.get("info", {})
@@ -240,11 +240,11 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
         done = 0
         for batch in tqdm(list(iter_batches(ref_requests, config.batch_size)), disable=not progress,
                           desc="reference", unit="batch"):
-            _synchronize(torch.device(config.device))
+            synchronize(torch.device(config.device))
             t = time.perf_counter()
             proposal = ref_editor.propose(batch)
             proposal.commit()
-            _synchronize(torch.device(config.device))
+            synchronize(torch.device(config.device))
             done += len(batch)
             ref_rows.append(_batch_row(done, len(batch), time.perf_counter() - t, proposal.record.info))
         ref_eff = efficacy(lm, ref_requests)
