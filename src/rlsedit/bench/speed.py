@@ -95,6 +95,13 @@ def _current_rss_mb() -> float | None:
     return None
 
 
+def _peak_device_mb(device: torch.device) -> float | None:
+    """Most memory the CUDA caching allocator held for tensors at once (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
 def _tensor_mb(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
@@ -199,6 +206,7 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
                 if config.reference_n and checkpoint is None and done >= config.reference_n:
                     checkpoint = efficacy(lm, requests[:done])  # not timed
             peak_rss = _peak_rss_mb()
+            peak_device = _peak_device_mb(torch.device(config.device))
             final = efficacy(lm, requests)
             model_mb = _tensor_mb([*lm.model.parameters(), *lm.model.buffers()])
             state_mb = _tensor_mb(editor.state_dict().values())
@@ -212,7 +220,9 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
     result: dict[str, Any] = {
         "settings": {**asdict(config), "torch": torch.__version__, "python": platform.python_version(),
                      "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-                     "layers": list(editor.layers), "prefixes": len(prefixes)},
+                     "layers": list(editor.layers), "prefixes": len(prefixes),
+                     "gpu": torch.cuda.get_device_name(config.device) if torch.device(config.device).type == "cuda"
+                     else None},
         "create_seconds": create_s,
         "n": config.n,
         "seconds_per_edit": _per_edit(rows),
@@ -221,6 +231,7 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
         "history": history_check(rows),
         "peak_rss_mb": peak_rss,
         "peak_rss_after_create_mb": rss_after_create,
+        "peak_device_mb": peak_device,
         "model_mb": model_mb,
         "state_mb": state_mb,
         "rss_budget_mb": model_mb + state_mb + 1024.0,
@@ -335,6 +346,8 @@ def format_markdown(result: dict[str, Any]) -> str:
         f"loading and session creation); model {result['model_mb']:.0f} MiB + editor state "
         f"{result['state_mb']:.0f} MiB + 1 GiB = {result['rss_budget_mb']:.0f} MiB",
     ]
+    if result.get("peak_device_mb") is not None:
+        lines += ["", f"peak GPU memory ({s.get('gpu')}): {result['peak_device_mb']:.0f} MiB allocated by tensors"]
     return "\n".join(lines) + "\n"
 
 
