@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from rlsedit.errors import InvalidRequestError, UnsupportedError
+from rlsedit.model.device import synchronize
 from rlsedit.solvers import RLSState, memit_seq_solve, solve_oneshot
 
 log = logging.getLogger(__name__)
@@ -288,12 +289,6 @@ def _require_device(device: torch.device) -> None:
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as exc:
         raise UnsupportedError(f"device {device} cannot allocate tensors here: {exc}") from exc
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for ``device``'s queued work (a no-op on the CPU), so a timer reads finished work."""
-    if device.type != "cpu":
-        torch.accelerator.synchronize(device)
 
 
 def _time_once(fn, device: torch.device) -> float:

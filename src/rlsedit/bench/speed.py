@@ -42,7 +42,7 @@ from ..editors.base import iter_batches
 from ..errors import InvalidRequestError
 from ..requests import EditRequest
 from .methods import select_edits
-from .solver import synchronize
+from ..model.device import synchronize
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +191,10 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
             done = 0
             for batch in tqdm(batches, disable=not progress, desc="stream", unit="batch"):
                 snapshots_before = session.store.snapshot_covers_seq
-                synchronize(torch.device(config.device))
+                synchronize(config.device)
                 t = time.perf_counter()
                 session.edit(batch, batch_size=config.batch_size)
-                synchronize(torch.device(config.device))
+                synchronize(config.device)
                 wall = time.perf_counter() - t
                 done += len(batch)
                 info = session.store.read_entry(session.store.journal_count - 1).meta.get("info", {})
@@ -251,11 +251,11 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
         done = 0
         for batch in tqdm(list(iter_batches(ref_requests, config.batch_size)), disable=not progress,
                           desc="reference", unit="batch"):
-            synchronize(torch.device(config.device))
+            synchronize(config.device)
             t = time.perf_counter()
             proposal = ref_editor.propose(batch)
             proposal.commit()
-            synchronize(torch.device(config.device))
+            synchronize(config.device)
             done += len(batch)
             ref_rows.append(_batch_row(done, len(batch), time.perf_counter() - t, proposal.record.info))
         ref_eff = efficacy(lm, ref_requests)

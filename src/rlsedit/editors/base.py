@@ -30,6 +30,7 @@ import torch
 
 from ..errors import InvalidRequestError, NumericalError, StateMismatchError, UnsupportedError
 from ..model.arch import resolve
+from ..model.device import synchronize
 from ..model.weights import block, get_bias, get_W, set_W
 from ..requests import EditRequest, check_unique_ids
 from .config import EditConfig
@@ -280,7 +281,7 @@ class Editor:
         ids = tuple(r.id for r in requests)
         prefixes = self.prefixes_
         top = self.layers[-1]
-        clock = _PhaseClock()
+        clock = _PhaseClock(self.lm.device)
         with clock("targets"):
             optimise = compute_targets if self.targets == "batched" else compute_targets_reference
             result = optimise(self.lm, top, requests, prefixes, self._target_config())
@@ -372,7 +373,8 @@ class _PhaseClock:
     over repeats; synchronises the device first so asynchronous GPU work is charged to the
     phase that queued it."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.seconds: dict[str, float] = {}
 
     def __call__(self, phase: str):
@@ -384,17 +386,12 @@ class _Phase:
         self.clock, self.phase = clock, phase
 
     def __enter__(self) -> None:
-        _sync()
+        synchronize(self.clock.device)
         self.start = time.perf_counter()
 
     def __exit__(self, *exc) -> None:
-        _sync()
+        synchronize(self.clock.device)
         self.clock.seconds[self.phase] = self.clock.seconds.get(self.phase, 0.0) + time.perf_counter() - self.start
-
-
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 def clone_state(state: Any) -> Any:
