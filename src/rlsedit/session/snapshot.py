@@ -23,6 +23,7 @@ from .jsonio import dumps_json, loads_json, to_json_value
 from .tensorfile import Encoded, decode, encode_parts
 
 SNAPSHOT_FORMAT = "rlsedit.snapshot/1"
+SNAPSHOT_WHAT = "snapshot"  # how errors name a snapshot file
 
 
 def encode_snapshot(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], covers_seq: int) -> Encoded:
@@ -38,12 +39,22 @@ def encode_snapshot(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
 
 
 def decode_snapshot(data: bytes, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
-    """``(tensors, meta, covers_seq)`` from the (already checksummed) bytes of ``path``."""
-    what = "snapshot"
-    tensors, metadata = decode(data, path, what=what)
+    """``(tensors, meta, covers_seq)`` from the (already checksummed) bytes of ``path``.
+
+    The store reads snapshots with :func:`~.tensorfile.read_verified` and :func:`check_snapshot`
+    (no file-sized buffer); this bytes form serves tests that feed damaged bytes straight in.
+    """
+    tensors, metadata = decode(data, path, what=SNAPSHOT_WHAT)
+    return check_snapshot(tensors, metadata, path)
+
+
+def check_snapshot(
+    tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], path: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    """``(tensors, meta, covers_seq)`` from the decoded content of snapshot file ``path``."""
 
     def corrupt(problem: str) -> StateCorruptError:
-        return StateCorruptError(f"{what} {path} is corrupt: {problem}")
+        return StateCorruptError(f"{SNAPSHOT_WHAT} {path} is corrupt: {problem}")
 
     if set(metadata) != {"format", "covers_seq", "meta"} or metadata["format"] != SNAPSHOT_FORMAT:
         raise corrupt(f"metadata {sorted(metadata)} is not that of an {SNAPSHOT_FORMAT} file")

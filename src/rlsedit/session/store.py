@@ -29,8 +29,14 @@ manifest's own checksum, the snapshot's size and sha256, and every journal entry
 walking the hash chain back from the manifest's head. A truncated, corrupted, tampered or
 missing file raises :class:`~rlsedit.errors.StateCorruptError` naming it, and the directory is
 left as it was. Only then does recovery delete temporary files, unacknowledged entries and
-orphan snapshots. Reads (``read_snapshot``, ``entries``) check each file's sha256 again before
-decoding it, so a file damaged while the store is open is reported, never half-used.
+orphan snapshots. The snapshot is hashed in chunks there, never held in memory whole.
+
+Reads check each file's sha256 again, so a file damaged while the store is open is reported,
+never half-used. ``entries`` (small files) checks the bytes, then decodes them.
+``read_snapshot`` reads the snapshot in one pass (see :func:`.tensorfile.read_verified`):
+tensors are filled straight from the file while it is hashed, and returned only if the sha256
+matches. Opening a session thus needs ~1x its state in memory, not the file's bytes plus a
+decoded copy.
 
 If writing the manifest fails (disk full, I/O error) the on-disk state is still consistent,
 but this object may no longer match it: it refuses further use; reopen the directory.
@@ -72,8 +78,16 @@ from .manifest import (
     parse_manifest,
     snapshot_file_name,
 )
-from .snapshot import decode_snapshot, encode_snapshot
-from .tensorfile import check_sha256, read_file_bytes, sha256_hex
+from .snapshot import SNAPSHOT_WHAT, check_snapshot, encode_snapshot
+from .tensorfile import (
+    check_digest,
+    check_sha256,
+    check_size,
+    file_sha256,
+    read_file_bytes,
+    read_verified,
+    sha256_hex,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -270,9 +284,9 @@ class StateStore:
         if ref is None:
             raise StateError(f"state directory {self._directory} has no snapshot yet")
         path = self._directory / ref.file
-        data = read_file_bytes(path, what="snapshot")
-        check_sha256(data, ref.sha256, path, what="snapshot")
-        tensors, meta, covers_seq = decode_snapshot(data, path)
+        # one pass, no file-sized buffer: the state is held once (~16 GB on a Llama-3-8B), not twice
+        tensors, metadata = read_verified(path, sha256=ref.sha256, size=ref.size, what=SNAPSHOT_WHAT)
+        tensors, meta, covers_seq = check_snapshot(tensors, metadata, path)
         if covers_seq != ref.covers_seq:
             raise StateCorruptError(
                 f"snapshot {path} covers {covers_seq} entries but the manifest says {ref.covers_seq}"
@@ -426,12 +440,9 @@ def _verify_snapshot_file(directory: Path, manifest: Manifest) -> None:
     if ref is None:
         return
     path = directory / ref.file
-    data = read_file_bytes(path, what="snapshot")
-    if len(data) != ref.size:
-        raise StateCorruptError(
-            f"snapshot {path} has {len(data)} bytes, the manifest says {ref.size} (truncated?)"
-        )
-    check_sha256(data, ref.sha256, path, what="snapshot")
+    found, size = file_sha256(path, what=SNAPSHOT_WHAT)  # in chunks: the snapshot can be the size of a model
+    check_size(size, ref.size, path, what=SNAPSHOT_WHAT)
+    check_digest(found, ref.sha256, path, what=SNAPSHOT_WHAT)
 
 
 def _recover(directory: Path, manifest: Manifest) -> None:
