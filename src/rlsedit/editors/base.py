@@ -312,12 +312,13 @@ class Editor:
     def _absolute_targets(self, layer: int, K: torch.Tensor, W: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """``V = KᵀW + R`` (u, d_v): the layer's current output plus its share of the residual.
 
-        With a post-MLP norm (Gemma 3), the residual stream receives ``norm(v)``, not ``v``;
-        the wanted stream value ``y* = norm(v) + R`` is mapped back through the norm: RMSNorm is
-        ``y = g ⊙ v / rms(v)``, so ``v* = (y*/g) · rms(v) / rms(y*/g)`` keeps ``v``'s scale and
-        gives ``norm(v*) = y*/rms(y*/g)`` — exactly ``y*`` when ``y*`` is reachable (rms(y*/g)=1),
-        its radial projection otherwise.
+        With a post-MLP norm (Gemma 3), the residual stream receives ``norm(v)``, not ``v``: the
+        wanted stream value ``y* = norm(v) + R`` is mapped back through the norm by a fit
+        (:mod:`rlsedit.locate.postnorm`) — exactly ``y*`` where the norm can reach it, the
+        nearest output it can reach otherwise.
         """
+        from ..locate.postnorm import value_through_norm
+
         current = K.T @ W  # (u, d_v)
         norm_path = self.lm.arch.post_mlp_norm
         if norm_path is None:
@@ -326,13 +327,8 @@ class Editor:
         out = current if bias is None else current + bias
         norm = resolve(block(self.lm, layer), norm_path)
         with torch.no_grad():
-            y = norm(out)
-            ones = torch.ones(1, out.shape[1], dtype=out.dtype, device=out.device)
-            gain = norm(ones)[0]  # g (up to the eps inside rms, negligible for ones)
-            gain = torch.where(gain.abs() < 1e-6, torch.full_like(gain, 1e-6), gain)
-            wanted = (y + R) / gain
-            rms = lambda x: x.pow(2).mean(dim=-1, keepdim=True).sqrt()  # noqa: E731
-            v_star = wanted * rms(out) / rms(wanted).clamp_min(1e-12)
+            wanted = norm(out) + R
+        v_star = value_through_norm(norm, out, wanted)
         return v_star if bias is None else v_star - bias
 
     def _restore_weights(self, weights: dict[int, torch.Tensor]) -> None:
