@@ -208,3 +208,13 @@ def test_non_finite_values_name_their_edits():
     with pytest.raises(NumericalError, match=r"layers\.2\.W has non-finite values; nothing"):
         _check_finite("layers.2.W", W, ids)
     _check_finite("layers.2.W", torch.ones(3, 3), ids)  # finite: no error
+
+
+@pytest.mark.parametrize("family, expected", [("llama", 0.5), ("gpt2", 0.5), ("gemma3_text", 2.0)])
+def test_an_unset_target_lr_is_the_model_familys_and_an_explicit_one_wins(family, expected):
+    lm = make_lm(family)
+    unset = RLSEdit(lm, RLSEditConfig(layers=LAYERS), moments=_moments(lm))
+    assert unset.config.v_lr is None and unset._target_config().lr == expected
+    assert lm.arch.target_lr == expected
+    explicit = RLSEdit(lm, RLSEditConfig(layers=LAYERS, v_lr=0.7), moments=_moments(lm))
+    assert explicit._target_config().lr == 0.7

@@ -263,7 +263,8 @@ class Editor:
 
         c = self.config
         return TargetConfig(
-            steps=c.v_num_grad_steps, lr=c.v_lr, weight_decay=c.v_weight_decay, kl_factor=c.kl_factor,
+            steps=c.v_num_grad_steps, lr=c.v_lr if c.v_lr is not None else self.lm.arch.target_lr,
+            weight_decay=c.v_weight_decay, kl_factor=c.kl_factor,
             clamp_norm_factor=c.clamp_norm_factor, early_stop_loss=c.v_early_stop_loss,
             early_stop_nll=c.v_early_stop_nll, dtype=c.v_dtype,
         )

@@ -47,7 +47,9 @@ class EditConfig:
     layers: tuple[int, ...] | None = _help(
         "edited layers (ascending); None = the model's default layers", None)
     v_num_grad_steps: int = _help("target optimization: max Adam steps per batch", 25)
-    v_lr: float = _help("target optimization: Adam learning rate on the residual delta", 0.5)
+    v_lr: float | None = _help(
+        "target optimization: Adam learning rate on the residual delta; None = the model family's "
+        "default (0.5; 2.0 for Gemma 3, whose hidden states are ~30x larger: docs/TUNING.md)", None)
     v_weight_decay: float = _help("target optimization: weight of ||delta||^2/||h||^2", 0.5)
     kl_factor: float = _help("target optimization: weight of the KL term on '{subject} is a'", 0.0625)
     clamp_norm_factor: float = _help("target optimization: clamp ||delta|| to this times ||h||", 0.75)
@@ -81,7 +83,7 @@ class EditConfig:
         for name in ("v_lr", "v_weight_decay", "kl_factor", "clamp_norm_factor", "v_early_stop_loss", "v_early_stop_nll",
                      "mom2_update_weight"):
             value = getattr(self, name)
-            if value is None and name == "mom2_update_weight":
+            if value is None and name in ("mom2_update_weight", "v_lr"):
                 continue
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be finite and >= 0, got {value!r}")

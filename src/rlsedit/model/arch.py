@@ -29,6 +29,13 @@ class Architecture:
         post_mlp_norm: a norm applied to the MLP output before it joins the residual stream
             (Gemma 2/3 ``post_feedforward_layernorm``), relative to one block, else None.
             When set, a residual-stream change is mapped back through it to a value target.
+        target_lr: the Adam step of the value-target optimisation when a method's ``v_lr`` is
+            left unset. Adam moves each coordinate of δ by about this much per step, so it must
+            suit the size of the residual stream: 0.5 (MEMIT's GPT-J and AlphaEdit's GPT-2 XL
+            value) where hidden coordinates are a few units (SmolLM2: rms 5.7 at layer 8);
+            Gemma 3 scales its embeddings by √d_model (rms 171 at layer 6 of the 270M model),
+            where 0.5 left p(target) at 0.54 and 2.0, chosen on the CounterFact val split,
+            gives 95% efficacy (docs/TUNING.md).
     """
 
     family: str
@@ -40,6 +47,7 @@ class Architecture:
     embed: str
     conv1d: bool = False
     post_mlp_norm: str | None = None
+    target_lr: float = 0.5
 
 
 def _llama_like(family: str) -> Architecture:
@@ -56,12 +64,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma3_text": Architecture(
         family="gemma3_text", layers="model.layers", mlp_down="mlp.down_proj",
         attention="self_attn", final_norm="model.norm", lm_head="lm_head",
-        embed="model.embed_tokens", post_mlp_norm="post_feedforward_layernorm",
+        embed="model.embed_tokens", post_mlp_norm="post_feedforward_layernorm", target_lr=2.0,
     ),
     "gemma3": Architecture(  # multimodal wrapper: the text model sits one level down
         family="gemma3", layers="model.language_model.layers", mlp_down="mlp.down_proj",
         attention="self_attn", final_norm="model.language_model.norm", lm_head="lm_head",
         embed="model.language_model.embed_tokens", post_mlp_norm="post_feedforward_layernorm",
+        target_lr=2.0,
     ),
     "gpt2": Architecture(
         family="gpt2", layers="transformer.h", mlp_down="mlp.c_proj", attention="attn",
