@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -13,6 +14,7 @@ from rlsedit.session.atomic import (
     TEMP_PREFIX,
     atomic_write_bytes,
     atomic_write_json,
+    atomic_write_named_by_hash,
     fsync_dir,
     list_temp_files,
     remove_temp_files,
@@ -79,6 +81,25 @@ def test_durability_order_is_fsync_file_then_rename_then_fsync_dir(tmp_path, mon
     monkeypatch.setattr(os, "replace", replace)
     atomic_write_bytes(tmp_path / "f.bin", b"data")
     assert calls == [("fsync", "file"), ("replace", "f.bin"), ("fsync", "dir")]
+
+
+def test_a_file_named_by_its_hash_is_hashed_while_written(tmp_path):
+    chunks = [b"header", memoryview(b"-tensor-bytes"), b""]
+    path, sha = atomic_write_named_by_hash(tmp_path, lambda digest: f"snap-{digest[:12]}.bin", iter(chunks))
+    assert sha == hashlib.sha256(b"header-tensor-bytes").hexdigest()
+    assert path == tmp_path / f"snap-{sha[:12]}.bin"
+    assert path.read_bytes() == b"header-tensor-bytes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temp file left
+
+
+def test_a_write_named_by_hash_that_fails_leaves_nothing(tmp_path):
+    def chunks():
+        yield b"partial"
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(StateError, match="No space left"):
+        atomic_write_named_by_hash(tmp_path, lambda digest: "never.bin", chunks())
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_fsync_dir_requires_a_directory(tmp_path):

@@ -63,7 +63,6 @@ def test_every_tensor_starts_aligned_and_the_parts_add_up():
     encoded = encode_parts(mixed_tensors(), {})
     data = encoded.tobytes()
     assert len(encoded.header) % 8 == 0 and encoded.size == len(data)
-    assert encoded.sha256() == hashlib.sha256(data).hexdigest()
     offset = len(encoded.header)
     for tensor in encoded.tensors:
         assert offset % tensor.element_size() == 0

@@ -16,10 +16,11 @@ Between 3 and 4 the file system may show either version after the crash, both co
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,36 @@ def atomic_write_chunks(path: str | os.PathLike[str], chunks: Iterable[bytes | m
     """:func:`atomic_write_bytes` of the concatenation of ``chunks``, written as they come
     (a large file never needs to exist in memory as one buffer)."""
     path = Path(path)
-    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}-{secrets.token_hex(6)}")
+    _write_then_rename(path.parent, path.name, chunks, lambda: path.name)
+
+
+def atomic_write_named_by_hash(
+    directory: str | os.PathLike[str], name_for: Callable[[str], str], chunks: Iterable[bytes | memoryview]
+) -> tuple[Path, str]:
+    """Atomically write ``chunks`` under the name ``name_for(sha256 hex of the bytes)``.
+
+    The bytes are hashed as they are written, so a file whose name carries its own checksum
+    costs one pass over its contents, not a hashing pass and then a writing pass.
+    Returns ``(path, sha256 hex)``.
+    """
+    directory = Path(directory)
+    digest = hashlib.sha256()
+
+    def hashed() -> Iterable[bytes | memoryview]:
+        for chunk in chunks:
+            digest.update(chunk)
+            yield chunk
+
+    name = _write_then_rename(directory, "hashed", hashed(), lambda: name_for(digest.hexdigest()))
+    return directory / name, digest.hexdigest()
+
+
+def _write_then_rename(
+    directory: Path, label: str, chunks: Iterable[bytes | memoryview], final_name: Callable[[], str]
+) -> str:
+    """Steps 1–4 of the module docstring; ``final_name()`` is asked once every byte is written."""
+    tmp = directory / f"{TEMP_PREFIX}{label}-{secrets.token_hex(6)}"
+    path = None
     try:
         # 0o644 minus umask, like an ordinary file (mkstemp would force 0o600).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -67,11 +97,13 @@ def atomic_write_chunks(path: str | os.PathLike[str], chunks: Iterable[bytes | m
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        path = directory / final_name()
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        fsync_dir(directory)
+        return path.name
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise StateError(f"could not write {path}: {exc}") from exc
+        raise StateError(f"could not write {path or directory / label}: {exc}") from exc
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from ..errors import StateCorruptError, StateError, StateMismatchError
-from .atomic import (atomic_write_bytes, atomic_write_chunks, atomic_write_json, fsync_dir, list_temp_files,
+from .atomic import (atomic_write_bytes, atomic_write_json, atomic_write_named_by_hash, fsync_dir, list_temp_files,
                      remove_temp_files)
 from .journal import (
     JOURNAL_DIR_NAME,
@@ -267,9 +267,10 @@ class StateStore:
                 f"covers_seq must be an integer in [0, {count}] (the journal length), got {covers_seq!r}"
             )
         encoded = encode_snapshot(tensors, meta, covers_seq)
-        sha = encoded.sha256()  # the name carries the hash, so hash first, then write
-        name = snapshot_file_name(covers_seq, sha)
-        atomic_write_chunks(self._directory / name, encoded.chunks())
+        # the name carries the hash: hashed while written, one pass over the state
+        path, sha = atomic_write_named_by_hash(self._directory, lambda digest: snapshot_file_name(covers_seq, digest),
+                                               encoded.chunks())
+        name = path.name
         ref = SnapshotRef(file=name, sha256=sha, size=encoded.size, covers_seq=covers_seq)
         self._commit_manifest(replace(self._manifest, snapshot=ref))
         try:

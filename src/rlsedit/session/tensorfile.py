@@ -161,12 +161,6 @@ class Encoded:
         for tensor in self.tensors:
             yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
-    def sha256(self) -> str:
-        digest = hashlib.sha256()
-        for chunk in self.chunks():
-            digest.update(chunk)
-        return digest.hexdigest()
-
     def tobytes(self) -> bytes:
         return b"".join(self.chunks())
 
