@@ -144,6 +144,7 @@ def test_C_is_the_inverse_gram():
     assert state.symmetry_error() < 1e-14
     S = torch.eye(2, dtype=F64) + Ks[-1].T @ torch.linalg.inv(M - Ks[-1] @ Ks[-1].T) @ Ks[-1]
     assert math.isclose(state.last_s_condition(), float(torch.linalg.cond(S)), rel_tol=1e-8)
+    assert torch.allclose(state.last_S, S, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------- singular anchors

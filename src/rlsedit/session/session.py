@@ -405,8 +405,8 @@ def _snapshot_meta(editor, index: dict, undone: Iterable[str], s_spectrum: dict[
 
 def _last_s(state) -> torch.Tensor | None:
     """The ``S`` (u, u) float64 of a solver state's last update/downdate, for solvers that keep
-    one (:class:`~rlsedit.solvers.rls.RLSState` keeps it for ``last_s_condition``)."""
-    S = getattr(state, "_last_S", None)
+    one (:attr:`~rlsedit.solvers.rls.RLSState.last_S`)."""
+    S = getattr(state, "last_S", None)
     return S if isinstance(S, torch.Tensor) and S.dim() == 2 and S.numel() else None
 
 

@@ -439,6 +439,11 @@ class RLSState:
         C = self.C_
         return float(torch.linalg.matrix_norm(C - C.mT) / torch.linalg.matrix_norm(C))
 
+    @property
+    def last_S(self) -> torch.Tensor | None:
+        """``S = I + KᵀC_{t−1}K`` (u, u) float64 of the last update/downdate; None before one."""
+        return self._last_S
+
     def last_s_condition(self) -> float | None:
         """2-norm condition number of the last factored ``S`` (None before the first call)."""
         if self._last_S is None:
