@@ -134,3 +134,23 @@ def test_floor_counts_scale_with_steps_and_layers(setup):
     assert wider["keys"] > one["keys"] and wider["solve"] == pytest.approx(one["solve"] * 1.5)
     summary = floor_summary(one, 2, {"float32": 1e9})
     assert summary["floor_seconds_per_edit_total"] == pytest.approx(sum(one.values()) / 2 / 1e9)
+
+
+def test_state_memory_counts_each_storage_once_and_not_the_models_weights():
+    import torch
+
+    from rlsedit.bench.speed import _editor_state_mb, _tensor_mb
+    from rlsedit.editors import RLSEdit, RLSEditConfig
+
+    a = torch.zeros(256, 1024)  # 1 MiB
+    assert _tensor_mb([a, a, a[:10], torch.zeros(512, 1024)]) == 3.0
+    lm = make_lm()
+    X = torch.randn(lm.d_k, 100, dtype=torch.float64)
+    editor = RLSEdit(lm, RLSEditConfig(layers=(1, 2)), moments={l: X @ X.T / 100 for l in (1, 2)},
+                     prefixes=["{}"])
+    d_k, d_v = editor.W0[1].shape
+    # per layer: W0 (shared by the editor and the RLS state), the RLS state's W and C (float32),
+    # the anchor moment (float64); the model's own W is the model's, not the state's
+    per_layer = 4 * (2 * d_k * d_v + d_k * d_k) + 8 * d_k * d_k
+    scalars = sum(t.element_size() for t in editor.state_dict().values() if t.dim() == 0)
+    assert _editor_state_mb(editor) == pytest.approx((2 * per_layer + scalars) / 2**20, rel=1e-12)

@@ -218,3 +218,19 @@ def test_an_unset_target_lr_is_the_model_familys_and_an_explicit_one_wins(family
     assert lm.arch.target_lr == expected
     explicit = RLSEdit(lm, RLSEditConfig(layers=LAYERS, v_lr=0.7), moments=_moments(lm))
     assert explicit._target_config().lr == 0.7
+
+
+def test_rlsedit_holds_one_W0_per_layer_after_init_and_after_a_reload():
+    lm = make_lm()
+    editor = RLSEdit(lm, RLSEditConfig(layers=LAYERS), moments=_moments(lm), prefixes=["{}"])
+    editor.partial_fit(REQUESTS[:2])
+    def same_memory(a, b):
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+    for l in LAYERS:
+        assert same_memory(editor.states_[l].W0, editor.W0[l])
+    restored = RLSEdit(make_lm(), RLSEditConfig(layers=LAYERS), moments=_moments(lm), prefixes=["{}"])
+    restored.load_state_dict({k: v.clone() for k, v in editor.state_dict().items()}, n_edits=2, n_batches=1)
+    for l in LAYERS:
+        assert same_memory(restored.states_[l].W0, restored.W0[l])
+        assert torch.equal(restored.states_[l].W_, editor.states_[l].W_)

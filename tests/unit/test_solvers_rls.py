@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -332,3 +333,15 @@ def test_symmetrize_removes_an_injected_asymmetry():
     assert state.symmetry_error() > 1e-5  # first call: not yet due
     state.update(torch.ones(5, 1, dtype=F64), torch.zeros(1, 1, dtype=F64))
     assert state.symmetry_error() == 0.0
+
+
+def test_a_deep_copy_owns_C_and_W_and_shares_the_never_written_W0():
+    g = torch.Generator().manual_seed(5)
+    K0 = torch.randn(6, 12, generator=g, dtype=F64)
+    state = RLSState.from_anchor(torch.randn(6, 3, generator=g, dtype=F64), K0 @ K0.T, 0.0, 1.0, dtype=F64)
+    C, W = state.C_.clone(), state.W_.clone()
+    twin = copy.deepcopy(state)
+    twin.update(torch.randn(6, 2, generator=g, dtype=F64), torch.randn(2, 3, generator=g, dtype=F64))
+    assert torch.equal(state.C_, C) and torch.equal(state.W_, W) and state.last_S is None
+    assert not torch.equal(twin.C_, C) and twin.last_S is not None
+    assert twin.W0 is state.W0

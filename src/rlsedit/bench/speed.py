@@ -25,6 +25,7 @@ model's and the editor state's sizes.
 from __future__ import annotations
 
 import logging
+import re
 import platform
 import resource
 import statistics
@@ -103,7 +104,18 @@ def _peak_device_mb(device: torch.device) -> float | None:
 
 
 def _tensor_mb(tensors) -> float:
-    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    """MiB of the distinct memory behind ``tensors`` (a storage shared by several counts once)."""
+    storages = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[(t.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values()) / 2**20
+
+
+def _editor_state_mb(editor) -> float:
+    """MiB the editor holds beyond the model: its state tensors without ``layers.<l>.W``, which
+    :meth:`~rlsedit.editors.base.Editor.state_dict` copies out of the model's own weights."""
+    return _tensor_mb(t for name, t in editor.state_dict().items() if not re.fullmatch(r"layers\.\d+\.W", name))
 
 
 def efficacy(lm, requests: Sequence[EditRequest]) -> dict[str, float]:
@@ -209,7 +221,7 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
             peak_device = _peak_device_mb(torch.device(config.device))
             final = efficacy(lm, requests)
             model_mb = _tensor_mb([*lm.model.parameters(), *lm.model.buffers()])
-            state_mb = _tensor_mb(editor.state_dict().values())
+            state_mb = _editor_state_mb(editor)
             config_used = editor.config
             floor = _floor(lm, editor, batches, rows, config.device)
             moments, prefixes = editor.moments, editor.prefixes_

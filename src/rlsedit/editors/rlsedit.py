@@ -75,7 +75,10 @@ class RLSEdit(Editor):
         for l in self.layers:
             prefix = f"layers.{l}.rls."
             sub = {k[len(prefix):]: (v if v.dim() else v.item()) for k, v in tensors.items() if k.startswith(prefix)}
-            self.states_[l] = RLSState.from_state_dict(sub)
+            state = RLSState.from_state_dict(sub)
+            if state.W0.dtype == self.W0[l].dtype and torch.equal(state.W0, self.W0[l]):
+                state.W0 = self.W0[l]  # one W0 in memory, as after _init_state (the file holds two)
+            self.states_[l] = state
 
     def diagnostics(self):
         out = super().diagnostics()

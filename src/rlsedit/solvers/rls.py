@@ -7,6 +7,7 @@ Notation (our orientation, ``docs/DESIGN.md``): ``W (d_k, d_v)`` maps keys to va
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Mapping
@@ -230,16 +231,28 @@ class RLSState:
         C0 = 0.5 * (C0 + C0.mT)
         C = C0.to(dtype)
         require_finite("C_0 (after the cast to the state dtype)", C)
-        W_start = W0.to(dtype=dtype).clone()
+        # W0 is never written (it is kept for the state file and diagnostics), so in the state
+        # dtype it is held as given, not copied: the editor holding W0 shares its memory
+        W0 = W0.to(dtype=dtype)
         return cls(
             C,
-            W_start,
-            W_start.clone(),
+            W0.clone(),
+            W0,
             lam=lam,
             mu=mu,
             jitter=jitter,
             symmetrize_every=symmetrize_every,
         )
+
+    def __deepcopy__(self, memo: dict) -> RLSState:
+        """A copy whose ``C_`` and ``W_`` are new tensors and whose ``W0`` is shared: ``W0`` is
+        never written, so copying it (one d_k × d_v matrix per copy) would only cost memory."""
+        twin = copy.copy(self)
+        twin.C_ = self.C_.clone()
+        twin.W_ = self.W_.clone()
+        twin._last_S = None if self._last_S is None else self._last_S.clone()
+        memo[id(self)] = twin
+        return twin
 
     # ------------------------------------------------------------------ properties
     @property
