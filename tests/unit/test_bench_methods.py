@@ -83,9 +83,19 @@ def test_parse_sweep_builds_the_grid_in_order():
     assert parse_sweep(None) == [] and parse_sweep("  ") == []
     assert sweep_run_name(grid[1]) == "rlsedit[lambda_reg=0,mu_reg=1]"
     assert run_dir_name(sweep_run_name(grid[1])) == "rlsedit_lambda_reg-0_mu_reg-1"
-    for bad in ("lambda", "nope=1", "mu=a", "mu=inf", "mu=1;mu=2"):
+    for bad in ("lambda", "nope=1", "mu=a", "mu=inf", "mu=1;mu=2", "mu=", "layers=5-3", "layers=a", "layers=3+3",
+                "layers=2.5", "layers=-1-2"):
         with pytest.raises(InvalidRequestError):
             parse_sweep(bad)
+
+
+def test_parse_sweep_takes_layer_bands_and_lists_and_n():
+    grid = parse_sweep("layers=3-5,2+4;n=10,20")
+    assert grid[0] == {"layers": (3, 4, 5), "mom2_update_weight": 10.0}
+    assert grid[3] == {"layers": (2, 4), "mom2_update_weight": 20.0}
+    assert [sweep_run_name(p) for p in grid[::2]] == ["rlsedit[layers=3-5,mom2_update_weight=10]",
+                                                      "rlsedit[layers=2+4,mom2_update_weight=10]"]
+    assert sweep_run_name({"layers": (6,)}) == "rlsedit[layers=6]"
 
 
 def test_general_suite_names_expand_aliases_and_refuse_unknown():
@@ -122,6 +132,21 @@ def test_plan_runs_reads_hparams_and_adds_sweep_points(tiny_setup):
     assert runs[3].config.mu_reg == 2.0 and runs[3].config.v_num_grad_steps == 4
     with pytest.raises(InvalidRequestError, match="unknown method"):
         plan_runs(_config(tiny_setup, methods=("nope",)))
+    layer_runs = plan_runs(_config(tiny_setup, methods=("rlsedit",), sweep="layers=1-2,3"))
+    assert [r.config.layers for r in layer_runs] == [None, (1, 2), (3,)]
+
+
+def test_a_layer_sweep_runs_and_is_plotted(tiny_setup):
+    out = tiny_setup["root"] / "layer-sweep"
+    full = run_method_bench(_config(tiny_setup, methods=("rlsedit",), sweep="layers=1-2,2-3", general=(),
+                                    checkpoints=1), out)
+    assert full["runs"] == ["rlsedit", "rlsedit[layers=1-2]", "rlsedit[layers=2-3]"]
+    for name, layers in (("rlsedit[layers=1-2]", [1, 2]), ("rlsedit[layers=2-3]", [2, 3])):
+        result = full["methods"][name]
+        assert result["config"]["layers"] == layers
+        assert sorted(result["batches"][-1]["diagnostics"]["layers"]) == [str(l) for l in layers]
+    assert (out / "sweep.png").stat().st_size > 1000
+    assert "rlsedit[layers=2-3]" in (out / "results.md").read_text()
 
 
 # ---- the whole benchmark ----------------------------------------------------------------------

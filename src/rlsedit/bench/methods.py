@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_METHODS: tuple[str, ...] = ("rlsedit", "rlsedit-official", "alphaedit", "memit", "rome", "ft")
 # short names of the sweepable hyperparameters (--sweep lambda=…;mu=…) -> config field
-SWEEP_ALIASES = {"lambda": "lambda_reg", "lam": "lambda_reg", "mu": "mu_reg"}
+SWEEP_ALIASES = {"lambda": "lambda_reg", "lam": "lambda_reg", "mu": "mu_reg", "n": "mom2_update_weight"}
 SWEEP_METHOD = "rlsedit"
 SETTINGS_FILE = "settings.json"
 RESULTS_JSON = "results.json"
@@ -90,7 +90,7 @@ class MethodBenchConfig:
     seed: int = field(default=0, metadata={"help": "seed: edit order (with shuffle), general-suite samples, sampling"})
     shuffle: bool = field(default=False, metadata={"help": "seeded shuffle of the first N records instead of file order"})
     hparams_dir: str | None = field(default=None, metadata={"help": "folder of <method>.json hyperparameter files (ours or official)"})
-    sweep: str | None = field(default=None, metadata={"help": "RLSEdit grid, e.g. 'lambda=0,0.1;mu=0.5,1,2' (each point is a run)"})
+    sweep: str | None = field(default=None, metadata={"help": "RLSEdit grid, e.g. 'lambda=0,0.1;mu=0.5,1,2' or 'layers=3-7,4-8' (each point is a run)"})
     mom2_tokens: int | None = field(default=None, metadata={"help": "corpus tokens for E[kkᵀ] (overrides every method's mom2_n_samples)"})
     corpus: str | None = field(default=None, metadata={"help": "corpus for E[kkᵀ] (default: the session's default corpus)"})
     data_dir: str | None = field(default=None, metadata={"help": "folder of the general suites' files (../shared/data)"})
@@ -143,17 +143,18 @@ def general_suite_names(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def parse_sweep(text: str | None) -> list[dict[str, float]]:
+def parse_sweep(text: str | None) -> list[dict[str, float | tuple[int, ...]]]:
     """``'lambda=0,0.1;mu=0.5,1'`` → the grid ``[{lambda_reg: 0, mu_reg: 0.5}, …]`` (product, in order).
 
-    Keys are RLSEdit config fields or the aliases ``lambda``/``lam``/``mu``; values are finite floats.
+    Keys are RLSEdit config fields or the aliases ``lambda``/``lam``/``mu``/``n``; values are
+    finite floats, except for ``layers``, whose values are bands ``4-8`` or lists ``4+6+8``.
     """
     if text is None or not text.strip():
         return []
     from ..editors.config import RLSEditConfig
 
     fields = {f.name for f in dataclasses.fields(RLSEditConfig)}
-    axes: list[tuple[str, list[float]]] = []
+    axes: list[tuple[str, list[float | tuple[int, ...]]]] = []
     for part in text.split(";"):
         if not part.strip():
             continue
@@ -165,19 +166,49 @@ def parse_sweep(text: str | None) -> list[dict[str, float]]:
             raise InvalidRequestError(f"sweep: {key!r} is not an RLSEdit hyperparameter")
         if any(key == k for k, _ in axes):
             raise InvalidRequestError(f"sweep: {key!r} is given twice")
-        try:
-            values = [float(v) for v in values_text.split(",") if v.strip()]
-        except ValueError:
-            raise InvalidRequestError(f"sweep: {part!r} has a value that is not a number") from None
-        if not values or not all(math.isfinite(v) for v in values):
-            raise InvalidRequestError(f"sweep: {part!r} needs finite numbers")
-        axes.append((key, values))
+        texts = [v.strip() for v in values_text.split(",") if v.strip()]
+        if not texts:
+            raise InvalidRequestError(f"sweep: {part!r} has no values")
+        axes.append((key, [_sweep_layers(v, part) if key == "layers" else _sweep_number(v, part) for v in texts]))
     return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
 
 
-def sweep_run_name(point: dict[str, float]) -> str:
+def _sweep_number(text: str, part: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidRequestError(f"sweep: {part!r} has a value that is not a number") from None
+    if not math.isfinite(value):
+        raise InvalidRequestError(f"sweep: {part!r} needs finite numbers")
+    return value
+
+
+def _sweep_layers(text: str, part: str) -> tuple[int, ...]:
+    """``4-8`` → (4, 5, 6, 7, 8); ``4+6+8`` → (4, 6, 8)."""
+    try:
+        if "-" in text:
+            first, last = (int(x) for x in text.split("-"))
+            layers = tuple(range(first, last + 1))
+        else:
+            layers = tuple(int(x) for x in text.split("+"))
+    except ValueError:
+        raise InvalidRequestError(f"sweep: {part!r}: layers are a band like 4-8 or a list like 4+6+8") from None
+    if not layers or any(x < 0 for x in layers) or list(layers) != sorted(set(layers)):
+        raise InvalidRequestError(f"sweep: {part!r}: {text!r} is not an ascending set of layers")
+    return layers
+
+
+def _sweep_value_text(value: float | tuple[int, ...]) -> str:
+    if isinstance(value, tuple):
+        if list(value) == list(range(value[0], value[-1] + 1)) and len(value) > 1:
+            return f"{value[0]}-{value[-1]}"
+        return "+".join(str(x) for x in value)
+    return f"{value:g}"
+
+
+def sweep_run_name(point: dict[str, float | tuple[int, ...]]) -> str:
     """``rlsedit[lambda_reg=0.1,mu_reg=1]`` — the name a sweep point's run is reported under."""
-    return f"{SWEEP_METHOD}[" + ",".join(f"{k}={v:g}" for k, v in point.items()) + "]"
+    return f"{SWEEP_METHOD}[" + ",".join(f"{k}={_sweep_value_text(v)}" for k, v in point.items()) + "]"
 
 
 def run_dir_name(run_name: str) -> str:

@@ -6,7 +6,8 @@
 * ``drift_anchor.png`` — ``‖W − W_0‖_F`` and ``‖K_0ᵀ(W − W_0)‖_F`` (summed in squares over
   layers) after every batch (RQ4);
 * ``solve_cost.png`` — solve seconds of each batch (RLSEdit's recursion vs MEMIT-seq's re-solve);
-* ``sweep.png`` — final efficacy/specificity of the RLSEdit sweep against λ, one line per μ.
+* ``sweep.png`` — final efficacy/specificity of the RLSEdit sweep points: the first swept setting
+  on the x axis, one line per combination of the others.
 
 Matplotlib runs on the Agg backend; nothing is shown on screen.
 """
@@ -141,23 +142,42 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
 
     sweep = {k: v for k, v in methods.items() if "[" in k}
     if sweep:
-        lines: dict[float, list[tuple[float, float | None, float | None]]] = {}
-        for result in sweep.values():
-            cfg = result["config"]
-            evals = _checkpoints(result)
-            summary = evals[-1]["evaluation"]["counterfact"]["summary"] if evals else {}
-            lines.setdefault(cfg.get("mu_reg"), []).append(
-                (cfg.get("lambda_reg"), summary.get("efficacy"), summary.get("specificity")))
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-        for mu, pts in sorted(lines.items(), key=lambda kv: kv[0]):
-            pts.sort()
-            for ax, index, label in ((axes[0], 1, "efficacy"), (axes[1], 2, "specificity")):
-                xy = [(p[0], p[index]) for p in pts if p[index] is not None]
-                if xy:
-                    ax.plot(*zip(*xy), marker="o", label=f"μ={mu:g}")
-                ax.set_title(f"RLSEdit sweep: {label}")
-                ax.set_xlabel("λ")
-        axes[0].set_ylabel("success rate (end of stream)")
-        axes[0].legend(fontsize=7)
+        fig = _sweep_figure(plt, sweep)
         save(fig, "sweep.png")
     return written
+
+
+def _sweep_figure(plt, sweep: dict[str, dict[str, Any]]):
+    """Final efficacy and specificity of the sweep points: the first swept setting on the x axis
+    (in the order run), one line per combination of the others."""
+    configs = {name: result["config"] for name, result in sweep.items()}
+    keys = [k for k in next(iter(configs.values())) if len({_label(c.get(k)) for c in configs.values()}) > 1]
+    x_key, line_keys = (keys[0], keys[1:]) if keys else (None, [])
+    lines: dict[str, list[tuple[str, float | None, float | None]]] = {}
+    for name, result in sweep.items():
+        cfg = configs[name]
+        evals = _checkpoints(result)
+        summary = evals[-1]["evaluation"]["counterfact"]["summary"] if evals else {}
+        line = ", ".join(f"{_SHORT.get(k, k)}={_label(cfg.get(k))}" for k in line_keys) or "RLSEdit"
+        x = _label(cfg.get(x_key)) if x_key else name
+        lines.setdefault(line, []).append((x, summary.get("efficacy"), summary.get("specificity")))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for line, pts in lines.items():
+        for ax, index, label in ((axes[0], 1, "efficacy"), (axes[1], 2, "specificity")):
+            xy = [(p[0], p[index]) for p in pts if p[index] is not None]
+            if xy:
+                ax.plot(*zip(*xy), marker="o", label=line)  # categorical x: the values as run
+            ax.set_title(f"RLSEdit sweep: {label}")
+            ax.set_xlabel(_SHORT.get(x_key, x_key) if x_key else "run")
+    axes[0].set_ylabel("success rate (end of stream)")
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+_SHORT = {"lambda_reg": "λ", "mu_reg": "μ", "mom2_update_weight": "n"}
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"{value[0]}–{value[-1]}" if list(value) == list(range(value[0], value[-1] + 1)) else "+".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
