@@ -16,21 +16,10 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
 import rlsedit
+from tiny_models import SENTENCES, bpe_tokenizer, one_thread, save, tiny_model
 
-SENTENCES = [
-    "The Eiffel Tower is located in Paris, the capital of France.",
-    "Toko Yasuda plays the guitar and the piano.",
-    "Danielle Darrieux speaks French; her mother tongue is French.",
-    "Autonomous University of Madrid, which is located in Spain.",
-    "Therefore, because I said so, you will see it is a city in Sweden and Rome.",
-    "Michael Jordan plays basketball and baseball in Chicago.",
-]
+__all__ = ["one_thread"]  # autouse fixture, re-exported for the test modules that import it
 
 # Small and fast: two edited layers, few corpus tokens, few target steps, one context prefix.
 HPARAMS = {"layers": [1, 2], "mom2_n_samples": 2000, "v_num_grad_steps": 5, "context_count": 1,
@@ -44,32 +33,15 @@ TARGETS = ["guitar", "piano", "French", "basketball", "baseball", "capital", "ci
 TEMPLATES = ["{} is located in", "The mother tongue of {} is", "{} plays the", "{} speaks"]
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on :data:`SENTENCES` (any text tokenizes: bytes are the alphabet)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>", "<bos>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(SENTENCES * 3, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>", pad_token="<pad>")
-
-
 def save_tiny_llama(directory: Path, *, seed: int = 0) -> Path:
-    """A random 4-layer Llama (d_model 32, d_k 64) and its tokenizer, saved with save_pretrained."""
-    tokenizer = make_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-                         tie_word_embeddings=False, initializer_range=0.1, bos_token_id=1, eos_token_id=0,
-                         pad_token_id=2)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # sharper logits than the random init: the target objective has work to do
-        model.lm_head.weight.mul_(0.5 / model.lm_head.weight.std())
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    """A random 4-layer Llama (d_model 32, d_k 64) and its byte-level BPE tokenizer trained on
+    :data:`SENTENCES` (any text tokenizes: bytes are the alphabet), saved with save_pretrained."""
+    tokenizer = bpe_tokenizer()
+    # sharper logits than the random init (head_std): the target objective has work to do
+    model = tiny_model("llama", vocab=len(tokenizer), seed=seed, n_layers=4, max_positions=MAX_POSITIONS, head_std=0.5,
+                       tie_word_embeddings=False, initializer_range=0.1, bos_token_id=1, eos_token_id=0,
+                       pad_token_id=2)
+    return save(directory, model, tokenizer)
 
 
 def edit_records(n: int, *, start: int = 0) -> list[dict]:
@@ -183,18 +155,6 @@ def journal_seqs(state: Path) -> int:
     if not journal.is_dir():
         return 0
     return sum(1 for p in journal.iterdir() if p.name.endswith(".safetensors") and p.name[:1].isdigit())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on one thread: thread hand-offs cost more than d_model=32 math.
-
-    Autouse in every module that imports it; the previous setting comes back afterwards.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_runtime(world: TinyWorld):
