@@ -13,6 +13,7 @@ from rlsedit.bench.methods import (MethodBenchConfig, checkpoint_batches, format
                                    general_suite_names, parse_sweep, plan_runs, run_dir_name, run_method_bench,
                                    select_edits, sweep_run_name)
 from rlsedit.errors import InvalidRequestError, StateMismatchError
+from tiny_models import save
 
 EDITS = [
     {"id": "e0", "prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": "Rome",
@@ -34,9 +35,7 @@ FAST = {"v_num_grad_steps": 4, "context_count": 1, "context_length": 3, "mom2_up
 def save_tiny_model(folder: Path) -> Path:
     """A tiny random llama (see locate_tiny) saved as a Hugging Face directory load_model reads."""
     lm = make_lm("llama")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
+    return save(folder, lm.model, lm.tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from locate_tiny import SENTENCES, make_lm
 from rlsedit.bench.speed import PHASES, SpeedBenchConfig, format_markdown, history_check, run_speed_bench
 from rlsedit.cli import main
 from rlsedit.errors import InvalidRequestError
+from tiny_models import save
 
 SUBJECTS = ["The Eiffel Tower", "Toko Yasuda", "Danielle Darrieux", "Madrid", "Autonomous University",
             "Michael Jordan"]
@@ -25,8 +26,7 @@ FAST = {"v_num_grad_steps": 4, "context_count": 1, "context_length": 3, "mom2_up
 def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("speed")
     lm = make_lm("llama")
-    lm.model.save_pretrained(root / "model")
-    lm.tokenizer.save_pretrained(root / "model")
+    save(root / "model", lm.model, lm.tokenizer)
     (root / "corpus.txt").write_text("\n".join(SENTENCES * 4))
     edits = [{"id": f"e{i}", "prompt": "{} is located in", "subject": s, "target_new": new, "target_true": old}
              for i, (s, (new, old)) in enumerate(zip(SUBJECTS, TARGETS))]

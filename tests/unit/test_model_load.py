@@ -6,31 +6,19 @@ import re
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from rlsedit.errors import ModelLoadError, RLSEditError
 from rlsedit.model.load import load_model
 from rlsedit.model.weights import get_W, weights_sha256
+from tiny_models import save, tiny_model, word_tokenizer
 
 WORDS = "the a of is in and to capital france paris city river hello world".split()
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")  # no pad token: load_model must add one
-
-
 def save_tiny_llama(path, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    model = tiny_model("llama", vocab=32, seed=seed, d_model=16, d_mlp=24, n_layers=2, n_heads=2, n_kv_heads=1,
+                       max_positions=32)
+    save(path, model, word_tokenizer(WORDS, pad=False))  # no pad token: load_model must add one
     return model
 
 

@@ -8,50 +8,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma3TextConfig,
-    GPT2Config,
-    GPTJConfig,
-    LlamaConfig,
-    MistralConfig,
-    Qwen2Config,
-)
 
 from rlsedit.errors import NumericalError, StateMismatchError, UnsupportedError
 from rlsedit.model.arch import ARCHITECTURES, get_architecture
 from rlsedit.model.load import LoadedModel
 from rlsedit.model.weights import down_proj, get_bias, get_W, set_W, weights_sha256
+from tiny_models import GPT_LIKE, LLAMA_LIKE, loaded
+from tiny_models import tiny_model as random_model
 
 D_MODEL, D_MLP, N_LAYERS, VOCAB = 32, 48, 3, 64
 
-_LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=D_MLP,
-                   num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                   max_position_embeddings=64)
-
-CONFIGS = {
-    "llama": lambda: LlamaConfig(**_LLAMA_LIKE),
-    "mistral": lambda: MistralConfig(**_LLAMA_LIKE),
-    "qwen2": lambda: Qwen2Config(**_LLAMA_LIKE),
-    "gemma3_text": lambda: Gemma3TextConfig(**_LLAMA_LIKE, head_dim=8, sliding_window=16),
-    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=D_MODEL, n_inner=D_MLP, n_layer=N_LAYERS,
-                               n_head=4, n_positions=64),
-    "gptj": lambda: GPTJConfig(vocab_size=VOCAB, n_embd=D_MODEL, n_inner=D_MLP, n_layer=N_LAYERS,
-                               n_head=4, rotary_dim=4, n_positions=64),
-}
-FAMILIES = sorted(CONFIGS)
+EXTRA = {"gemma3_text": {"sliding_window": 16}, "gptj": {"rotary_dim": 4}}  # gemma3_text: head_dim 8
+FAMILIES = sorted({**LLAMA_LIKE, **GPT_LIKE})
 
 
 def tiny_model(family: str, seed: int = 0) -> LoadedModel:
-    torch.manual_seed(seed)
-    config = CONFIGS[family]()
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = random_model(family, vocab=VOCAB, seed=seed, d_model=D_MODEL, d_mlp=D_MLP, n_layers=N_LAYERS,
+                         max_positions=64, **EXTRA.get(family, {}))
     with torch.no_grad():  # GPT-2 initialises biases to zero; make them visible
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0.0, 0.1)
-    return LoadedModel(model=model, tokenizer=None, spec=f"tiny-{family}", name=f"tiny-{family}",
-                       fingerprint="0" * 64, arch=get_architecture(config), device=torch.device("cpu"))
+    return loaded(model, None, family)
 
 
 def test_every_table_family_is_tested():

@@ -8,8 +8,7 @@ import random
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from rlsedit.errors import InvalidRequestError, NumericalError
 from rlsedit.locate.stats import (
@@ -20,43 +19,25 @@ from rlsedit.locate.stats import (
     second_moments,
     spectrum_summary,
 )
-from rlsedit.model.arch import get_architecture
 from rlsedit.model.hooks import capture
 from rlsedit.model.load import LoadedModel
 from rlsedit.model.weights import block, down_proj, get_W, set_W
+from tiny_models import WORD_SPECIALS, loaded, tiny_model, word_tokenizer
 
 WORDS = ("the a of is in and to was by for on with as at from capital city river north south "
          "king queen born died music film war paris london rome france italy england").split()
-SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 N_LAYERS = 4
 
 
 def tiny_tokenizer(*, bos: bool) -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    if bos:  # like Gemma / Llama 3: every encoding starts with <s>
-        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
-                                   bos_token="<s>", eos_token="</s>")
+    return word_tokenizer(WORDS, bos=bos)  # bos like Gemma / Llama 3: every encoding starts with <s>
 
 
 def tiny_lm(family: str = "llama", *, bos: bool = False, seed: int = 0) -> LoadedModel:
-    vocab = len(SPECIALS) + len(WORDS)
-    common = dict(vocab_size=vocab, hidden_size=16, intermediate_size=24, num_hidden_layers=N_LAYERS,
-                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    config = {
-        "llama": lambda: LlamaConfig(**common),
-        "gemma3_text": lambda: Gemma3TextConfig(**common, head_dim=8, sliding_window=8),
-        "gpt2": lambda: GPT2Config(vocab_size=vocab, n_embd=16, n_inner=24, n_layer=N_LAYERS, n_head=2,
-                                   n_positions=64),
-    }[family]()
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    model.requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tiny_tokenizer(bos=bos), spec=f"tiny-{family}",
-                       name=f"tiny-{family}", fingerprint=f"{family}-{seed}".ljust(64, "0"),
-                       arch=get_architecture(config), device=torch.device("cpu"))
+    extra = {"gemma3_text": {"sliding_window": 8}}.get(family, {})
+    model = tiny_model(family, vocab=len(WORD_SPECIALS) + len(WORDS), seed=seed, d_model=16, d_mlp=24,
+                       n_layers=N_LAYERS, n_heads=2, n_kv_heads=1, max_positions=64, frozen=True, **extra)
+    return loaded(model, tiny_tokenizer(bos=bos), family, fingerprint=f"{family}-{seed}".ljust(64, "0"))
 
 
 def make_corpus(n_docs: int = 6, seed: int = 0) -> list[str]:

@@ -5,31 +5,21 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from rlsedit.cli import main
 from rlsedit.errors import InvalidRequestError
 from rlsedit.locate.stats_cli import parse_layers
+from tiny_models import save, tiny_model, word_tokenizer
 
 WORDS = "the a of is in and to capital city river king queen paris rome france italy".split()
 
 
 @pytest.fixture
 def model_dir(tmp_path):
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
-                                        bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=24, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    folder = tmp_path / "tiny"
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    tokenizer = word_tokenizer(WORDS)
+    model = tiny_model("llama", vocab=len(tokenizer), seed=0, d_model=16, d_mlp=24, n_layers=3, n_heads=2,
+                       n_kv_heads=1, max_positions=64)
+    return save(tmp_path / "tiny", model, tokenizer)
 
 
 @pytest.fixture
