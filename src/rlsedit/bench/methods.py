@@ -198,17 +198,18 @@ def _sweep_layers(text: str, part: str) -> tuple[int, ...]:
     return layers
 
 
-def _sweep_value_text(value: float | tuple[int, ...]) -> str:
-    if isinstance(value, tuple):
-        if list(value) == list(range(value[0], value[-1] + 1)) and len(value) > 1:
+def sweep_value_text(value: Any) -> str:
+    """A swept setting as text: layers as a band ``4-8`` or a list ``4+6+8``, floats by ``:g``."""
+    if isinstance(value, (list, tuple)):
+        if len(value) > 1 and list(value) == list(range(value[0], value[-1] + 1)):
             return f"{value[0]}-{value[-1]}"
         return "+".join(str(x) for x in value)
-    return f"{value:g}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def sweep_run_name(point: dict[str, float | tuple[int, ...]]) -> str:
     """``rlsedit[lambda_reg=0.1,mu_reg=1]`` — the name a sweep point's run is reported under."""
-    return f"{SWEEP_METHOD}[" + ",".join(f"{k}={_sweep_value_text(v)}" for k, v in point.items()) + "]"
+    return f"{SWEEP_METHOD}[" + ",".join(f"{k}={sweep_value_text(v)}" for k, v in point.items()) + "]"
 
 
 def run_dir_name(run_name: str) -> str:

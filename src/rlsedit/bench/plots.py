@@ -150,16 +150,18 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
 def _sweep_figure(plt, sweep: dict[str, dict[str, Any]]):
     """Final efficacy and specificity of the sweep points: the first swept setting on the x axis
     (in the order run), one line per combination of the others."""
+    from .methods import sweep_value_text  # the run names' own spelling of a setting
+
     configs = {name: result["config"] for name, result in sweep.items()}
-    keys = [k for k in next(iter(configs.values())) if len({_label(c.get(k)) for c in configs.values()}) > 1]
+    keys = [k for k in next(iter(configs.values())) if len({sweep_value_text(c.get(k)) for c in configs.values()}) > 1]
     x_key, line_keys = (keys[0], keys[1:]) if keys else (None, [])
     lines: dict[str, list[tuple[str, float | None, float | None]]] = {}
     for name, result in sweep.items():
         cfg = configs[name]
         evals = _checkpoints(result)
         summary = evals[-1]["evaluation"]["counterfact"]["summary"] if evals else {}
-        line = ", ".join(f"{_SHORT.get(k, k)}={_label(cfg.get(k))}" for k in line_keys) or "RLSEdit"
-        x = _label(cfg.get(x_key)) if x_key else name
+        line = ", ".join(f"{_SHORT.get(k, k)}={sweep_value_text(cfg.get(k))}" for k in line_keys) or "RLSEdit"
+        x = sweep_value_text(cfg.get(x_key)) if x_key else name
         lines.setdefault(line, []).append((x, summary.get("efficacy"), summary.get("specificity")))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for line, pts in lines.items():
@@ -175,9 +177,3 @@ def _sweep_figure(plt, sweep: dict[str, dict[str, Any]]):
 
 
 _SHORT = {"lambda_reg": "λ", "mu_reg": "μ", "mom2_update_weight": "n"}
-
-
-def _label(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return f"{value[0]}–{value[-1]}" if list(value) == list(range(value[0], value[-1] + 1)) else "+".join(map(str, value))
-    return f"{value:g}" if isinstance(value, float) else str(value)

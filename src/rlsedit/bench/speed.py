@@ -25,8 +25,8 @@ model's and the editor state's sizes.
 from __future__ import annotations
 
 import logging
-import re
 import platform
+import re
 import resource
 import statistics
 import sys
