@@ -10,7 +10,7 @@ from locate_tiny import make_lm
 from rlsedit.editors import (EDITORS, FT, MEMIT, ROME, AlphaEdit, EditRecord, MEMITSeq, RLSEdit, RLSEditConfig,
                              RLSEditOfficial, get_editor_class)
 from rlsedit.editors.config import AlphaEditConfig, MEMITSeqConfig
-from rlsedit.errors import InvalidRequestError, NumericalError, UnsupportedError
+from rlsedit.errors import InvalidRequestError, NumericalError, StateMismatchError, UnsupportedError
 from rlsedit.model.weights import get_W
 from rlsedit.requests import EditRequest
 
@@ -234,3 +234,23 @@ def test_rlsedit_holds_one_W0_per_layer_after_init_and_after_a_reload():
     for l in LAYERS:
         assert same_memory(restored.states_[l].W0, restored.W0[l])
         assert torch.equal(restored.states_[l].W_, editor.states_[l].W_)
+
+
+def test_the_state_file_holds_W0_once_and_older_files_with_a_second_copy_still_load():
+    lm = make_lm()
+    editor = RLSEdit(lm, RLSEditConfig(layers=LAYERS), moments=_moments(lm), prefixes=["{}"])
+    editor.partial_fit(REQUESTS[:2])
+    saved = {k: v.clone() for k, v in editor.state_dict().items()}
+    assert not [k for k in saved if k.endswith(".rls.W0")]
+    assert all(f"layers.{l}.W0" in saved for l in LAYERS)
+    # a file written before W0 was dropped from the RLS part: the second copy is read and checked
+    older = dict(saved, **{f"layers.{l}.rls.W0": saved[f"layers.{l}.W0"].clone() for l in LAYERS})
+    restored = RLSEdit(make_lm(), RLSEditConfig(layers=LAYERS), moments=_moments(lm), prefixes=["{}"])
+    restored.load_state_dict(older, n_edits=2, n_batches=1)
+    for l in LAYERS:
+        assert torch.equal(restored.states_[l].W0, editor.W0[l])
+        assert torch.equal(restored.states_[l].C_, editor.states_[l].C_)
+    inconsistent = dict(older, **{f"layers.{LAYERS[0]}.rls.W0": older[f"layers.{LAYERS[0]}.W0"] + 1.0})
+    fresh = RLSEdit(make_lm(), RLSEditConfig(layers=LAYERS), moments=_moments(lm), prefixes=["{}"])
+    with pytest.raises(StateMismatchError, match=rf"layer {LAYERS[0]}: the RLS state's W0 differs"):
+        fresh.load_state_dict(inconsistent, n_edits=2, n_batches=1)

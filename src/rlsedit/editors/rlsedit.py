@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, StateMismatchError
 from ..model.weights import set_W
 from ..solvers.official import official_update
 from ..solvers.rls import RLSState
@@ -65,6 +65,8 @@ class RLSEdit(Editor):
         out = {}
         for l, state in self.states_.items():
             for key, value in state.state_dict().items():
+                if key == "W0":
+                    continue  # the state's W0 is the editor's layers.<l>.W0 in the state dtype
                 # scalars (λ, μ, jitter, counters) as 0-d tensors: float64 round-trips them exactly
                 if not isinstance(value, torch.Tensor):
                     value = torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
@@ -75,9 +77,16 @@ class RLSEdit(Editor):
         for l in self.layers:
             prefix = f"layers.{l}.rls."
             sub = {k[len(prefix):]: (v if v.dim() else v.item()) for k, v in tensors.items() if k.startswith(prefix)}
+            W0 = self.W0[l]  # set from the file's layers.<l>.W0 by load_state_dict
+            if "C" in sub:
+                W0 = W0.to(sub["C"].dtype)  # as _init_state casts it
+            old_copy = sub.setdefault("W0", W0)  # older state files hold it a second time
+            if old_copy is not W0 and not (old_copy.dtype == W0.dtype and torch.equal(old_copy, W0)):
+                raise StateMismatchError(
+                    f"layer {l}: the RLS state's W0 differs from the editor's layers.{l}.W0; "
+                    "the state file is inconsistent")
             state = RLSState.from_state_dict(sub)
-            if state.W0.dtype == self.W0[l].dtype and torch.equal(state.W0, self.W0[l]):
-                state.W0 = self.W0[l]  # one W0 in memory, as after _init_state (the file holds two)
+            state.W0 = W0  # one W0 in memory, as after _init_state
             self.states_[l] = state
 
     def diagnostics(self):
