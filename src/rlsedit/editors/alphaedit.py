@@ -9,8 +9,6 @@ onto the eigenvectors of E[kkᵀ] whose eigenvalues fall below ``nullspace_thres
 
 from __future__ import annotations
 
-import torch
-
 from ..solvers.alphaedit import alphaedit_delta, null_space_projector
 from .base import Editor
 from .config import AlphaEditConfig

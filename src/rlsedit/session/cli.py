@@ -6,7 +6,6 @@ import json
 import math
 import sys
 import tempfile
-from pathlib import Path
 
 from ..errors import InvalidRequestError
 from .session import Runtime, Session

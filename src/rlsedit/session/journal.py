@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import StateCorruptError, StateError
-from .jsonio import dumps_json, loads_json, to_json_value
+from .jsonio import decimal_count, dumps_json, json_object, to_json_value
 from .tensorfile import decode, decode_metadata, encode
 
 JOURNAL_DIR_NAME = "journal"
@@ -102,21 +102,19 @@ def read_entry_header(data: bytes, path: Path) -> EntryHeader:
         raise corrupt(f"metadata fields {sorted(metadata)}")
     if metadata["format"] != ENTRY_FORMAT:
         raise corrupt(f"format {metadata['format']!r}, expected {ENTRY_FORMAT!r}")
-    seq_text = metadata["seq"]
-    if not (seq_text.isascii() and seq_text.isdigit() and str(int(seq_text)) == seq_text):
-        raise corrupt(f"seq {seq_text!r} is not a decimal integer")
+    seq = decimal_count(metadata["seq"])
+    if seq is None:
+        raise corrupt(f"seq {metadata['seq']!r} is not a decimal integer")
     kind, prev = metadata["kind"], metadata["prev_sha256"]
     if not _KIND_RE.match(kind):
         raise corrupt(f"kind {kind!r}")
     if prev != "" and not _SHA256_RE.match(prev):
         raise corrupt(f"prev_sha256 {prev!r}")
     try:
-        meta = loads_json(metadata["meta"])
-    except (ValueError, RecursionError) as exc:
-        raise corrupt(f"meta is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise corrupt("meta is not a JSON object")
-    return EntryHeader(seq=int(seq_text), kind=kind, meta=meta, prev_sha256=prev)
+        meta = json_object(metadata["meta"])
+    except ValueError as exc:
+        raise corrupt(f"meta {exc}") from None
+    return EntryHeader(seq=seq, kind=kind, meta=meta, prev_sha256=prev)
 
 
 def decode_entry(data: bytes, path: Path) -> tuple[JournalEntry, str]:

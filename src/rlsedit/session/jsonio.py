@@ -62,3 +62,22 @@ def _parse_finite_float(text: str) -> float:
 def loads_json(text: str | bytes) -> Any:
     """``json.loads`` that refuses NaN/Infinity. Raises ValueError/RecursionError on bad text."""
     return json.loads(text, parse_constant=_refuse_constant, parse_float=_parse_finite_float)
+
+
+def decimal_count(text: str) -> int | None:
+    """``text`` as a non-negative int if it is written canonically (ASCII digits, no sign or
+    leading zero), else None: counters in file metadata have exactly one spelling."""
+    if text.isascii() and text.isdigit() and str(int(text)) == text:
+        return int(text)
+    return None
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """The JSON object ``text`` holds; ValueError saying what it is instead."""
+    try:
+        value = loads_json(text)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError("is not a JSON object")
+    return value

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import StateCorruptError, StateError
-from .jsonio import dumps_json, loads_json, to_json_value
+from .jsonio import decimal_count, dumps_json, json_object, to_json_value
 from .tensorfile import Encoded, decode, encode_parts
 
 SNAPSHOT_FORMAT = "rlsedit.snapshot/1"
@@ -58,13 +58,11 @@ def check_snapshot(
 
     if set(metadata) != {"format", "covers_seq", "meta"} or metadata["format"] != SNAPSHOT_FORMAT:
         raise corrupt(f"metadata {sorted(metadata)} is not that of an {SNAPSHOT_FORMAT} file")
-    covers_text = metadata["covers_seq"]
-    if not (covers_text.isascii() and covers_text.isdigit() and str(int(covers_text)) == covers_text):
-        raise corrupt(f"covers_seq {covers_text!r} is not a decimal integer")
+    covers_seq = decimal_count(metadata["covers_seq"])
+    if covers_seq is None:
+        raise corrupt(f"covers_seq {metadata['covers_seq']!r} is not a decimal integer")
     try:
-        meta = loads_json(metadata["meta"])
-    except (ValueError, RecursionError) as exc:
-        raise corrupt(f"meta is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise corrupt("meta is not a JSON object")
-    return tensors, meta, int(covers_text)
+        meta = json_object(metadata["meta"])
+    except ValueError as exc:
+        raise corrupt(f"meta {exc}") from None
+    return tensors, meta, covers_seq
