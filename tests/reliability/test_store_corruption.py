@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rlsedit.errors import StateCorruptError
+from rlsedit.session.atomic import TEMP_PREFIX
 from rlsedit.session.journal import entry_file_name
 from rlsedit.session.store import StateStore
 
@@ -109,15 +110,22 @@ def tree_bytes(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in files}
 
 
+def open_reading_snapshot(directory: Path) -> StateStore:
+    return StateStore.open_reading_snapshot(directory)[0]
+
+
+@pytest.mark.parametrize("open_store", [StateStore.open, open_reading_snapshot], ids=["open", "open-reading"])
 @pytest.mark.parametrize("where, damage", [(c[1], c[2]) for c in CASES], ids=[c[0] for c in CASES])
-def test_damaged_file_is_refused_naming_it_and_nothing_changes(pristine, tmp_path, where, damage):
+def test_damaged_file_is_refused_naming_it_and_nothing_changes(pristine, tmp_path, where, damage, open_store):
     directory = tmp_path / "state"
     shutil.copytree(pristine, directory)
     target = where(directory)
     damage(target)
+    # a crash leftover that a successful open would delete: a refused one must leave it
+    (directory / f"{TEMP_PREFIX}manifest.json-1234").write_bytes(b"{")
     before = tree_bytes(directory)
     with pytest.raises(StateCorruptError) as info:
-        StateStore.open(directory)
+        open_store(directory)
     message = str(info.value)
     # the message names the damaged file; a swap is caught at whichever of the two comes first
     named = [target.name] if damage is not swap_entries else [target.name, entry_file_name(3)]
@@ -151,4 +159,13 @@ def test_pristine_state_opens_and_reads_whole(pristine, tmp_path):
     with StateStore.open(directory) as store:
         store.verify()
         assert [e.meta["seq"] for e in store.entries()] == list(range(N_ENTRIES))
-        assert store.read_snapshot()[1:] == ({"v": 1}, 3)
+        tensors, meta, covers_seq = store.read_snapshot()
+        assert (meta, covers_seq) == ({"v": 1}, 3)
+    store, snapshot = StateStore.open_reading_snapshot(directory)
+    with store:
+        assert snapshot[1:] == (meta, covers_seq) and torch.equal(snapshot[0]["W"], tensors["W"])
+    empty = tmp_path / "empty"
+    StateStore.create(empty, {}).close()
+    store, snapshot = StateStore.open_reading_snapshot(empty)
+    store.close()
+    assert snapshot is None

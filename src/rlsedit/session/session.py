@@ -128,7 +128,8 @@ class Session:
         directory = Path(directory)
         if not is_state_dir(directory):
             raise StateError(f"{directory} is not a state directory (no manifest.json)")
-        store = StateStore.open(directory)  # takes the lock and verifies every file first
+        # takes the lock and verifies every file first, reading the snapshot in its verifying pass
+        store, snapshot = StateStore.open_reading_snapshot(directory)
         try:
             meta = store.meta
             _check_meta(meta, store)
@@ -147,9 +148,10 @@ class Session:
             layers = tuple(meta["layers"])
             if editor_cls.layers_for(lm, config) != layers:
                 raise StateMismatchError(f"state layers {list(layers)} differ from its config's layers")
-            if store.snapshot_covers_seq is None:
+            if snapshot is None:
                 _finish_create(store, lm, editor_cls, config, meta, runtime)
-            tensors, snap_meta, covers_seq = store.read_snapshot()
+                snapshot = store.read_snapshot()
+            tensors, snap_meta, covers_seq = snapshot
             _check_snapshot_meta(snap_meta, store)
             moments = {l: tensors[f"layers.{l}.mom2"] for l in layers} if editor_cls.needs_moments else None
             editor = editor_cls(lm, config, moments=moments, prefixes=meta["prefixes"], progress=runtime.progress)
