@@ -345,3 +345,21 @@ def test_a_deep_copy_owns_C_and_W_and_shares_the_never_written_W0():
     assert torch.equal(state.C_, C) and torch.equal(state.W_, W) and state.last_S is None
     assert not torch.equal(twin.C_, C) and twin.last_S is not None
     assert twin.W0 is state.W0
+
+
+def test_a_state_rebuilt_from_contiguous_copies_continues_bit_identically():
+    # a state file holds row-major tensors; the live C must have that layout too, or the two
+    # streams' GEMMs round differently after a reload
+    g = torch.Generator().manual_seed(6)
+    d_k, d_v = 96, 8
+    K0 = torch.randn(d_k, 4 * d_k, generator=g)
+    live = RLSState.from_anchor(torch.randn(d_k, d_v, generator=g), K0 @ K0.T / (4 * d_k), 0.0, 1.0,
+                                dtype=torch.float32)
+    assert live.C_.is_contiguous() and live.W_.is_contiguous()
+    live.update(torch.randn(d_k, 5, generator=g), torch.randn(5, d_v, generator=g))
+    saved = {k: (v.contiguous().clone() if isinstance(v, torch.Tensor) else v) for k, v in live.state_dict().items()}
+    reloaded = RLSState.from_state_dict(saved)
+    K, V = torch.randn(d_k, 7, generator=g), torch.randn(7, d_v, generator=g)
+    live.update(K, V)
+    reloaded.update(K, V)
+    assert torch.equal(live.C_, reloaded.C_) and torch.equal(live.W_, reloaded.W_)

@@ -229,7 +229,10 @@ class RLSState:
         # C_0 = M⁻¹ = L⁻ᵀ L⁻¹   [Cholesky inverse, float64]
         C0 = torch.cholesky_inverse(L)
         C0 = 0.5 * (C0 + C0.mT)
-        C = C0.to(dtype)
+        # row-major, as C is when read back from a state file: cholesky_inverse returns it
+        # column-major, and the GEMMs of an update round differently on the two layouts, so a
+        # reloaded stream would drift from the live one by float rounding
+        C = C0.to(dtype).contiguous()
         require_finite("C_0 (after the cast to the state dtype)", C)
         # W0 is never written (it is kept for the state file and diagnostics), so in the state
         # dtype it is held as given, not copied: the editor holding W0 shares its memory
