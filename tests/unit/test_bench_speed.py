@@ -154,3 +154,10 @@ def test_state_memory_counts_each_storage_once_and_not_the_models_weights():
     per_layer = 4 * (2 * d_k * d_v + d_k * d_k) + 8 * d_k * d_k
     scalars = sum(t.element_size() for t in editor.state_dict().values() if t.dim() == 0)
     assert _editor_state_mb(editor) == pytest.approx((2 * per_layer + scalars) / 2**20, rel=1e-12)
+    # AlphaEdit also holds a null-space projector per layer (float64, rebuilt on load, not saved)
+    from rlsedit.editors import AlphaEdit, AlphaEditConfig
+
+    alpha = AlphaEdit(lm, AlphaEditConfig(layers=(1, 2)), moments=editor.moments, prefixes=["{}"])
+    alpha_per_layer = 4 * d_k * d_v + 8 * d_k * d_k * 3  # W0; E[kkᵀ], accumulated Gram, projector
+    assert _editor_state_mb(alpha) == pytest.approx(2 * alpha_per_layer / 2**20, rel=1e-12)
+    assert not [k for k in alpha.state_dict() if k.endswith(".projector")]

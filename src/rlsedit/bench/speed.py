@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import re
 import resource
 import statistics
 import sys
@@ -113,9 +112,8 @@ def _tensor_mb(tensors) -> float:
 
 
 def _editor_state_mb(editor) -> float:
-    """MiB the editor holds beyond the model: its state tensors without ``layers.<l>.W``, which
-    :meth:`~rlsedit.editors.base.Editor.state_dict` copies out of the model's own weights."""
-    return _tensor_mb(t for name, t in editor.state_dict().items() if not re.fullmatch(r"layers\.\d+\.W", name))
+    """MiB the editor holds beyond the model (:meth:`~rlsedit.editors.base.Editor.held_tensors`)."""
+    return _tensor_mb(editor.held_tensors().values())
 
 
 def efficacy(lm, requests: Sequence[EditRequest]) -> dict[str, float]:

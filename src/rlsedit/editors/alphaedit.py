@@ -26,6 +26,10 @@ class AlphaEdit(AccumulatedGram, Editor):
                            for l in self.layers}
         self._init_gram()
 
+    def held_tensors(self):
+        # the projectors are rebuilt from E[kkᵀ] on load, so they are held but never saved
+        return super().held_tensors() | {f"layers.{l}.projector": P for l, P in self.projector_.items()}
+
     def _solve(self, layer, K, V, W):
         R = (V - K.T @ W).double()
         delta = alphaedit_delta(self.projector_[layer], K.double(), R, self.gram_[layer], self.config.L2)

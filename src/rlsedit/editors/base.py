@@ -337,15 +337,26 @@ class Editor:
             set_W(self.lm, l, W)
 
     # ---- persistence --------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything needed to restore this editor on the same base model: W_0, W, method state."""
+    def _saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The live tensors (not copies) the state file keeps: W_0, E[kkᵀ], the method's state."""
         out = {}
         for l in self.layers:
-            out[f"layers.{l}.W0"] = self.W0[l].contiguous()
-            out[f"layers.{l}.W"] = get_W(self.lm, l).contiguous()
+            out[f"layers.{l}.W0"] = self.W0[l]
             if l in self.moments:
-                out[f"layers.{l}.mom2"] = self.moments[l].contiguous()
+                out[f"layers.{l}.mom2"] = self.moments[l]
         out.update(self.method_state_dict())
+        return out
+
+    def held_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors this editor keeps in memory beside the model: what it saves, plus what a
+        method rebuilds on load instead of saving (it overrides this to add them)."""
+        return self._saved_tensors()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything needed to restore this editor on the same base model: W_0, E[kkᵀ], the
+        method's state, and each layer's current ``W`` copied out of the model."""
+        out = {name: t.contiguous() for name, t in self._saved_tensors().items()}
+        out.update({f"layers.{l}.W": get_W(self.lm, l) for l in self.layers})
         return out
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], *, n_edits: int = 0, n_batches: int = 0) -> None:
