@@ -1,7 +1,7 @@
 """How much of the target change an edit realises at the top edited layer, and how much of each
 layer's residual share its post-FFN norm lets through. See docs/TUNING.md.
 
-    python benchmarks/tuning_gemma_reach.py gemma3-270m 20
+    python benchmarks/tuning_gemma_reach.py gemma3-270m 20 [method]   (method: rlsedit (default), rome, ...)
 """
 import sys, tempfile
 from pathlib import Path
@@ -28,22 +28,27 @@ def spy(self, layer, K, W, R):
     return V
 EB.Editor._absolute_targets = spy
 model = sys.argv[1]; n = int(sys.argv[2]) if len(sys.argv) > 2 else 20
+method = sys.argv[3] if len(sys.argv) > 3 else 'rlsedit'
 reqs = select_edits(str(Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'counterfact' / 'counterfact-val.json'), n)
-s = Session.create(tempfile.mkdtemp() + '/st', model=model, method='rlsedit', runtime=Runtime())
+s = Session.create(tempfile.mkdtemp() + '/st', model=model, method=method, runtime=Runtime())
 ed = s.editor; top = ed.layers[-1]
 # z from the targets: capture via compute_targets result
 import rlsedit.locate.targets as T
-cap = {}
+cap = []  # one result per call: ROME computes each request's target on its own
 _ct = T.compute_targets
 def ct(*a, **k):
-    r = _ct(*a, **k); cap['r'] = r; return r
+    r = _ct(*a, **k); cap.append(r); return r
 T.compute_targets = ct
 h0 = hidden_at_subject(s.lm, top, reqs).float()
 s.edit(reqs, batch_size=n)
 h1 = hidden_at_subject(s.lm, top, reqs).float()
-r = cap['r']; delta = r.z - r.initial
-print(f"{model}: ‖h‖ {h0.norm(dim=-1).mean():.0f}, ‖δ‖ {delta.norm(dim=-1).mean():.1f}, p(target) at opt {r.target_prob.mean():.3f}")
+delta = torch.cat([c.z - c.initial for c in cap]).float()
+target_prob = torch.cat([c.target_prob for c in cap])
+print(f"{model} {method} layers {list(ed.layers)}: ‖h‖ {h0.norm(dim=-1).mean():.0f}, ‖δ‖ {delta.norm(dim=-1).mean():.1f}, p(target) at opt {target_prob.mean():.3f}")
 print(f"realised at top: (h1-h0)·δ/‖δ‖² = {(((h1-h0)*delta).sum(-1)/delta.pow(2).sum(-1)).mean():.3f}; ‖h1-h0-δ‖/‖δ‖ = {((h1-h0-delta).norm(dim=-1)/delta.norm(dim=-1)).mean():.3f}")
-for l, rn, yn, got, miss in rows:
+for l in sorted({row[0] for row in rows}):  # mean over the calls (ROME: one per request)
+    rn, yn, got, miss = (sum(c) / len(c) for c in zip(*[row[1:] for row in rows if row[0] == l]))
     print(f"layer {l}: ‖R‖ {rn:.1f}  ‖y‖ {yn:.1f}  asked-for fraction the mapped value carries {got:.3f}  ‖Δy−R‖/‖R‖ {miss:.3f}")
+from rlsedit.bench.speed import efficacy
+print("efficacy on these edits after the batch:", efficacy(s.lm, reqs))
 s.close(snapshot=False)
