@@ -109,25 +109,23 @@ def pad_id(tokenizer) -> int:
 
 def left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad id lists: returns ``ids (B, L)`` and ``mask (B, L)`` (1 = real token)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        if seq:
-            ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
-            mask[row, width - len(seq):] = 1
-    return ids, mask
+    return _pad(seqs, pad, left=True)
 
 
 def right_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad id lists: returns ``ids (B, L)`` and ``mask (B, L)`` (1 = real token)."""
+    return _pad(seqs, pad, left=False)
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, seq in enumerate(seqs):
         if seq:
-            ids[row, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
-            mask[row, :len(seq)] = 1
+            cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+            ids[row, cols] = torch.tensor(list(seq), dtype=torch.long)
+            mask[row, cols] = 1
     return ids, mask
 
 
