@@ -48,3 +48,25 @@ def test_a_dropped_lock_object_releases_the_lock(tmp_path):
     del lock  # CPython frees it at once
     with StateLock(tmp_path) as again:
         assert again.held
+
+
+def test_a_waiting_lock_blocks_until_the_holder_lets_go(tmp_path):
+    import threading
+
+    order = []
+    first = StateLock(tmp_path)
+    first.acquire()
+
+    def second():
+        with StateLock(tmp_path, wait=True):
+            order.append("second holds")
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    thread.join(timeout=0.5)
+    assert thread.is_alive() and order == []  # still waiting on the first holder
+    order.append("first releases")
+    first.release()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert order == ["first releases", "second holds"]

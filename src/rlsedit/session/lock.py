@@ -20,16 +20,19 @@ LOCK_FILE_NAME = ".lock"
 
 
 class StateLock:
-    """Exclusive, non-blocking lock on a state directory; a context manager.
+    """Exclusive lock on a directory; a context manager.
 
     ``with StateLock(directory): ...`` holds the lock for the block. A second holder, in
     another process or in this one, is refused at once with
-    :class:`~rlsedit.errors.StateLockedError` naming the directory and the holder's pid.
+    :class:`~rlsedit.errors.StateLockedError` naming the directory and the holder's pid —
+    or, with ``wait=True``, blocks until the holder lets go (for work that one process does
+    and the others then read, such as the benchmark's unedited scores).
     """
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, wait: bool = False) -> None:
         self.directory = Path(directory)
         self.path = self.directory / LOCK_FILE_NAME
+        self.wait = wait
         self._fd: int | None = None
 
     @property
@@ -46,7 +49,7 @@ class StateLock:
         except OSError as exc:
             raise StateError(f"cannot open the lock file {self.path}: {exc}") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             holder = _read_pid(fd)
             os.close(fd)
@@ -87,7 +90,7 @@ class StateLock:
         self.release()
 
     def __repr__(self) -> str:
-        return f"StateLock({str(self.directory)!r}, held={self.held})"
+        return f"StateLock({str(self.directory)!r}, wait={self.wait}, held={self.held})"
 
 
 def _read_pid(fd: int) -> int | None:
