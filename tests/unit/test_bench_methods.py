@@ -331,32 +331,18 @@ def test_report_only_gathers_finished_runs(finished, tiny_setup, capsys):
 def test_processes_sharing_an_out_score_the_unedited_model_once(tmp_path):
     # two runs of the bench on one out (e.g. one method per process): the second waits for
     # the first's unedited scores and reads them instead of scoring the base model again
-    import threading
-
     from rlsedit.bench import methods
+    from two_processes import Gate, race
 
-    calls, started, finish = [], threading.Event(), threading.Event()
+    gate, got = Gate(), {}
 
     def score():
-        calls.append(threading.current_thread().name)
-        started.set()
-        assert finish.wait(timeout=10)
+        gate()
         return {"weights_sha256": "a" * 64, "evaluation": {}}
-
-    got = {}
 
     def run(name):
         got[name] = methods._unedited_once(tmp_path, score)
 
-    first = threading.Thread(target=run, args=("first",), name="first")
-    first.start()
-    assert started.wait(timeout=10)
-    second = threading.Thread(target=run, args=("second",), name="second")
-    second.start()
-    second.join(timeout=0.5)
-    assert second.is_alive()  # waiting on the first's lock, not scoring
-    finish.set()
-    first.join(timeout=10)
-    second.join(timeout=10)
-    assert calls == ["first"]
+    race(run, gate)
+    assert gate.entries == ["first"]
     assert got["first"] == got["second"] == json.loads((tmp_path / "unedited.json").read_text())

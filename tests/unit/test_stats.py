@@ -235,7 +235,9 @@ def test_spectrum_summary():
 
 
 def stats_files(cache_dir):
-    return sorted(p.name for p in (cache_dir / "stats").iterdir())
+    from rlsedit.session.lock import LOCK_FILE_NAME
+
+    return sorted(p.name for p in (cache_dir / "stats").iterdir() if p.name != LOCK_FILE_NAME)
 
 
 def test_cache_hit_returns_identical_tensors_without_a_forward(tmp_path):
@@ -344,3 +346,29 @@ def test_damaged_cache_entries_are_recomputed(tmp_path, damage, caplog):
     assert_close_moments(again.moment, first.moment, rtol=1e-12)
     # repaired: the next request is a hit again
     assert collect_second_moments(lm, [1], corpus, **args)[1].cached
+
+
+def test_a_second_process_waits_for_the_first_and_reads_its_entries(tmp_path, monkeypatch):
+    # two processes that want the same missing statistics (benchmark methods started together):
+    # the corpus pass runs once; the one that waited reads the entries the other wrote
+    from rlsedit.locate import stats
+    from two_processes import Gate, race
+
+    real, gate = stats._accumulate, Gate()
+
+    def gated_accumulate(*args, **kwargs):
+        gate()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stats, "_accumulate", gated_accumulate)
+    corpus, got = make_corpus(), {}
+
+    def run(name):
+        got[name] = collect_second_moments(tiny_lm(), [0, 2], corpus, max_tokens=100, seq_len=8,
+                                           batch_tokens=32, cache_dir=tmp_path)
+
+    race(run, gate)
+    assert gate.entries == ["first"]
+    for layer in (0, 2):
+        assert not got["first"][layer].cached and got["second"][layer].cached
+        assert torch.equal(got["first"][layer].moment.mom, got["second"][layer].moment.mom)

@@ -28,7 +28,7 @@ What one run does (``rlsedit bench methods``, or plain ``rlsedit bench --model â
    the slowest part of the evaluation).
 4. **Shared work.** The key second moments ``E[kkáµ€]`` come from
    :func:`rlsedit.locate.stats.second_moments`, cached on disk: the first method computes
-   them, the others read the cache. Context prefixes are seeded, so every method computes
+   them, the others read the cache (or wait for it, when they run at the same time). Context prefixes are seeded, so every method computes
    the same ones from its unedited model.
 
 Resumability (files under ``out``): ``settings.json`` pins the edit stream (ids) and
@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import InvalidRequestError, StateLockedError, StateMismatchError
+from ..errors import InvalidRequestError, StateMismatchError
 from ..requests import EditRequest, read_requests
 from ..session.lock import StateLock
 
@@ -302,21 +302,12 @@ def _unedited_once(out: Path, score: Callable[[], dict[str, Any]]) -> dict[str, 
     repeating the scoring (ten minutes for 1,000 CounterFact edits on a CPU).
     """
     path = out / f"{UNEDITED}.json"
-    lock = StateLock(out)
-    try:
-        lock.acquire()
-    except StateLockedError:
-        log.info("another process is scoring the unedited model in %s; waiting for it", out)
-        lock = StateLock(out, wait=True)
-        lock.acquire()
-    try:
+    with StateLock(out, wait=True):
         if path.is_file():
             return json.loads(path.read_text())
         unedited = score()
         _write_json(path, unedited)
         return unedited
-    finally:
-        lock.release()
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -24,6 +24,8 @@ Results are cached on disk per layer (``<cache_dir>/stats/<key>.safetensors`` + 
 The key covers what determines the statistic: the model's fingerprint, the sha256 of every
 weight upstream of the layer's keys (so statistics of an edited model never pose as the
 original's), the layer, the corpus sha256, ``max_tokens``, ``seq_len`` and the format version.
+A process that has to compute holds a lock on the cache folder meanwhile; others that want
+missing entries wait for it and then read what it wrote.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from ..errors import InvalidRequestError, NumericalError, StateCorruptError, Sta
 from ..model.arch import resolve
 from ..model.hooks import capture
 from ..model.load import default_cache_dir
+from ..session.lock import StateLock
 from ..model.weights import down_proj
 
 log = logging.getLogger(__name__)
@@ -277,6 +280,16 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _read_into(results: dict, layer: int, entry: tuple[Path, Path, dict], d_k: int) -> None:
+    """Put ``layer``'s cache entry into ``results`` if there is a valid one."""
+    tensor_path, meta_path, fields = entry
+    start = time.perf_counter()
+    hit = _read_cached(tensor_path, meta_path, fields, d_k)
+    if hit is not None:
+        log.info("layer %d: second moment read from %s", layer, tensor_path)
+        results[layer] = MomentResult(hit, True, time.perf_counter() - start, tensor_path)
+
+
 def _read_cached(tensor_path: Path, meta_path: Path, fields: dict, d_k: int) -> SecondMoment | None:
     """The cached statistic if both files exist and agree with the request, else None."""
     from safetensors.torch import load_file
@@ -460,19 +473,18 @@ def collect_second_moments(
             key = _cache_key(fields)
             tensor_path, meta_path = root / f"{key}.safetensors", root / f"{key}.json"
             paths[layer] = (tensor_path, meta_path, fields)
-            start = time.perf_counter()
-            hit = _read_cached(tensor_path, meta_path, fields, lm.d_k)
-            if hit is not None:
-                log.info("layer %d: second moment read from %s", layer, tensor_path)
-                results[layer] = MomentResult(hit, True, time.perf_counter() - start, tensor_path)
+            _read_into(results, layer, paths[layer], lm.d_k)
     missing = [l for l in wanted if l not in results]
-    if missing:
+    if not missing:
+        return {layer: results[layer] for layer in wanted}
+
+    def compute(layers: list[int]) -> None:
         start = time.perf_counter()
-        computed = _accumulate(lm, missing, corpus, max_tokens=max_tokens,
+        computed = _accumulate(lm, layers, corpus, max_tokens=max_tokens,
                                batch_tokens=batch_tokens, seq_len=seq_len, progress=progress)
         seconds = time.perf_counter() - start
-        log.info("layers %s: %d tokens in %.1f s", missing, computed[missing[0]].count, seconds)
-        for layer in missing:
+        log.info("layers %s: %d tokens in %.1f s", layers, computed[layers[0]].count, seconds)
+        for layer in layers:
             path = None
             if use_cache:
                 tensor_path, meta_path, fields = paths[layer]
@@ -482,6 +494,19 @@ def collect_second_moments(
                 _write_cached(tensor_path, meta_path, fields, computed[layer], extra)
                 path = tensor_path
             results[layer] = MomentResult(computed[layer], False, seconds, path)
+
+    if not use_cache:
+        compute(missing)
+    else:
+        # One process computes, the others wait and read: processes started together (one
+        # benchmark method each) would otherwise all pay for the same corpus pass.
+        root.mkdir(parents=True, exist_ok=True)
+        with StateLock(root, wait=True):
+            for layer in missing:
+                _read_into(results, layer, paths[layer], lm.d_k)
+            still_missing = [l for l in missing if l not in results]
+            if still_missing:
+                compute(still_missing)
     return {layer: results[layer] for layer in wanted}
 
 

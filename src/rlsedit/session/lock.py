@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 from pathlib import Path
 from types import TracebackType
@@ -17,6 +18,9 @@ from types import TracebackType
 from ..errors import StateError, StateLockedError
 
 LOCK_FILE_NAME = ".lock"
+_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # flock's "someone else holds it"
+
+log = logging.getLogger(__name__)
 
 
 class StateLock:
@@ -49,14 +53,19 @@ class StateLock:
         except OSError as exc:
             raise StateError(f"cannot open the lock file {self.path}: {exc}") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if not (self.wait and exc.errno in _BUSY):
+                    raise
+                log.info("%s is locked by %s; waiting for it", self.directory, _who(_read_pid(fd)))
+                fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as exc:
             holder = _read_pid(fd)
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                who = f"process {holder}" if holder is not None else "another process (pid unknown)"
+            if exc.errno in _BUSY:
                 raise StateLockedError(
-                    f"state directory {self.directory} is locked by {who}; wait for it to "
+                    f"state directory {self.directory} is locked by {_who(holder)}; wait for it to "
                     f"finish or stop it (lock file {self.path})"
                 ) from None
             raise StateError(f"cannot lock {self.path}: {exc}") from exc
@@ -91,6 +100,10 @@ class StateLock:
 
     def __repr__(self) -> str:
         return f"StateLock({str(self.directory)!r}, wait={self.wait}, held={self.held})"
+
+
+def _who(pid: int | None) -> str:
+    return f"process {pid}" if pid is not None else "another process (pid unknown)"
 
 
 def _read_pid(fd: int) -> int | None:
