@@ -28,8 +28,9 @@ What one run does (``rlsedit bench methods``, or plain ``rlsedit bench --model â
    the slowest part of the evaluation).
 4. **Shared work.** The key second moments ``E[kkáµ€]`` come from
    :func:`rlsedit.locate.stats.second_moments`, cached on disk: the first method computes
-   them, the others read the cache (or wait for it, when they run at the same time). Context prefixes are seeded, so every method computes
-   the same ones from its unedited model.
+   them, the others read the cache (or wait for it, when they run at the same time).
+   Context prefixes are seeded, so every method computes the same ones from its unedited
+   model.
 
 Resumability (files under ``out``): ``settings.json`` pins the edit stream (ids) and
 everything that changes results; ``<method>/state`` is the session; ``<method>/progress.jsonl``

@@ -51,8 +51,8 @@ from ..errors import InvalidRequestError, NumericalError, StateCorruptError, Sta
 from ..model.arch import resolve
 from ..model.hooks import capture
 from ..model.load import default_cache_dir
-from ..session.lock import StateLock
 from ..model.weights import down_proj
+from ..session.lock import StateLock
 
 log = logging.getLogger(__name__)
 
