@@ -14,6 +14,7 @@ import sys
 
 from . import __version__
 from .errors import RLSEditError
+from .heap import pin_mmap_threshold
 
 # module path -> it defines register(subparsers) adding one or more subcommands
 COMMAND_MODULES: tuple[str, ...] = (
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # freed activations go back to the system instead of fragmenting the heap (rlsedit/heap.py)
+    pin_mmap_threshold()
     try:
         return int(args.func(args) or 0)
     except RLSEditError as exc:

@@ -1,0 +1,55 @@
+"""Keep large temporary buffers out of glibc's heap.
+
+Value-target optimisation allocates and frees hundreds of MiB of activations for every group
+of requests. glibc serves a request above its mmap threshold with its own ``mmap`` and unmaps
+it on ``free``, so that memory goes back to the system at once. But glibc raises the threshold
+each time it frees such a block (up to 32 MiB on 64-bit systems), so after the first groups the
+same activations come from the heap instead, where the freed space fragments and stays
+resident (benchmarks/SPEED.md, "Memory"). Setting the threshold explicitly turns that
+adjustment off (``mallopt(3)``: "M_MMAP_THRESHOLD ... Setting this parameter disables the
+dynamic adjustment").
+
+The ``rlsedit`` command applies it once at start-up; a program that uses the library may call
+:func:`pin_mmap_threshold` itself. It changes where memory comes from, never what is computed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+# mallopt's parameter number for the mmap threshold (glibc's malloc.h)
+M_MMAP_THRESHOLD = -3
+
+# 1 MiB: the activations of one target group are tens of MiB each; what stays below this is
+# small enough that its fragmentation does not matter, and mapping it would cost a system call
+# per allocation.
+DEFAULT_MMAP_THRESHOLD = 1 << 20
+# glibc refuses thresholds above half its heap size on 64-bit systems
+MAX_MMAP_THRESHOLD = 32 << 20
+
+
+def pin_mmap_threshold(nbytes: int = DEFAULT_MMAP_THRESHOLD) -> bool:
+    """Serve every allocation of ``nbytes`` or more with its own mapping, for the whole process.
+
+    Returns True when glibc accepted the setting, False where the C library is not glibc (or
+    refuses the value); then nothing changed.
+    """
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or not 0 < nbytes <= MAX_MMAP_THRESHOLD:
+        raise ValueError(f"nbytes must be an int in 1..{MAX_MMAP_THRESHOLD}, got {nbytes!r}")
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        log.debug("no mallopt in the C library (%s); heap policy left as it is", name)
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    accepted = mallopt(M_MMAP_THRESHOLD, nbytes) == 1
+    if not accepted:
+        log.debug("mallopt refused an mmap threshold of %d bytes", nbytes)
+    return accepted
