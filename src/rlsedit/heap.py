@@ -6,8 +6,8 @@ it on ``free``, so that memory goes back to the system at once. But glibc raises
 each time it frees such a block (up to 32 MiB on 64-bit systems), so after the first groups the
 same activations come from the heap instead, where the freed space fragments and stays
 resident (benchmarks/SPEED.md, "Memory"). Setting the threshold explicitly turns that
-adjustment off (``mallopt(3)``: "M_MMAP_THRESHOLD ... Setting this parameter disables the
-dynamic adjustment").
+adjustment off (``mallopt(3)``: the dynamic threshold is disabled once M_MMAP_THRESHOLD,
+M_TRIM_THRESHOLD, M_TOP_PAD or M_MMAP_MAX is set).
 
 The ``rlsedit`` command applies it once at start-up; a program that uses the library may call
 :func:`pin_mmap_threshold` itself. It changes where memory comes from, never what is computed.
@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 # mallopt's parameter number for the mmap threshold (glibc's malloc.h)
 M_MMAP_THRESHOLD = -3
 
-# 1 MiB: the activations of one target group are tens of MiB each; what stays below this is
-# small enough that its fragmentation does not matter, and mapping it would cost a system call
-# per allocation.
+# 1 MiB: the tensors of one target group's activations and logits run from about 1 to a few
+# tens of MiB (SmolLM2, 28 rows: MLP activations ~3 MiB, logits ~12 MiB); smaller blocks stay on
+# the heap, where their fragmentation is small and they cost no system call each.
 DEFAULT_MMAP_THRESHOLD = 1 << 20
 # glibc refuses thresholds above half its heap size on 64-bit systems
 MAX_MMAP_THRESHOLD = 32 << 20
