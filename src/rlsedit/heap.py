@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 M_MMAP_THRESHOLD = -3
 
 # 1 MiB: the tensors of one target group's activations and logits run from about 1 to a few
-# tens of MiB (by shape, SmolLM2 at 28 rows: MLP activations ~3 MiB, logits ~12 MiB); smaller blocks stay on
-# the heap, where their fragmentation is small and they cost no system call each.
+# tens of MiB (by shape, SmolLM2 at 28 rows: MLP activations ~3 MiB, logits ~12 MiB); smaller
+# blocks stay on the heap, where their fragmentation is small and they cost no system call each.
 DEFAULT_MMAP_THRESHOLD = 1 << 20
 # glibc refuses thresholds above half its heap size on 64-bit systems
 MAX_MMAP_THRESHOLD = 32 << 20
