@@ -16,7 +16,6 @@ The ``rlsedit`` command applies it once at start-up; a program that uses the lib
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger(__name__)
@@ -40,12 +39,12 @@ def pin_mmap_threshold(nbytes: int = DEFAULT_MMAP_THRESHOLD) -> bool:
     """
     if not isinstance(nbytes, int) or isinstance(nbytes, bool) or not 0 < nbytes <= MAX_MMAP_THRESHOLD:
         raise ValueError(f"nbytes must be an int in 1..{MAX_MMAP_THRESHOLD}, got {nbytes!r}")
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        log.debug("no mallopt in the C library (%s); heap policy left as it is", name)
+        # the symbols already loaded into this process, libc's among them (as in
+        # eval/_sandbox_child.py); find_library("c") would run ldconfig at every start
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        log.debug("no mallopt in this process's C library; heap policy left as it is")
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
