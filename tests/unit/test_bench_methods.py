@@ -33,8 +33,12 @@ FAST = {"v_num_grad_steps": 4, "context_count": 1, "context_length": 3, "mom2_up
 
 
 def save_tiny_model(folder: Path) -> Path:
-    """A tiny random llama (see locate_tiny) saved as a Hugging Face directory load_model reads."""
-    lm = make_lm("llama")
+    """A tiny random llama (see locate_tiny) saved as a Hugging Face directory load_model reads.
+
+    Eight layers: the default band of an unknown model (1-5) then ends below the last block.
+    Edited at the last block, δ reaches only the subject's own logits, and these prompts read
+    their targets after the subject: the objective has no gradient there."""
+    lm = make_lm("llama", n_layers=8)
     return save(folder, lm.model, lm.tokenizer)
 
 
@@ -167,7 +171,7 @@ def test_every_method_runs_the_same_stream_with_diagnostics_and_checkpoints(fini
         assert [b["edits"] for b in result["batches"]] == [2, 4]
         assert result["status"]["edits_applied"] == 4
         for b in result["batches"]:
-            assert b["total_s"] > 0 and b["diagnostics"]["drift_fro"] > 0
+            assert b["total_s"] > 0 and b["diagnostics"]["drift_fro"] > 0, (name, b["batch"], b["diagnostics"])
             # both checkpoints evaluated, on the edits applied so far
             assert b["evaluation"]["counterfact"]["summary"]["requests"] == b["edits"]
             assert b["evaluation"]["general"]["wikitext"]["ppl"] > 1

@@ -99,6 +99,44 @@ def test_rows_are_split_evenly_over_the_fewest_groups(lm):
     assert [len(g.rows) for g in _groups(lm, layer, problem, 12)] == [12]
 
 
+def _one_group(lm):
+    from rlsedit.locate.targets import _build_problem, _groups, _prepare
+
+    layer, reqs, prefixes, config = _prepare(lm, LAYER, requests(), PREFIXES, NO_STOP, 64)
+    problem = _build_problem(lm, reqs, prefixes, config)
+    (group,) = _groups(lm, layer, problem, 64)
+    return group, problem
+
+
+def test_stopped_requests_leave_their_group(lm):
+    # rows of a stopped request are never replayed again: the group shrinks in place
+    group, problem = _one_group(lm)
+    assert group.keep_active(torch.ones(3, dtype=torch.bool), problem) and group.rows.numel() == 12
+    assert group.keep_active(torch.tensor([True, False, True]), problem)
+    kept = group.rows.numel()
+    assert kept == 8 and set(problem.row_req[group.rows].tolist()) == {0, 2}
+    assert group.base.shape[0] == group.calls.batch == kept
+    for layer in group.calls.cache.layers[LAYER + 1:]:
+        assert layer.keys.shape[0] == layer.values.shape[0] == kept
+    assert set(problem.row_req[problem.tgt_row[group.tgt]].tolist()) == {0, 2}
+    assert group.kl_req.tolist() == [0, 2]
+    assert group.local[group.rows].tolist() == list(range(kept)) and int((group.local >= 0).sum()) == kept
+    assert not group.keep_active(torch.zeros(3, dtype=torch.bool), problem)
+
+
+def test_replay_cache_holds_only_the_blocks_above(lm):
+    from rlsedit.errors import UnsupportedError
+    from rlsedit.locate.forward import _DroppedLayer
+
+    group, _ = _one_group(lm)
+    layers = group.calls.cache.layers
+    assert len(layers) == lm.n_layers
+    assert all(isinstance(layer, _DroppedLayer) for layer in layers[:LAYER + 1])
+    assert not any(isinstance(layer, _DroppedLayer) for layer in layers[LAYER + 1:])
+    with pytest.raises(UnsupportedError, match="block 0"):
+        layers[0].keys
+
+
 def test_optimisation_lowers_the_loss_within_the_clamp(lm):
     before = compute_targets(lm, LAYER, requests(), PREFIXES, TargetConfig(steps=1, clamp_norm_factor=4.0))
     assert before.steps.tolist() == [0, 0, 0]

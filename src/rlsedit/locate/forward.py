@@ -8,8 +8,6 @@
   embeddings, ... — per block, since e.g. Gemma 3 alternates sliding and full attention).
   :func:`run_above` then replays those blocks on a changed residual stream without
   re-running the embedding and the blocks below.
-* :func:`logits_from_hidden` maps residual-stream states to logits (final norm, LM head,
-  optional soft-capping) for just the positions a loss reads.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from typing import Iterator
 import torch
 
 from ..errors import UnsupportedError
-from ..model.arch import resolve
 from ..model.weights import block
 
 
@@ -106,6 +103,17 @@ class BlockCalls:
 _CACHE = object()  # stands for the prefix cache inside captured block arguments
 
 
+class _DroppedLayer:
+    """Stands for a cache layer of a block below the replayed ones (never read by a replay:
+    a block reads only its own layer of the cache); any use is a loud error."""
+
+    def __init__(self, index: int):
+        self.__dict__["index"] = index
+
+    def __getattr__(self, name):
+        raise UnsupportedError(f"a replay read the key/value cache of block {self.index}, below the replayed blocks")
+
+
 def _cache_argument(lm) -> str:
     # transformers >= 5.24 names the cache argument ``cache``; earlier 5.x ``past_key_values``
     params = inspect.signature(lm.model.forward).parameters
@@ -122,6 +130,9 @@ def _copy_cache(cache, index: torch.Tensor | None = None, batch: int | None = No
     fresh = copy.copy(cache)
     layers = []
     for layer in cache.layers:
+        if isinstance(layer, _DroppedLayer):
+            layers.append(layer)
+            continue
         twin = copy.copy(layer)
         if index is not None:
             for name, value in vars(layer).items():
@@ -195,6 +206,10 @@ def capture_above(lm, layer: int, input_ids: torch.Tensor, attention_mask: torch
             getattr(snap, "keys", None) is not None and getattr(snap, "keys", None) is getattr(live, "keys", None)
             for snap, live in zip(snapshot.layers[: layer + 1], live_cache.layers)):
         raise UnsupportedError(f"{type(live_cache).__name__} updates its tensors in place; cannot replay from it")
+    if snapshot is not None:
+        # the replay runs blocks layer+1.. only: the prefix keys and values of blocks 0..layer
+        # (9 of SmolLM2's 30 at layer 8) are never read again
+        snapshot.layers[: layer + 1] = [_DroppedLayer(i) for i in range(min(layer + 1, len(snapshot.layers)))]
     if not out or any(call is None for call in calls):
         raise UnsupportedError("the model's forward did not call every block; check its architecture entry")
     if entering and not torch.equal(entering[0], out[0]):
@@ -247,19 +262,3 @@ def select_rows(calls: BlockCalls, index: torch.Tensor) -> BlockCalls:
               for rest, kw, positional in calls.calls]
     cache = None if calls.cache is None else _copy_cache(calls.cache, index, calls.batch)
     return BlockCalls(first=calls.first, calls=picked, batch=int(index.numel()), cache=cache)
-
-
-def logits_from_hidden(lm, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits ``(..., vocab)`` from final-block states ``(..., d_model)``.
-
-    ``logits = cap · tanh(lm_head(norm(h)) / cap)`` when the model soft-caps its logits
-    (``final_logit_softcapping``), else ``lm_head(norm(h))``; the norm is per token, so
-    applying it to a gathered subset of positions equals the full forward there.
-    """
-    norm = resolve(lm.model, lm.arch.final_norm)
-    head = resolve(lm.model, lm.arch.lm_head)
-    logits = head(norm(hidden))
-    cap = getattr(lm.model.config.get_text_config(), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits

@@ -42,7 +42,8 @@ from ..errors import InvalidRequestError, NumericalError
 from ..model.hooks import edit_output
 from ..model.weights import block
 from ..requests import SUBJECT_SLOT, EditRequest, target_text
-from .forward import BlockCalls, capture_above, logits_from_hidden, read_module, run_above, select_rows
+from .forward import BlockCalls, capture_above, read_module, run_above, select_rows
+from .headloss import head_losses
 from .tokens import (check_layer, check_length, check_prefixes, encode_at_subject, encode_through_subject,
                      fill_subject, length_sorted_chunks, pad_id, pad_right, prompt_texts, request_template)
 
@@ -310,19 +311,6 @@ def _empty(lm) -> TargetResult:
 
 
 @dataclass
-class _View:
-    """The part of a group whose requests are still active."""
-
-    active: torch.Tensor   # (u,) the mask this view was built for
-    sel: torch.Tensor      # (r,) indices into the group's rows
-    rows: torch.Tensor     # (r,) global row ids
-    local: torch.Tensor    # (R,) global row -> index in this view (-1 elsewhere)
-    calls: BlockCalls
-    tgt: torch.Tensor      # (e,) target entries read here
-    kl_req: torch.Tensor   # (k,) requests whose KL row is here
-
-
-@dataclass
 class _Group:
     """Rows run together: their states after block ``layer`` and the block arguments.
 
@@ -338,25 +326,34 @@ class _Group:
     calls: BlockCalls
     tgt: torch.Tensor      # (e_g,) target entries whose row is in this group
     kl_req: torch.Tensor   # (k_g,) requests whose KL row is in this group
-    view: _View | None = None
+    local: torch.Tensor    # (R,) global row -> index in this group (-1 elsewhere)
 
-    def select(self, active: torch.Tensor, problem: _Problem) -> _View | None:
-        """The view for the active requests (rebuilt only when the active set changes)."""
-        if self.view is not None and torch.equal(self.view.active, active):
-            return self.view
+    def keep_active(self, active: torch.Tensor, problem: _Problem) -> bool:
+        """Drop the rows of requests that have stopped; False once none is left.
+
+        A stopped request never resumes, so its rows are never replayed again: the group
+        shrinks in place (states, prefix cache, block arguments) instead of keeping a
+        row-selected copy beside the full one.
+        """
         keep = active[problem.row_req[self.rows]]
-        if not keep.any():
-            self.view = None
-            return None
+        if bool(keep.all()):
+            return True
+        if not bool(keep.any()):
+            return False
         sel = torch.nonzero(keep).flatten()
-        rows = self.rows[sel]
-        local = torch.full_like(problem.row_req, -1)
-        local[rows] = torch.arange(rows.numel(), device=rows.device)
-        calls = self.calls if sel.numel() == self.rows.numel() else select_rows(self.calls, sel)
-        tgt = self.tgt[active[problem.row_req[problem.tgt_row[self.tgt]]]]
-        kl_req = self.kl_req[active[self.kl_req]]
-        self.view = _View(active=active.clone(), sel=sel, rows=rows, local=local, calls=calls, tgt=tgt, kl_req=kl_req)
-        return self.view
+        self.rows = self.rows[sel]
+        self.base = self.base.index_select(0, sel)
+        self.calls = select_rows(self.calls, sel)
+        self.tgt = self.tgt[active[problem.row_req[problem.tgt_row[self.tgt]]]]
+        self.kl_req = self.kl_req[active[self.kl_req]]
+        self.local = _local_index(self.rows, problem)
+        return True
+
+
+def _local_index(rows: torch.Tensor, problem: _Problem) -> torch.Tensor:
+    local = torch.full_like(problem.row_req, -1)
+    local[rows] = torch.arange(rows.numel(), device=rows.device)
+    return local
 
 
 def _subject_aligned(seqs: list[list[int]], subj: list[int], pad: int, device):
@@ -404,7 +401,8 @@ def _groups(lm, layer: int, problem: _Problem, batch_size: int) -> list[_Group]:
         member[rows] = True
         groups.append(_Group(rows=rows, base=base, calls=calls,
                              tgt=torch.nonzero(member[problem.tgt_row]).flatten(),
-                             kl_req=torch.nonzero(member[problem.kl_row]).flatten()))
+                             kl_req=torch.nonzero(member[problem.kl_row]).flatten(),
+                             local=_local_index(rows, problem)))
     return groups
 
 
@@ -471,35 +469,37 @@ def _optimise(lm, layer: int, requests: list[EditRequest], problem: _Problem, co
         optimizer.zero_grad(set_to_none=True)
         row_nll = torch.zeros(u * P, device=device)    # (1/T) Σ_t −log p(y_t) per rewriting row
         kl = torch.zeros(u, device=device)
+        groups = [g for g in groups if g.keep_active(active, problem)]
         for g in groups:
-            view = g.select(active, problem)
-            if view is None:
-                continue
-            with torch.enable_grad():
+            with torch.set_grad_enabled(backward):
                 # h[row, s_row] += δ_{request(row)}   on the output of block `layer`
                 # (s_row is replay column 0 of every row)
-                h = g.base.index_select(0, view.sel).index_put(
-                    (torch.arange(view.rows.numel(), device=device), torch.zeros_like(view.rows)),
-                    delta[problem.row_req[view.rows]].to(g.base.dtype), accumulate=True)
-                out = run_above(lm, h, view.calls)                                     # (r, L, d)
-                kl_rows = problem.kl_row[view.kl_req]
-                tgt_rows = problem.tgt_row[view.tgt]
-                read = torch.cat([out[view.local[tgt_rows], problem.tgt_pos[view.tgt] - problem.row_subj[tgt_rows]],
-                                  out[view.local[kl_rows], 0]])  # (e + k, d)
-                logp = torch.log_softmax(logits_from_hidden(lm, read).float(), dim=-1)
-                e = view.tgt.numel()
-                tok_nll = -logp[:e].gather(1, problem.tgt_id[view.tgt].unsqueeze(1)).squeeze(1) \
-                    * problem.tgt_scale[view.tgt]                                        # (e,)
-                if kl_init is None:
-                    kl_init = torch.zeros((u, logp.shape[-1]), device=device)
+                h = g.base.index_put(
+                    (torch.arange(g.rows.numel(), device=device), torch.zeros_like(g.rows)),
+                    delta[problem.row_req[g.rows]].to(g.base.dtype), accumulate=True)
+                out = run_above(lm, h, g.calls)                                        # (r, L, d)
+                kl_rows = problem.kl_row[g.kl_req]
+                tgt_rows = problem.tgt_row[g.tgt]
+                read = torch.cat([out[g.local[tgt_rows], problem.tgt_pos[g.tgt] - problem.row_subj[tgt_rows]],
+                                  out[g.local[kl_rows], 0]])  # (e + k, d)
+                # −log p(y) per target entry, then KL(p ‖ p0) per KL row; at step 0 (δ = 0)
+                # the KL rows' distributions become p0 (headloss.py: no vocab-sized tensor is
+                # kept for the backward)
+                e = g.tgt.numel()
+                values, kl_logp = head_losses(lm, read, problem.tgt_id[g.tgt],
+                                              None if step == 0 else kl_init[g.kl_req])
+                values = values.float()  # the loss is float32 whatever the model's dtype
+                tok_nll = values[:e] * problem.tgt_scale[g.tgt]                          # (e,)
+                kl_group = values[e:]                                                    # (k,)
                 if step == 0:
-                    kl_init[view.kl_req] = logp[e:].detach()
-                kl_group = _kl(logp[e:], kl_init[view.kl_req])                           # (k,)
+                    if kl_init is None:
+                        kl_init = torch.zeros((u, kl_logp.shape[-1]), device=device)
+                    kl_init[g.kl_req] = kl_logp.float()
                 if backward:
                     # this group's share of Σ_i L_i: δ_i reaches only request i's rows
                     (tok_nll.sum() / P + config.kl_factor * kl_group.sum()).backward()
-            row_nll.index_add_(0, problem.tgt_row[view.tgt], tok_nll.detach())
-            kl[view.kl_req] = kl_group.detach()
+            row_nll.index_add_(0, problem.tgt_row[g.tgt], tok_nll.detach())
+            kl[g.kl_req] = kl_group.detach()
         req = torch.nonzero(active).flatten()
         with torch.enable_grad():
             size = _size(delta[req], init_norm[req], config)
