@@ -52,3 +52,23 @@ def pin_mmap_threshold(nbytes: int = DEFAULT_MMAP_THRESHOLD) -> bool:
     if not accepted:
         log.debug("mallopt refused an mmap threshold of %d bytes", nbytes)
     return accepted
+
+
+def release_free_memory() -> bool:
+    """Give every whole free page of the heap back to the system (glibc's ``malloc_trim(0)``).
+
+    Memory freed inside the heap stays resident while live blocks sit above it: glibc trims
+    only the top. Loading a large tokenizer is the sharp case — its JSON is parsed into a tree
+    that is freed once the vocabulary is built, behind it. For Gemma 3's 262,144-token
+    ``tokenizer.json`` that leaves 181 of 296 MiB resident and free (measured: 296 MiB after
+    ``tokenizers.Tokenizer.from_file``, 115 after a trim). ``malloc_trim`` releases free pages
+    wherever they lie; it moves no live block. Returns True where it ran (glibc), else False.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True

@@ -101,3 +101,31 @@ def test_local_directory_fingerprint_is_stable_and_tracks_weights(tmp_path):
     save_tiny_llama(other, seed=1)
     lm3 = load_model(str(other), cache_dir=tmp_path / "cache")
     assert lm3.fingerprint != lm1.fingerprint
+
+
+def test_gemma_tokenizer_build_copies_are_dropped_and_it_still_encodes_and_saves(tmp_path):
+    from transformers import AutoTokenizer
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    from rlsedit.model.load import _drop_build_copies
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "a": 5, "b": 6, "ab": 7, "▁": 8, "▁ab": 9}
+    tok = GemmaTokenizer(vocab=dict(vocab), merges=[("a", "b"), ("▁", "ab")])
+    before = tok("ab ab")["input_ids"]
+    _drop_build_copies(tok)
+    assert tok._vocab is None and tok._merges is None
+    assert tok("ab ab")["input_ids"] == before and len(tok.get_vocab()) == len(vocab)
+    tok.save_pretrained(tmp_path)  # export writes the tokenizer from its Rust object
+    assert AutoTokenizer.from_pretrained(tmp_path)("ab ab")["input_ids"] == before
+
+
+def test_other_tokenizers_keep_their_attributes():
+    from rlsedit.model.load import _drop_build_copies
+
+    class Other:
+        _vocab = {"a": 0}
+        _merges = [("a", "b")]
+
+    other = Other()
+    _drop_build_copies(other)
+    assert other._vocab == {"a": 0} and other._merges == [("a", "b")]
