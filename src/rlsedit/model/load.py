@@ -268,8 +268,8 @@ def load_model(spec: str = SMOLLM2, *, device: str | torch.device = "cpu",
     model.to(device).eval()
     model.requires_grad_(False)
     arch = get_architecture(model.config)
-    # what loading parsed and dropped (the tokenizer's JSON above all) stays resident on the
-    # heap behind the live vocabulary until trimmed: ~180 MiB for Gemma 3 (rlsedit/heap.py)
+    # what loading parsed and dropped stays resident on the heap behind the live vocabulary
+    # until trimmed: 22 MiB for Gemma 3 under glibc's default policy (rlsedit/heap.py)
     release_free_memory()
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, name=name,
                        fingerprint=fingerprint, arch=arch, device=device)
