@@ -31,6 +31,20 @@ DEFAULT_MMAP_THRESHOLD = 1 << 20
 MAX_MMAP_THRESHOLD = 32 << 20
 
 
+def _libc_function(name: str, argtypes: tuple, restype):
+    """``name`` from the C library already loaded into this process (as in
+    eval/_sandbox_child.py; find_library("c") would run ldconfig at every start), or None
+    where it has no such function (not glibc)."""
+    try:
+        function = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        log.debug("no %s in this process's C library; heap policy left as it is", name)
+        return None
+    function.argtypes = argtypes
+    function.restype = restype
+    return function
+
+
 def pin_mmap_threshold(nbytes: int = DEFAULT_MMAP_THRESHOLD) -> bool:
     """Serve every allocation of ``nbytes`` or more with its own mapping, for the whole process.
 
@@ -39,15 +53,9 @@ def pin_mmap_threshold(nbytes: int = DEFAULT_MMAP_THRESHOLD) -> bool:
     """
     if not isinstance(nbytes, int) or isinstance(nbytes, bool) or not 0 < nbytes <= MAX_MMAP_THRESHOLD:
         raise ValueError(f"nbytes must be an int in 1..{MAX_MMAP_THRESHOLD}, got {nbytes!r}")
-    try:
-        # the symbols already loaded into this process, libc's among them (as in
-        # eval/_sandbox_child.py); find_library("c") would run ldconfig at every start
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        log.debug("no mallopt in this process's C library; heap policy left as it is")
+    mallopt = _libc_function("mallopt", (ctypes.c_int, ctypes.c_int), ctypes.c_int)
+    if mallopt is None:
         return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
     accepted = mallopt(M_MMAP_THRESHOLD, nbytes) == 1
     if not accepted:
         log.debug("mallopt refused an mmap threshold of %d bytes", nbytes)
@@ -66,11 +74,8 @@ def release_free_memory() -> bool:
     which keeps most large temporaries off the heap anyway. ``malloc_trim`` releases free pages
     wherever they lie; it moves no live block. Returns True where it ran (glibc), else False.
     """
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    trim = _libc_function("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
+    if trim is None:
         return False
-    trim.argtypes = (ctypes.c_size_t,)
-    trim.restype = ctypes.c_int
     trim(0)
     return True
