@@ -112,6 +112,7 @@ def test_stopped_requests_leave_their_group(lm):
     # rows of a stopped request are never replayed again: the group shrinks in place
     group, problem = _one_group(lm)
     assert group.keep_active(torch.ones(3, dtype=torch.bool), problem) and group.rows.numel() == 12
+    group.kl_ref = torch.arange(3.0).unsqueeze(1).expand(3, 5).clone()  # stands for requests 0, 1, 2
     assert group.keep_active(torch.tensor([True, False, True]), problem)
     kept = group.rows.numel()
     assert kept == 8 and set(problem.row_req[group.rows].tolist()) == {0, 2}
@@ -120,6 +121,7 @@ def test_stopped_requests_leave_their_group(lm):
         assert layer.keys.shape[0] == layer.values.shape[0] == kept
     assert set(problem.row_req[problem.tgt_row[group.tgt]].tolist()) == {0, 2}
     assert group.kl_req.tolist() == [0, 2]
+    assert group.kl_ref[:, 0].tolist() == [0.0, 2.0]  # the KL reference follows its rows
     assert group.local[group.rows].tolist() == list(range(kept)) and int((group.local >= 0).sum()) == kept
     assert not group.keep_active(torch.zeros(3, dtype=torch.bool), problem)
 

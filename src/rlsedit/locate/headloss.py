@@ -34,57 +34,69 @@ head weight twice (forward and gradient); on Gemma (671 MB of head weight) 16-ro
 ~40 MB less peak memory."""
 
 
-def _log_probs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cap: float | None):
-    """``(log p, tanh(z/c) or None)`` for head inputs ``x (r, d)``, in float32 at least
-    (bfloat16 weights give float32 losses; float64 stays float64). Written in place where it
-    can be: at most three ``(r × vocab)`` tensors are alive at once."""
+def _shifted_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cap: float | None):
+    """``(ℓ − max_v ℓ per row, tanh(z/c) or None)`` for head inputs ``x (r, d)``, in float32 at
+    least (bfloat16 weights give float32 losses; float64 stays float64). One ``(r × vocab)``
+    tensor without a soft cap, two with one (``tanh`` is kept for ``∂ℓ/∂z``)."""
     z = torch.nn.functional.linear(x, weight, bias)
     z = z.to(torch.promote_types(z.dtype, torch.float32))
-    if not cap:
-        return torch.log_softmax(z, dim=-1), None
-    squash = z.div_(cap).tanh_()                   # ℓ = c·tanh(z/c); tanh kept for ∂ℓ/∂z
-    return torch.log_softmax(squash * cap, dim=-1), squash
+    squash = None
+    if cap:
+        squash = z.div_(cap).tanh_()                   # ℓ = c·tanh(z/c)
+        z = squash * cap
+    return z.sub_(z.amax(dim=-1, keepdim=True)), squash
 
 
 class _HeadLoss(torch.autograd.Function):
     """``x (n, d) → L (n,)``: rows ``0..e-1`` NLL of ``tgt_id``, rows ``e..n-1`` KL against
     ``kl_ref`` (log-probs ``(n − e, V)``; ``None``: against this forward's own distribution,
-    so those values and their gradients are zero). Also returns the KL rows' log-probs."""
+    so those values and their gradients are zero, and the KL rows' log-probs are returned to
+    become the reference; otherwise the second output is empty)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, cap, tgt_id, kl_ref, with_grad):
         n, e = x.shape[0], tgt_id.numel()
         dtype = torch.promote_types(weight.dtype, torch.float32)
         values = torch.empty(n, dtype=dtype, device=x.device)
-        kl_logp = torch.empty((n - e, weight.shape[0]), dtype=dtype, device=x.device)
+        kl_logp = torch.empty((n - e if kl_ref is None else 0, weight.shape[0]), dtype=dtype, device=x.device)
         grad_x = torch.empty_like(x) if with_grad else None
         step = max(1, CHUNK_ELEMENTS // weight.shape[0])
         for a in range(0, n, step):
             b = min(n, a + step)
-            logp, squash = _log_probs(x[a:b], weight, bias, cap)
-            t = torch.arange(a, max(a, min(b, e)), device=x.device)  # NLL rows of this chunk
-            k = torch.arange(max(a, e), max(b, e), device=x.device)  # KL rows of this chunk
-            y = tgt_id[t]
-            values[t] = -logp[t - a, y]
-            kl = None
-            if k.numel():
-                rows = logp[k - a]                                    # (k, V), a copy
-                kl_logp[k - e] = rows
-                if kl_ref is None:
-                    values[k] = 0.0
-                else:
-                    log_ratio = rows - kl_ref[k - e]
-                    kl = (rows.exp() * log_ratio).sum(dim=-1)
-                    values[k] = kl
+            nll = slice(0, max(0, min(b, e) - a))    # this chunk's NLL rows, chunk-local
+            kl = slice(nll.stop, b - a)              # and its KL rows (global rows e.. come last)
+            ref = slice(a + kl.start - e, b - e)     # the same KL rows among all n − e of them
+            # log p = s − log Σ_v exp(s_v) with s = ℓ − max ℓ (log_softmax's own arithmetic),
+            # computed in place over one (rows × vocab) tensor: what the losses read of s is
+            # taken out first, then s becomes exp(s), then p
+            shifted, squash = _shifted_logits(x[a:b], weight, bias, cap)
+            y = tgt_id[a:a + nll.stop]
+            picked = shifted[nll].gather(1, y.unsqueeze(1)).squeeze(1)  # s_y
+            log_p_kl = shifted[kl].clone()                             # (k, V)
+            p = shifted.exp_()                                         # `shifted` is spent
+            total = p.sum(dim=-1, keepdim=True)
+            log_total = total.log()
+            p.div_(total)
+            values[a:a + nll.stop] = log_total[nll, 0] - picked         # NLL: −log p_y
+            log_p_kl.sub_(log_total[kl])
+            if kl_ref is None:
+                kl_logp[ref] = log_p_kl
+                values[a + kl.start:b] = 0.0
+                p[kl] = 0.0                                            # no gradient either
+            elif kl.stop > kl.start:
+                log_ratio = log_p_kl.sub_(kl_ref[ref])                 # log p − log q, in place
+                # KL: L = Σ_v p_v (log p_v − log q_v), a row-wise dot product (no (k × V) temporary)
+                divergence = (p[kl].unsqueeze(1) @ log_ratio.unsqueeze(2)).view(-1)
+                values[a + kl.start:b] = divergence
+                if with_grad:                                          # ∂L/∂ℓ = p (log p − log q − L)
+                    p[kl].mul_(log_ratio.sub_(divergence.unsqueeze(1)))
             if not with_grad:
                 continue
-            grad = logp.exp_()                                        # p; logp is spent
-            grad.index_put_((t - a, y), torch.tensor(-1.0, dtype=grad.dtype, device=grad.device),
-                            accumulate=True)                          # NLL rows: p − onehot(y)
-            if k.numel():                                             # KL rows: p (log p − log q − L)
-                grad[k - a] = 0.0 if kl is None else grad[k - a] * (log_ratio - kl.unsqueeze(1))
+            grad = p.index_put_((torch.arange(nll.stop, device=x.device), y),
+                                torch.tensor(-1.0, dtype=p.dtype, device=p.device),
+                                accumulate=True)                       # NLL rows: p − onehot(y)
             if squash is not None:
-                grad.mul_(squash.square_().neg_().add_(1))            # ∂ℓ/∂z = 1 − tanh²(z/c)
+                grad.mul_(squash.square_().neg_().add_(1))             # ∂ℓ/∂z = 1 − tanh²(z/c)
             grad_x[a:b] = (grad.to(weight.dtype) @ weight).to(x.dtype)
         ctx.save_for_backward(grad_x if with_grad else None)
         ctx.mark_non_differentiable(kl_logp)
@@ -105,7 +117,9 @@ def head_losses(lm, hidden: torch.Tensor, tgt_id: torch.Tensor,
     Rows ``0..e-1`` (``e = tgt_id.numel()``) give ``−log p(tgt_id[i])``; rows ``e..n-1``
     give ``KL(p ‖ q)`` against ``kl_ref`` (``(n − e, vocab)`` log-probs of the unedited
     model), or zero when ``kl_ref`` is ``None`` (the first step, when the reference is being
-    taken). Returns ``(values (n,), kl_log_probs (n − e, vocab))``, the latter detached.
+    taken). Returns ``(values (n,), kl_log_probs)``: the KL rows' log-probs ``(n − e, vocab)``,
+    detached, when ``kl_ref`` is ``None``, else an empty ``(0, vocab)`` tensor (the reference
+    is taken once; later steps would only pay for the copy).
     Gradients flow to ``hidden`` (through the final norm) when grad mode is on.
     """
     norm = resolve(lm.model, lm.arch.final_norm)

@@ -327,6 +327,7 @@ class _Group:
     tgt: torch.Tensor      # (e_g,) target entries whose row is in this group
     kl_req: torch.Tensor   # (k_g,) requests whose KL row is in this group
     local: torch.Tensor    # (R,) global row -> index in this group (-1 elsewhere)
+    kl_ref: torch.Tensor | None = None  # (k_g, V) unedited log-probs of its KL rows, from step 0
 
     def keep_active(self, active: torch.Tensor, problem: _Problem) -> bool:
         """Drop the rows of requests that have stopped; False once none is left.
@@ -345,7 +346,10 @@ class _Group:
         self.base = self.base.index_select(0, sel)
         self.calls = select_rows(self.calls, sel)
         self.tgt = self.tgt[active[problem.row_req[problem.tgt_row[self.tgt]]]]
-        self.kl_req = self.kl_req[active[self.kl_req]]
+        kl_keep = active[self.kl_req]
+        self.kl_req = self.kl_req[kl_keep]
+        if self.kl_ref is not None:
+            self.kl_ref = self.kl_ref[kl_keep]
         self.local = _local_index(self.rows, problem)
         return True
 
@@ -462,7 +466,6 @@ def _optimise(lm, layer: int, requests: list[EditRequest], problem: _Problem, co
     probs = torch.zeros(u, device=device)
     steps_used = torch.zeros(u, dtype=torch.long, device=device)
     active = torch.ones(u, dtype=torch.bool, device=device)
-    kl_init = None  # (u, V) unedited log-probs on the KL prompts, from step 0 (δ = 0)
 
     for step in range(config.steps):
         backward = step < config.steps - 1   # the last evaluation is never followed by a step
@@ -483,18 +486,15 @@ def _optimise(lm, layer: int, requests: list[EditRequest], problem: _Problem, co
                 read = torch.cat([out[g.local[tgt_rows], problem.tgt_pos[g.tgt] - problem.row_subj[tgt_rows]],
                                   out[g.local[kl_rows], 0]])  # (e + k, d)
                 # −log p(y) per target entry, then KL(p ‖ p0) per KL row; at step 0 (δ = 0)
-                # the KL rows' distributions become p0 (headloss.py: no vocab-sized tensor is
-                # kept for the backward)
+                # the KL rows' distributions become p0, kept by their group (headloss.py: no
+                # vocab-sized tensor is kept for the backward)
                 e = g.tgt.numel()
-                values, kl_logp = head_losses(lm, read, problem.tgt_id[g.tgt],
-                                              None if step == 0 else kl_init[g.kl_req])
+                values, kl_logp = head_losses(lm, read, problem.tgt_id[g.tgt], g.kl_ref)
                 values = values.float()  # the loss is float32 whatever the model's dtype
                 tok_nll = values[:e] * problem.tgt_scale[g.tgt]                          # (e,)
                 kl_group = values[e:]                                                    # (k,)
                 if step == 0:
-                    if kl_init is None:
-                        kl_init = torch.zeros((u, kl_logp.shape[-1]), device=device)
-                    kl_init[g.kl_req] = kl_logp.float()
+                    g.kl_ref = kl_logp
                 if backward:
                     # this group's share of Σ_i L_i: δ_i reaches only request i's rows
                     (tok_nll.sum() / P + config.kl_factor * kl_group.sum()).backward()
