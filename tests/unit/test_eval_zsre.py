@@ -11,7 +11,7 @@ import torch
 from eval_tiny_lm import make_lm
 from rlsedit.eval.datafiles import EvalDataError
 from rlsedit.eval.scoring import score_continuations
-from rlsedit.eval.zsre import evaluate_zsre, locality_predictions
+from rlsedit.eval.zsre import DEFAULT_CONVENTION, evaluate_zsre, locality_predictions, zsre_requests
 from rlsedit.requests import parse_request, target_text
 
 RECORDS = [
@@ -34,7 +34,8 @@ def acc(lm, prompt, target):
 
 def test_accuracies_match_direct_computation(lm):
     reqs = [parse_request(r, i) for i, r in enumerate(RECORDS)]
-    out = evaluate_zsre(lm, reqs)
+    out = evaluate_zsre(lm, reqs, convention="easyedit")
+    assert out["convention"] == out["summary"]["convention"] == "easyedit"
     for rec, raw in zip(out["records"], RECORDS):
         assert rec["edit_acc"] == pytest.approx(acc(lm, raw["src"], raw["alt"]))
         assert rec["rephrase_acc"] == pytest.approx(acc(lm, raw["rephrase"], raw["alt"]))
@@ -79,3 +80,29 @@ def test_bad_pre_edit_predictions(lm):
         evaluate_zsre(lm, reqs, pre_edit_locality={"0": good["0"] * 2, "1": good["1"]})
     with pytest.raises(EvalDataError, match="at least one"):
         evaluate_zsre(lm, [])
+
+
+def test_memit_convention_is_the_default_and_edits_toward_answers_with_question_marks(lm):
+    reqs = [parse_request(r, i) for i, r in enumerate(RECORDS)]
+    assert DEFAULT_CONVENTION == "memit"
+    out = evaluate_zsre(lm, reqs)
+    assert out["convention"] == out["summary"]["convention"] == "memit"
+    for rec, raw in zip(out["records"], RECORDS):
+        assert rec["edit_acc"] == pytest.approx(acc(lm, raw["src"], raw["answers"][0]))
+        assert rec["rephrase_acc"] == pytest.approx(acc(lm, raw["rephrase"], raw["answers"][0]))
+        assert rec["locality_answer_acc"] == pytest.approx(acc(lm, raw["loc"] + "?", raw["loc_ans"]))
+    edits = zsre_requests(reqs)
+    assert [r.target_new for r in edits] == ["uniform", "Sydney"]
+    assert edits[1].neighborhood == ("nq question: capital of France?",)
+    assert zsre_requests(reqs, "easyedit") == reqs  # EasyEdit's: toward alt, prompts unchanged
+    assert reqs[0].target_new == "unmanned aircraft"  # the input requests are not changed
+
+
+def test_bad_conventions(lm):
+    reqs = [parse_request(r, i) for i, r in enumerate(RECORDS)]
+    with pytest.raises(EvalDataError, match="unknown zsRE convention"):
+        evaluate_zsre(lm, reqs, convention="mend")
+    no_answers = [parse_request({k: v for k, v in RECORDS[0].items() if k != "answers"}, 0)]
+    with pytest.raises(EvalDataError, match="answers"):
+        zsre_requests(no_answers, "memit")
+    assert evaluate_zsre(lm, no_answers, convention="easyedit")["summary"]["requests"] == 1

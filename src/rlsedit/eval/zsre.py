@@ -5,8 +5,20 @@ For a prompt ``p`` and target tokens ``t_1..t_n`` (one leading space, see
 
     acc(p, t) = (1/n) Σ_j [ argmax_v p(v | p, t_<j) = t_j ].
 
-* **edit** (reliability): ``acc(src, alt)``;
-* **rephrase** (generality): ``acc(rephrase, alt)``, averaged over the request's rephrasings;
+Two conventions decide what is edited and asked (:data:`CONVENTIONS`; every result names its
+own under ``"convention"``):
+
+* ``"memit"`` (the default; MEMIT, AlphaEdit and RLSEdit tables, ``memit/dsets/zsre.py``):
+  edit toward ``answers[0]``, locality prompts ``loc + "?"``;
+* ``"easyedit"`` (EasyEdit / MEND): edit toward ``alt``, locality prompts ``loc`` as they are.
+
+Requests come in as :func:`rlsedit.requests.parse_request` reads a MEND record
+(``target_new = alt``, ``target_true = answers[0]``); :func:`zsre_requests` turns them into the
+convention's requests — the ones to edit with — and the functions here apply it themselves.
+With ``target`` the convention's edit target:
+
+* **edit** (reliability): ``acc(src, target)``;
+* **rephrase** (generality): ``acc(rephrase, target)``, averaged over the request's rephrasings;
 * **locality**: MEND/EasyEdit compare the edited model's teacher-forced argmaxes on
   ``loc + loc_ans`` with the *unedited* model's: ``(1/n) Σ_j [argmax_post_j = argmax_pre_j]``.
   That needs the pre-edit predictions, which :func:`locality_predictions` records (call it
@@ -20,12 +32,43 @@ Guessing scores ``1/V`` per token (``V`` the vocabulary size).
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from typing import Any, Mapping, Sequence
 
 from ..requests import EditRequest, target_text
 from .datafiles import EvalDataError
 from .scoring import score_continuations
+
+
+CONVENTIONS = ("memit", "easyedit")
+"""zsRE conventions: ``"memit"`` (toward ``answers[0]``, ``"?"`` after locality prompts) or
+``"easyedit"`` (toward ``alt``, locality prompts unchanged)."""
+
+DEFAULT_CONVENTION = "memit"
+"""The convention of the papers we compare against (MEMIT, AlphaEdit, RLSEdit)."""
+
+
+def zsre_requests(requests: Sequence[EditRequest], convention: str = DEFAULT_CONVENTION) -> list[EditRequest]:
+    """The requests to edit and score under ``convention``, from requests as read from MEND records.
+
+    ``"memit"``: ``target_new`` becomes ``target_true`` (``answers[0]``) and ``"?"`` is appended to
+    every locality prompt (``memit/dsets/zsre.py``: ``record["loc"] + "?"``). ``"easyedit"``: unchanged.
+    Raises :class:`EvalDataError` for an unknown convention or, under ``"memit"``, a request
+    without ``answers``.
+    """
+    if convention not in CONVENTIONS:
+        raise EvalDataError(f"unknown zsRE convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
+    if convention == "easyedit":
+        return list(requests)
+    out = []
+    for req in requests:
+        if not req.target_true:
+            raise EvalDataError(f"edit {req.id!r}: the 'memit' zsRE convention edits toward answers[0], "
+                                "but the record has no 'answers'")
+        out.append(dataclasses.replace(req, target_new=req.target_true,
+                                       neighborhood=tuple(p + "?" for p in req.neighborhood)))
+    return out
 
 
 def _locality_pairs(req: EditRequest) -> list[tuple[str, str]]:
@@ -37,11 +80,15 @@ def _locality_pairs(req: EditRequest) -> list[tuple[str, str]]:
     return list(zip(req.neighborhood, req.neighborhood_answers))
 
 
-def locality_predictions(lm, requests: Sequence[EditRequest], *, batch_size: int = 16) -> dict[str, list[list[int]]]:
-    """Teacher-forced argmax token ids on every ``loc + loc_ans``, keyed by request id.
+def locality_predictions(lm, requests: Sequence[EditRequest], *, convention: str = DEFAULT_CONVENTION,
+                         batch_size: int = 16) -> dict[str, list[list[int]]]:
+    """Teacher-forced argmax token ids on every locality prompt + ``loc_ans`` under ``convention``,
+    keyed by request id.
 
-    Record this on the unedited model; it is plain JSON (ids are ints) and can be stored.
+    Record this on the unedited model, with the convention :func:`evaluate_zsre` will use; it is
+    plain JSON (ids are ints) and can be stored.
     """
+    requests = zsre_requests(requests, convention)
     flat = [(req.id, p, a) for req in requests for p, a in _locality_pairs(req)]
     scores = score_continuations(lm, [p for _, p, _ in flat], [target_text(a) for _, _, a in flat],
                                  batch_size=batch_size)
@@ -60,16 +107,20 @@ def evaluate_zsre(
     requests: Sequence[EditRequest],
     *,
     pre_edit_locality: Mapping[str, Sequence[Sequence[int]]] | None = None,
+    convention: str = DEFAULT_CONVENTION,
     batch_size: int = 16,
 ) -> dict[str, Any]:
-    """zsRE metrics of ``requests`` on the model as it is now.
+    """zsRE metrics of ``requests`` (as read from MEND records) on the model as it is now,
+    under ``convention`` (:func:`zsre_requests`).
 
-    Returns ``{"summary", "chance", "records", "notes"}``; each record has ``id``,
+    Returns ``{"convention", "summary", "chance", "records", "notes"}`` (the summary names the
+    convention too); each record has ``id``,
     ``edit_acc``, ``rephrase_acc``, ``locality_answer_acc`` and, when
     ``pre_edit_locality`` (from :func:`locality_predictions`) is given, ``locality``.
     """
     if not requests:
         raise EvalDataError("evaluate_zsre needs at least one request")
+    requests = zsre_requests(requests, convention)
     rows: list[tuple[int, str, str, str]] = []  # (request index, kind, prompt, target)
     for i, req in enumerate(requests):
         rows.append((i, "edit", req.text, req.target_new))
@@ -110,14 +161,16 @@ def evaluate_zsre(
         records.append(record)
 
     keys = ["edit_acc", "rephrase_acc", "locality_answer_acc"] + (["locality"] if pre_edit_locality is not None else [])
-    summary: dict[str, Any] = {"requests": len(records)}
+    summary: dict[str, Any] = {"convention": convention, "requests": len(records)}
     for key in keys:
         values = [r[key] for r in records if r[key] is not None]
         summary[key] = _mean(values)
         summary[f"{key}_n"] = len(values)
     chance = {key: 1.0 / len(lm.tokenizer) for key in ("edit_acc", "rephrase_acc", "locality_answer_acc")}
-    notes = ["token accuracy, teacher forced (MEND/EasyEdit)"]
+    notes = ["token accuracy, teacher forced (MEND/EasyEdit)",
+             f"convention {convention!r}: " + ("edits toward answers[0], '?' after locality prompts (MEMIT/AlphaEdit/RLSEdit)"
+                                              if convention == "memit" else "edits toward alt, locality prompts as given (EasyEdit)")]
     if pre_edit_locality is None:
         notes.append("locality needs pre-edit predictions (locality_predictions); only locality_answer_acc "
                      "(accuracy against loc_ans) is reported")
-    return {"summary": summary, "chance": chance, "records": records, "notes": notes}
+    return {"convention": convention, "summary": summary, "chance": chance, "records": records, "notes": notes}
