@@ -45,7 +45,8 @@ def test_prompt_without_slot_uses_the_verbatim_subject():
 
 
 def _keys_by_hand(lm, layer, reqs, prefixes):
-    """Full forward per text, down-projection input captured, averaged over prefixes."""
+    """Full forward per text, down-projection input captured; MEMIT's mean of the per-type means:
+    the bare prompt (first) weighs 1/2, the generated prefixes share the other 1/2."""
     cols = []
     for r in reqs:
         rows = []
@@ -57,7 +58,7 @@ def _keys_by_hand(lm, layer, reqs, prefixes):
             with torch.no_grad(), capture(down_proj(lm, layer)) as seen:
                 lm.model(input_ids=ids)
             rows.append(seen[0][0, pos])
-        cols.append(torch.stack(rows).mean(0))
+        cols.append(0.5 * rows[0] + 0.5 * torch.stack(rows[1:]).mean(0))
     return torch.stack(cols, dim=1)
 
 
@@ -67,6 +68,23 @@ def test_keys_equal_unbatched_full_forward(lm, layer):
     assert K.shape == (lm.d_k, 3) and K.dtype == torch.float32
     assert torch.isfinite(K).all()
     torch.testing.assert_close(K, _keys_by_hand(lm, layer, requests(), PREFIXES), rtol=1e-5, atol=1e-6)
+
+
+def test_the_bare_prompt_weighs_half_and_uniform_stays_an_option(lm):
+    from rlsedit.locate.keys import prefix_weights
+
+    w = prefix_weights(["{}"] + [f"Prefix {i}. {{}}" for i in range(5)])
+    assert w.tolist() == pytest.approx([0.5] + [0.1] * 5)
+    assert prefix_weights(["{}"]).tolist() == [1.0]
+    assert prefix_weights(["A. {}", "B. {}"]).tolist() == pytest.approx([0.5, 0.5])  # one type only
+    assert prefix_weights(PREFIXES, "uniform").tolist() == pytest.approx([1 / 3] * 3)
+    per = [compute_keys(lm, 1, requests(), [p]) for p in PREFIXES]  # one key per prefix
+    torch.testing.assert_close(compute_keys(lm, 1, requests(), PREFIXES),
+                               0.5 * per[0] + 0.25 * per[1] + 0.25 * per[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compute_keys(lm, 1, requests(), PREFIXES, average="uniform"),
+                               (per[0] + per[1] + per[2]) / 3, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="average"):
+        compute_keys(lm, 1, requests(), PREFIXES, average="mean")
 
 
 def test_batch_size_does_not_change_keys(lm):

@@ -292,7 +292,7 @@ class Editor:
         new_state: dict[int, Any] = {}
         for i, l in enumerate(self.layers):
             with clock("keys"):
-                K = compute_keys(self.lm, l, requests, prefixes).float()  # (d_k, u)
+                K = compute_keys(self.lm, l, requests, prefixes, average=self.config.key_average).float()  # (d_k, u)
                 _check_finite(f"layers.{l}.K", K, ids)
                 h = hidden_at_subject(self.lm, top, requests).float()  # (u, d_model)
             with clock("solve"):

@@ -50,7 +50,7 @@ class EditConfig:
     v_lr: float | None = _help(
         "target optimization: Adam learning rate on the residual delta; None = the model family's "
         "default (0.5; 2.0 for Gemma 3, whose hidden states are ~30x larger: docs/TUNING.md)", None)
-    v_weight_decay: float = _help("target optimization: weight of ||delta||^2/||h||^2", 0.5)
+    v_weight_decay: float = _help("target optimization: weight of ||delta||/||h||^2 (the norm, not squared)", 0.5)
     kl_factor: float = _help("target optimization: weight of the KL term on '{subject} is a'", 0.0625)
     clamp_norm_factor: float = _help("target optimization: clamp ||delta|| to this times ||h||", 0.75)
     v_early_stop_loss: float = _help("target optimization: stop a request once its whole loss is below this", 0.05)
@@ -63,6 +63,9 @@ class EditConfig:
         "float32")
     context_count: int = _help("number of generated context prefixes (plus the empty one)", 5)
     context_length: int = _help("length in tokens of each generated context prefix", 10)
+    key_average: str = _help(
+        "how a key is averaged over the prefixes: 'per_type' (MEMIT/AlphaEdit/RLSEdit compute_ks: the bare "
+        "prompt weighs 1/2, each generated prefix 1/2 over their count) or 'uniform' (1/P each)", "per_type")
     mom2_n_samples: int = _help("corpus tokens used for the key second moment E[kk^T]", 100_000)
     mom2_update_weight: float | None = _help(
         "n: the anchor Gram is n * E[kk^T]; None = 15000 * d_k / 14336, the official Llama-3-8B value "
@@ -78,6 +81,8 @@ class EditConfig:
         for name in ("v_num_grad_steps", "context_count", "context_length", "mom2_n_samples"):
             if getattr(self, name) < 0 or (name != "context_count" and getattr(self, name) == 0):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.key_average not in ("per_type", "uniform"):
+            raise ValueError(f"key_average must be 'per_type' or 'uniform', got {self.key_average!r}")
         if self.v_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"v_dtype must be 'float32' or 'bfloat16', got {self.v_dtype!r}")
         for name in ("v_lr", "v_weight_decay", "kl_factor", "clamp_norm_factor", "v_early_stop_loss", "v_early_stop_nll",
