@@ -1,15 +1,22 @@
 """AlphaEdit (Fang et al. 2025) on the shared key/value machinery.
 
 The update is restricted to the null space of the corpus keys: with ``P`` the projector
-onto the eigenvectors of E[kkᵀ] whose eigenvalues fall below ``nullspace_threshold``,
+onto the eigenvectors of E[kkᵀ] of smallest eigenvalue — those holding at most
+``nullspace_energy`` of tr(E[kkᵀ]), or, for official hparams files, those below the absolute
+``nullspace_threshold`` (:func:`~rlsedit.solvers.alphaedit.null_space_projector`) —
 ``G = Σ_past KKᵀ`` and residual ``R = V − KᵀW``:
 
     ΔW = (P(G + KKᵀ) + L2·I)⁻¹ P K R,     G ← G + KKᵀ
+
+:meth:`AlphaEdit.diagnostics` reports per layer ``nullspace_rank`` = rank(P) and
+``nullspace_energy`` = ‖P K₀‖²/‖K₀‖² = tr(P E P)/tr(E), how far ``P K₀ ≈ 0`` holds.
 """
 
 from __future__ import annotations
 
-from ..solvers.alphaedit import alphaedit_delta, null_space_projector
+import torch
+
+from ..solvers.alphaedit import alphaedit_delta, null_space_energy, null_space_projector
 from .base import Editor
 from .config import AlphaEditConfig
 from .gram import AccumulatedGram
@@ -22,9 +29,20 @@ class AlphaEdit(AccumulatedGram, Editor):
     name = "alphaedit"
 
     def _init_state(self) -> None:
-        self.projector_ = {l: null_space_projector(self.moments[l].double(), self.config.nullspace_threshold)
-                           for l in self.layers}
+        c = self.config
+        self.projector_ = {l: null_space_projector(self.moments[l].double(), c.nullspace_threshold,
+                                                   energy=c.nullspace_energy) for l in self.layers}
+        # rank(P) and tr(PEP)/tr(E) depend only on E and the rule: computed once, reported always
+        self.nullspace_ = {l: {"nullspace_rank": int(round(float(torch.diagonal(P).sum()))),
+                               "nullspace_energy": null_space_energy(self.moments[l], P)}
+                           for l, P in self.projector_.items()}
         self._init_gram()
+
+    def diagnostics(self):
+        out = super().diagnostics()
+        for l in self.layers:
+            out[str(l)].update(self.nullspace_[l])
+        return out
 
     def held_tensors(self):
         # the projectors are rebuilt from E[kkᵀ] on load, so they are held but never saved

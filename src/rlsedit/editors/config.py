@@ -190,8 +190,23 @@ class AlphaEditConfig(EditConfig):
     """AlphaEdit: MEMIT's update projected onto the null space of the corpus keys."""
 
     method: ClassVar[str] = "alphaedit"
-    nullspace_threshold: float = _help("eigenvalues of E[kkᵀ] below this span the null space", 2e-2)
+    nullspace_threshold: float | None = _help(
+        "absolute rule (official hparams files: 2e-2): eigenvalues of E[kk^T] below this span the null space; "
+        "None = the relative rule of nullspace_energy", None)
+    nullspace_energy: float = _help(
+        "relative rule: the null space is the most small eigenvectors of E[kk^T] whose eigenvalues sum to at "
+        "most this fraction of tr(E[kk^T]), so ||P K_0||^2/||K_0||^2 <= this (AlphaEdit assumes P K_0 = 0)", 1e-2)
     L2: float = _help("ridge on the projected normal equations", 10.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.nullspace_threshold is not None and not (math.isfinite(self.nullspace_threshold)
+                                                         and self.nullspace_threshold >= 0):
+            raise ValueError(f"nullspace_threshold must be finite and >= 0 or None, got {self.nullspace_threshold!r}")
+        if not (0 <= self.nullspace_energy < 1):
+            raise ValueError(f"nullspace_energy must be in [0, 1), got {self.nullspace_energy!r}")
+        if not (math.isfinite(self.L2) and self.L2 > 0):
+            raise ValueError(f"L2 must be finite and > 0, got {self.L2!r}")
 
 
 @dataclass(frozen=True)

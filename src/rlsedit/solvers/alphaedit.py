@@ -6,7 +6,15 @@ Correspondence with jianghoucheng/AlphaEdit:
   moment ``E[kkᵀ]``, keep the singular vectors with ``S < nullspace_threshold`` and
   ``P = U_0 U_0ᵀ``. ``E[kkᵀ]`` is symmetric PSD, so its SVD is its eigendecomposition:
   :func:`null_space_projector` uses ``eigh``. Every released hparams file (gpt2-xl, GPT-J,
-  Llama3-8B) and the ``alphaedit/config.py`` default use ``nullspace_threshold = 2e-2``.
+  Llama3-8B) and the ``alphaedit/config.py`` default use ``nullspace_threshold = 2e-2``, an
+  *absolute* eigenvalue; it is kept as ``threshold`` for those files.
+
+  An absolute threshold means nothing across models: the method assumes ``P K₀ ≈ 0`` for the
+  corpus keys ``K₀`` (``K₀K₀ᵀ = n·E[kkᵀ]``), and on SmolLM2's E[kkᵀ] 2e-2 falls mid-spectrum
+  (22–44 % of the key energy inside ``P``'s range). By default the null space is therefore
+  chosen relative to the layer's spectrum: the most small eigenvectors whose eigenvalues sum
+  to at most ``energy · tr(E)``. Then ``‖P K₀‖²_F / ‖K₀‖²_F = tr(P E P) / tr(E) ≤ energy``
+  (:func:`null_space_energy`), which is the method's assumption made measurable.
 * ``AlphaEdit/AlphaEdit_main.py``::
 
       upd = solve(P (K Kᵀ + cache_c) + L2 · I, P K residᵀ)       (d_k, d_v)
@@ -27,23 +35,31 @@ from rlsedit.errors import InvalidRequestError
 from ._checks import require_finite, require_matrix, require_nonnegative, require_square, require_symmetric
 
 DEFAULT_NULLSPACE_THRESHOLD = 2e-2
-"""Eigenvalue threshold on ``E[kkᵀ]`` of AlphaEdit's released hparams."""
+"""Absolute eigenvalue threshold on ``E[kkᵀ]`` of AlphaEdit's released hparams."""
+
+DEFAULT_NULLSPACE_ENERGY = 1e-2
+"""Largest fraction of ``tr(E[kkᵀ])`` the null space may hold: ``‖P K₀‖²/‖K₀‖² ≤ 1 %``."""
 
 DEFAULT_L2 = 10.0
 """``L2`` of AlphaEdit's released hparams."""
 
 
 @torch.no_grad()
-def null_space_projector(E: torch.Tensor, threshold: float = DEFAULT_NULLSPACE_THRESHOLD) -> torch.Tensor:
-    """Projector onto the eigenvectors of ``E[kkᵀ]`` whose eigenvalue is below ``threshold``.
+def null_space_projector(E: torch.Tensor, threshold: float | None = None, *,
+                         energy: float = DEFAULT_NULLSPACE_ENERGY) -> torch.Tensor:
+    """Projector onto the null space of ``E[kkᵀ]``: its eigenvectors of smallest eigenvalue.
 
-    ``E = U diag(s) Uᵀ``; ``U_0`` = columns with ``s < threshold``; ``P = U_0 U_0ᵀ``.
+    ``E = U diag(s) Uᵀ`` with ``s_1 ≤ … ≤ s_d``; ``U_0`` = the first ``m`` columns; ``P = U_0 U_0ᵀ``.
+    With ``threshold`` (AlphaEdit's absolute rule) ``m`` counts the ``s_j < threshold``;
+    without it ``m`` is the largest with ``Σ_{j≤m} max(s_j, 0) ≤ energy · Σ_j max(s_j, 0)``.
 
     Parameters
     ----------
-    E : Tensor (d_k, d_k) — the key second moment ``E[kkᵀ]`` (not scaled by ``n``: the
+    E : Tensor (d_k, d_k) — the key second moment ``E[kkᵀ]`` (not scaled by ``n``: a
         threshold is absolute), symmetric PSD.
-    threshold : float >= 0.
+    threshold : float >= 0 or None — absolute eigenvalue threshold (official hparams files).
+    energy : float in [0, 1) — largest fraction of ``tr(E)`` in the null space, when
+        ``threshold`` is None.
 
     Returns
     -------
@@ -53,13 +69,37 @@ def null_space_projector(E: torch.Tensor, threshold: float = DEFAULT_NULLSPACE_T
     E = require_square("E", E)
     require_finite("E", E)
     require_symmetric("E", E)
-    threshold = require_nonnegative("threshold", threshold)
+    if threshold is not None:
+        threshold = require_nonnegative("threshold", threshold)
+    energy = require_nonnegative("energy", energy)
+    if not energy < 1.0:
+        raise InvalidRequestError(f"energy must be < 1 (a fraction of tr(E)), got {energy!r}")
     E64 = E.double()
-    eigenvalues, U = torch.linalg.eigh(0.5 * (E64 + E64.mT))
-    # U_0 = eigenvectors with eigenvalue < threshold   (d_k, m)
-    U0 = U[:, eigenvalues < threshold]
+    eigenvalues, U = torch.linalg.eigh(0.5 * (E64 + E64.mT))  # ascending
+    if threshold is not None:
+        # U_0 = eigenvectors with eigenvalue < threshold   (d_k, m)
+        keep = eigenvalues < threshold
+    else:
+        # U_0 = the most small eigenvectors holding at most energy·tr(E)
+        s = eigenvalues.clamp_min(0)
+        keep = torch.cumsum(s, 0) <= energy * s.sum()
+    U0 = U[:, keep]
     # P = U_0 U_0ᵀ
     return (U0 @ U0.mT).to(E.dtype)
+
+
+@torch.no_grad()
+def null_space_energy(E: torch.Tensor, P: torch.Tensor) -> float:
+    """``tr(P E P) / tr(E)``: the share of the corpus keys' energy inside ``P``'s range.
+
+    With ``K₀K₀ᵀ = n·E`` this is ``‖P K₀‖²_F / ‖K₀‖²_F`` — 0 when ``P`` is a true null space.
+    """
+    E = require_square("E", E).double()
+    P = require_square("P", P, E.shape[0]).double()
+    total = float(torch.diagonal(E).sum())
+    if not total > 0:
+        raise InvalidRequestError(f"tr(E) = {total!r}; the energy share needs a non-zero E")
+    return float(torch.einsum("ij,jk,ki->", P, E, P)) / total
 
 
 @torch.no_grad()
