@@ -93,8 +93,11 @@ def test_bad_arguments(tmp_path):
     lm = make_lm()
     with pytest.raises(EvalDataError, match="unknown general suite"):
         run_eval(lm, general=["squad"], data_dir=tmp_path)
-    with pytest.raises(EvalDataError, match="data_dir"):
+    with pytest.raises(EvalDataError, match="no evaluation data folder; pass --data-dir DIR .or set RLSEDIT_DATA_DIR"):
         run_eval(lm, general=["mmlu"])
+    # a folder without the file: the message names the file expected and the public copy
+    with pytest.raises(EvalDataError, match=r"expected the file .*mmlu_val.jsonl.*artidoro/qlora"):
+        run_eval(lm, general=["mmlu"], data_dir=tmp_path)
     with pytest.raises(EvalDataError, match="counterfact"):
         run_eval(lm, consistency=True, data_dir=tmp_path)
     with pytest.raises(EvalDataError, match="n must"):

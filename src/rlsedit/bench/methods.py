@@ -473,7 +473,7 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
                      on_method_done: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the benchmark into ``out``; returns the full results dict (also in
     ``out/results.json``, with ``results.md`` and PNG plots beside it)."""
-    from ..session.session import DEFAULT_CORPUS, Runtime
+    from ..session.session import Runtime
     from .solver import machine_description
 
     import torch
@@ -487,7 +487,7 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
     requests = select_edits(config.data, config.n, shuffle=config.shuffle, seed=config.seed)
     _check_or_write_settings(out, _settings(config, requests, general))
     runtime = Runtime(device=config.device, progress=progress, cache_dir=config.cache_dir,
-                      corpus=config.corpus or str(DEFAULT_CORPUS))
+                      corpus=config.corpus)
     consistency_ref = None
     if config.fluency_n:
         consistency_ref = _consistency_reference(config, requests)

@@ -8,7 +8,7 @@ Suites (``--suites``, comma-separated):
 * ``zsre`` — MEND/EasyEdit token accuracies of the records of ``--zsre-data`` (default ``--data``);
 * ``retention`` — the forgetting curve: efficacy of every edit in the state's journal, in the
   order applied (needs ``--state``);
-* general capability from ``--data-dir`` (default ``../shared/data`` beside the checkout):
+* general capability from ``--data-dir`` (default: the ``RLSEDIT_DATA_DIR`` environment variable):
   ``ppl`` (WikiText-2 perplexity), ``knowns``, ``glue`` (every GLUE subset) or one subset
   (``sst2``, ``mrpc``, ``cola``, ``rte``, ``nli``, ``sentiment_analysis``, ``dialogue``,
   ``glue_mmlu``), ``mmlu``, ``gsm8k``, ``humaneval``.
@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequestError
 
 EDIT_SUITES = ("counterfact", "zsre", "retention")
-# the project's data folder when running from a checkout beside it
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[4] / "shared" / "data"
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -70,7 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fluency", action="store_true", help="counterfact: fluency (generates text)")
     p.add_argument("--consistency", action="store_true", help="counterfact: consistency against the corpus reference")
     p.add_argument("--retention-bins", type=int, default=10, help="bins of the forgetting curve (default 10)")
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="folder laid out like ../shared/data")
+    p.add_argument("--data-dir", default=None,
+                   help="folder of the general suites' data files (default: $RLSEDIT_DATA_DIR); "
+                        "an error names each missing file and where its public copy lives")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of samples and sampled generations")
     p.add_argument("--device", default="cpu", help="torch device")
@@ -104,6 +103,12 @@ def check_args(args) -> tuple[tuple[str, ...], tuple[str, ...]]:
         raise InvalidRequestError("the zsre suite needs --data or --zsre-data FILE")
     if "retention" in edit and args.state is None:
         raise InvalidRequestError("the retention suite needs --state (it scores the journal's edits)")
+    from .runner import data_file, default_data_dir
+
+    if args.data_dir is None:
+        args.data_dir = default_data_dir()
+    for name in general + (("corpus",) if args.consistency else ()):
+        data_file(args.data_dir, name)  # a missing file fails before any model loads
     for name in ("n", "general_n", "limit", "ppl_tokens", "retention_bins", "batch_size", "max_new_tokens"):
         value = getattr(args, name)
         if value is not None and value <= 0:

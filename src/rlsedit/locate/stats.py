@@ -53,6 +53,7 @@ from ..model.hooks import capture
 from ..model.load import default_cache_dir
 from ..model.weights import down_proj
 from ..session.lock import StateLock
+from .corpus import corpus_digest, iter_corpus_texts
 
 log = logging.getLogger(__name__)
 
@@ -109,67 +110,7 @@ class _StopForward(Exception):
 
 
 # --------------------------------------------------------------------------------------------
-# corpus
-
-
-def _corpus_digest(corpus: str | Path | Sequence[str]) -> tuple[str, str]:
-    """``(sha256, label)`` of a corpus file (its bytes) or a list of texts (their JSON)."""
-    digest = hashlib.sha256()
-    if isinstance(corpus, (str, Path)):
-        path = Path(corpus).expanduser()
-        if not path.is_file():
-            raise InvalidRequestError(f"corpus file {str(path)!r} does not exist")
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-        return digest.hexdigest(), str(path.resolve())
-    texts = list(corpus)
-    if not all(isinstance(t, str) for t in texts):
-        raise InvalidRequestError("a corpus given as a sequence must hold strings only")
-    digest.update(json.dumps(texts, ensure_ascii=False).encode())
-    return digest.hexdigest(), f"<{len(texts)} texts>"
-
-
-def iter_corpus_texts(corpus: str | Path | Sequence[str]) -> Iterator[str]:
-    """The documents of a corpus, in order.
-
-    A ``.jsonl`` file holds one JSON object per line with a string ``"text"`` field (blank
-    lines are skipped); any other file is plain UTF-8 text, split into documents at blank
-    lines; a sequence of strings is used as is.
-    """
-    if not isinstance(corpus, (str, Path)):
-        yield from (t for t in corpus if t.strip())
-        return
-    path = Path(corpus).expanduser()
-    if not path.is_file():
-        raise InvalidRequestError(f"corpus file {str(path)!r} does not exist")
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as exc:
-                    raise InvalidRequestError(f"{path}:{lineno}: not valid JSON ({exc})") from None
-                text = record.get("text") if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise InvalidRequestError(
-                        f"{path}:{lineno}: expected a JSON object with a string \"text\" field"
-                    )
-                if text.strip():
-                    yield text
-        return
-    with path.open(encoding="utf-8") as fh:
-        paragraph: list[str] = []
-        for line in fh:
-            if line.strip():
-                paragraph.append(line)
-            elif paragraph:
-                yield "".join(paragraph)
-                paragraph = []
-        if paragraph:
-            yield "".join(paragraph)
+# corpus tokens
 
 
 def _token_prefix(tokenizer) -> list[int]:
@@ -452,7 +393,7 @@ def collect_second_moments(
     """:func:`second_moments` with, per layer, whether it came from the cache and how long it took."""
     seq_len = _resolve_seq_len(lm, seq_len)
     wanted = _check_arguments(lm, layers, max_tokens, batch_tokens, seq_len)
-    corpus_sha, corpus_label = _corpus_digest(corpus)
+    corpus_sha, corpus_label = corpus_digest(corpus)
     results: dict[int, MomentResult] = {}
     paths: dict[int, tuple[Path, Path, dict]] = {}
     if use_cache:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 from ..errors import InvalidRequestError
+from .corpus import corpus_label, resolve_corpus
 from .stats import (
     DEFAULT_BATCH_TOKENS,
     DEFAULT_MAX_TOKENS,
@@ -48,8 +48,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--model", default="smollm2",
                         help="model spec: smollm2, gemma3-270m, a .gguf file or a local HF directory")
-    parser.add_argument("--corpus", required=True,
-                        help='corpus: .jsonl with a "text" field per line, or a plain-text file')
+    parser.add_argument("--corpus", default=None,
+                        help='corpus: .jsonl with a "text" field per line, or a plain-text file '
+                             '(default: the Wikipedia sample bundled with the package)')
     parser.add_argument("--layers", default=None,
                         help="layers, e.g. 3,4,5 or 3-7 (default: the model's edit layers)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
@@ -70,12 +71,11 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..model.load import load_model
 
-    if not Path(args.corpus).expanduser().is_file():  # fail before the model loads
-        raise InvalidRequestError(f"corpus file {args.corpus!r} does not exist")
+    corpus = resolve_corpus(args.corpus)  # fail before the model loads
     lm = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
     layers = parse_layers(args.layers) if args.layers else list(lm.default_layers())
     results = collect_second_moments(
-        lm, layers, args.corpus, max_tokens=args.max_tokens, batch_tokens=args.batch_tokens,
+        lm, layers, corpus, max_tokens=args.max_tokens, batch_tokens=args.batch_tokens,
         seq_len=args.seq_len, cache_dir=args.cache_dir, use_cache=not args.no_cache,
         progress=args.progress,
     )
@@ -89,10 +89,10 @@ def run(args: argparse.Namespace) -> int:
         for row in rows:  # JSON has no infinity
             if math.isinf(row["condition"]):
                 row["condition"] = None
-        print(json.dumps({"model": lm.spec, "fingerprint": lm.fingerprint, "corpus": args.corpus,
+        print(json.dumps({"model": lm.spec, "fingerprint": lm.fingerprint, "corpus": corpus_label(args.corpus),
                           "max_tokens": args.max_tokens, "layers": rows}, indent=1))
         return 0
-    print(f"model {lm.spec} ({lm.name}), d_k = {lm.d_k}, corpus {args.corpus}")
+    print(f"model {lm.spec} ({lm.name}), d_k = {lm.d_k}, corpus {corpus_label(args.corpus)}")
     print(f"{'layer':>5} {'tokens':>8} {'trace':>12} {'rank':>6} {'condition':>11} {'cached':>6} {'seconds':>8}")
     for row in rows:
         print(f"{row['layer']:>5} {row['count']:>8} {row['trace']:>12.5g} {row['rank']:>6} "

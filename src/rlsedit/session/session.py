@@ -27,17 +27,13 @@ from .. import __version__
 from ..editors import EditRecord, get_editor_class
 from ..errors import (InvalidRequestError, NumericalError, RLSEditError, StateCorruptError, StateError,
                       StateMismatchError)
+from ..locate.corpus import corpus_label, resolve_corpus
 from ..model.load import EMBEDDED, load_model
 from ..model.weights import down_proj, get_W, weights_sha256
 from ..requests import EditRequest, target_text
 from .store import StateStore, is_state_dir
 
 log = logging.getLogger(__name__)
-
-# In a checkout beside the project's data folder, the small Wikipedia corpus is the default
-# for E[kkᵀ]; elsewhere the user passes --corpus.
-DEFAULT_CORPUS = Path(__file__).resolve().parents[4] / "shared" / "data" / "corpus" / "enwiki_pages_2MB.jsonl"
-
 
 @dataclass
 class Runtime:
@@ -108,7 +104,7 @@ class Session:
             "config": config.to_dict(),
             "layers": list(editor.layers),
             "prefixes": editor.prefixes_,
-            "corpus": str(runtime.corpus or DEFAULT_CORPUS) if moments is not None else None,
+            "corpus": corpus_label(runtime.corpus) if moments is not None else None,
         }
         directory.mkdir(parents=True, exist_ok=True)
         store = StateStore.create(directory, meta)  # takes the directory's lock
@@ -391,10 +387,7 @@ class Session:
 def _moments(lm, layers, config, runtime: Runtime) -> dict[int, torch.Tensor]:
     from ..locate.stats import second_moments
 
-    corpus = runtime.corpus or DEFAULT_CORPUS
-    if not Path(corpus).is_file():
-        raise InvalidRequestError(
-            f"corpus {str(corpus)!r} for the key second moments does not exist; pass --corpus FILE")
+    corpus = resolve_corpus(runtime.corpus)  # None: the corpus bundled with the package
     stats = second_moments(lm, list(layers), corpus, max_tokens=config.mom2_n_samples,
                            cache_dir=runtime.cache_dir, progress=runtime.progress)
     return {l: stats[l].mom for l in layers}
