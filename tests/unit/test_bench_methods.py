@@ -208,6 +208,45 @@ def test_reports_and_plots_are_written(finished):
         assert (out / png).stat().st_size > 1000
 
 
+def test_generation_metrics_sit_beside_the_teacher_forced_ones(finished):
+    out, full = finished
+    unedited = full["unedited"]
+    # the unedited model's neighbourhood continuations are kept for every method to compare against
+    neighbours = {p for e in EDITS for p in e["neighborhood"]}
+    assert set(unedited["generation_pre_edit"]) == neighbours
+    assert all(isinstance(t, str) for t in unedited["generation_pre_edit"].values())
+    # the same model decoded in other batches gives the same tokens
+    assert unedited["evaluation"]["generation"]["summary"]["neighbour_unchanged"] == 1.0
+    for name in full["runs"]:
+        for b in full["methods"][name]["batches"]:
+            gen = b["evaluation"]["generation"]
+            assert gen["counts"]["edits"] == b["edits"]  # gen_n=200 covers every applied edit
+            summary = gen["summary"]
+            for key in ("edit_begins", "edit_mentions", "old_begins", "paraphrase_begins", "neighbour_unchanged",
+                        "neighbour_true_begins"):
+                assert 0.0 <= summary[key] <= 1.0, (name, key, summary[key])
+            assert summary["open_mentions"] is None  # our own layout's paraphrases are paraphrases
+            assert summary["chat_mentions"] is None  # the tiny tokenizer has no chat template
+            assert any("no chat template" in note for note in gen["notes"])
+            assert 0 < len(gen["samples"]) <= 30
+            assert {s["kind"] for s in gen["samples"]} == {"edit", "paraphrase", "neighbour"}
+            assert [bb["count"] for bb in gen["bins"]["edit_begins"]] == ([1, 1] if b["edits"] == 2 else [2, 2])
+    md = (out / "results.md").read_text()
+    for label in ("says it (edit)", "says it (paraphrase)", "mentions (rephrase)", "still says old",
+                  "neighbour gen unchanged", "chat says it", "## Generation samples", "| kind | prompt |"):
+        assert label in md
+    assert full["settings"]["gen_n"] == 200 and full["settings"]["gen_max_new_tokens"] == 12
+
+
+def test_generation_settings_are_checked():
+    with pytest.raises(InvalidRequestError, match="gen_n"):
+        MethodBenchConfig(gen_n=-1)
+    with pytest.raises(InvalidRequestError, match="gen_chat"):
+        MethodBenchConfig(gen_chat="maybe")
+    with pytest.raises(InvalidRequestError, match="gen_max_new_tokens"):
+        MethodBenchConfig(gen_max_new_tokens=0)
+
+
 def test_rerun_skips_finished_methods_and_refuses_other_settings(finished, tiny_setup):
     out, full = finished
     stamp = (out / "rlsedit" / "result.json").stat().st_mtime_ns

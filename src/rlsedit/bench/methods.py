@@ -71,6 +71,7 @@ SETTINGS_FILE = "settings.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 UNEDITED = "unedited"
+GEN_CHAT = {"auto": None, "yes": True, "no": False}  # gen_chat -> GenerationConfig.chat
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,11 @@ class MethodBenchConfig:
     device: str = field(default="cpu", metadata={"help": "torch device"})
     cache_dir: str | None = field(default=None, metadata={"help": "model/statistics cache (default ~/.cache/rlsedit)"})
     eval_batch_size: int = field(default=16, metadata={"help": "prompts per forward pass in evaluation"})
+    gen_n: int = field(default=200, metadata={
+        "help": "generation metrics on a seeded sample of this many edits (all when fewer; 0 = skip)"})
+    gen_max_new_tokens: int = field(default=12, metadata={"help": "token cap of each generated continuation"})
+    gen_chat: str = field(default="auto", metadata={
+        "help": "ask through the chat template: auto (when the model has one), yes (error without one), no"})
 
     def __post_init__(self) -> None:
         for name in ("n", "batch_size", "checkpoints", "ppl_tokens", "retention_bins", "eval_batch_size"):
@@ -112,6 +118,13 @@ class MethodBenchConfig:
                 raise InvalidRequestError(f"{name} must be a positive integer or None, got {value!r}")
         if self.fluency_n < 0:
             raise InvalidRequestError(f"fluency_n must be >= 0, got {self.fluency_n!r}")
+        if isinstance(self.gen_n, bool) or not isinstance(self.gen_n, int) or self.gen_n < 0:
+            raise InvalidRequestError(f"gen_n must be an integer >= 0, got {self.gen_n!r}")
+        if isinstance(self.gen_max_new_tokens, bool) or not isinstance(self.gen_max_new_tokens, int) \
+                or self.gen_max_new_tokens <= 0:
+            raise InvalidRequestError(f"gen_max_new_tokens must be a positive integer, got {self.gen_max_new_tokens!r}")
+        if self.gen_chat not in GEN_CHAT:
+            raise InvalidRequestError(f"gen_chat must be one of {', '.join(GEN_CHAT)}, got {self.gen_chat!r}")
         if not self.methods:
             raise InvalidRequestError("methods: name at least one method")
         if len(set(self.methods)) != len(self.methods):
@@ -345,12 +358,60 @@ def _append_progress(path: Path, record: dict[str, Any]) -> None:
 
 # ---- evaluation pieces ---------------------------------------------------------------------
 
-def _evaluate(lm, requests: Sequence[EditRequest], config: MethodBenchConfig, general: Sequence[str]) -> dict[str, Any]:
+def _evaluate(lm, requests: Sequence[EditRequest], config: MethodBenchConfig, general: Sequence[str],
+              plan: "_GenerationPlan | None" = None) -> dict[str, Any]:
     from ..eval.runner import run_eval
 
-    return run_eval(lm, counterfact=list(requests), general=tuple(general), data_dir=config.data_dir,
-                    n=config.general_n, limit=config.gsm8k_limit, ppl_tokens=config.ppl_tokens,
-                    batch_size=config.eval_batch_size, seed=config.seed, max_new_tokens=config.max_new_tokens)
+    out = run_eval(lm, counterfact=list(requests), general=tuple(general), data_dir=config.data_dir,
+                   n=config.general_n, limit=config.gsm8k_limit, ppl_tokens=config.ppl_tokens,
+                   batch_size=config.eval_batch_size, seed=config.seed, max_new_tokens=config.max_new_tokens)
+    if plan is not None:
+        generation = _evaluate_generation(lm, requests, plan, config.retention_bins)
+        if generation is not None:
+            out["generation"] = generation
+    return out
+
+
+@dataclass(frozen=True)
+class _GenerationPlan:
+    """Which edits the generation metrics score and how: a seeded sample of stream positions,
+    fixed for the whole run so every checkpoint and every method scores the same edits (those
+    applied so far), and the unedited model's neighbourhood continuations (``pre_edit``)."""
+
+    positions: tuple[int, ...]
+    config: Any  # rlsedit.eval.generation.GenerationConfig
+    pre_edit: dict[str, str] | None = None
+
+
+def _generation_plan(config: MethodBenchConfig, requests: Sequence[EditRequest]) -> _GenerationPlan | None:
+    if not config.gen_n:
+        return None
+    from ..eval.generation import GenerationConfig, paraphrase_kind_of_file, sample_positions
+
+    gen = GenerationConfig(max_new_tokens=config.gen_max_new_tokens, seed=config.seed,
+                           paraphrase_kind=paraphrase_kind_of_file(config.data), chat=GEN_CHAT[config.gen_chat],
+                           batch_size=config.eval_batch_size)
+    return _GenerationPlan(tuple(sample_positions(len(requests), config.gen_n, config.seed)), gen)
+
+
+def _evaluate_generation(lm, applied: Sequence[EditRequest], plan: _GenerationPlan, n_bins: int) -> dict[str, Any] | None:
+    """Generation metrics of the sampled edits among ``applied`` (``None`` when none is), with
+    the edit prompt's *begins with* binned by stream position (the generation forgetting curve)."""
+    from ..eval.generation import evaluate_generation
+    from ..eval.retention import bin_by_position
+
+    chosen = [p for p in plan.positions if p < len(applied)]
+    if not chosen:
+        return None
+    start = time.perf_counter()
+    result = evaluate_generation(lm, [applied[p] for p in chosen], plan.config, pre_edit=plan.pre_edit)
+    said: list[bool | None] = [None] * len(applied)
+    for rec in result["records"]:
+        said[chosen[rec["position"]]] = rec["edit"]["new_begins"]
+    out = {k: v for k, v in result.items() if k != "records"}
+    out["bins"] = {"edit_begins": bin_by_position(said, n_bins)}
+    out["seconds"] = time.perf_counter() - start
+    return out
 
 
 def _final_extras(lm, requests: Sequence[EditRequest], config: MethodBenchConfig, consistency_ref) -> dict[str, Any]:
@@ -444,7 +505,8 @@ class _PhaseTimer:
 
 def _settings(config: MethodBenchConfig, requests: Sequence[EditRequest], general: Sequence[str]) -> dict[str, Any]:
     keys = ("model", "data", "n", "batch_size", "checkpoints", "general_n", "gsm8k_limit", "ppl_tokens",
-            "max_new_tokens", "fluency_n", "retention_bins", "seed", "shuffle", "mom2_tokens", "corpus", "device")
+            "max_new_tokens", "fluency_n", "retention_bins", "seed", "shuffle", "mom2_tokens", "corpus", "device",
+            "gen_n", "gen_max_new_tokens", "gen_chat")
     out = {k: getattr(config, k) for k in keys}
     out["general"] = list(general)
     out["edit_ids"] = [r.id for r in requests]
@@ -494,6 +556,9 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
 
     unedited = _unedited_once(out, lambda: _run_unedited(config, requests, general, consistency_ref))
     base_sha = unedited["weights_sha256"]
+    plan = _generation_plan(config, requests)
+    if plan is not None:
+        plan = dataclasses.replace(plan, pre_edit=unedited.get("generation_pre_edit"))
 
     results: dict[str, Any] = {}
     for run in runs:
@@ -503,7 +568,7 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
             results[run.name] = json.loads(result_path.read_text())
             continue
         results[run.name] = _run_one(run, config, requests, general, out / run.dir_name, runtime, base_sha,
-                                     consistency_ref)
+                                     consistency_ref, plan)
         _write_json(result_path, results[run.name])
         if on_method_done is not None:
             on_method_done(run.name, results[run.name])
@@ -518,6 +583,13 @@ NOTES = [
     "applied so far; *_acc: teacher-forced top-1 accuracy (chance 1/V)",
     "timings: total_s per batch includes validation, value targets, keys, solve and the journal write; "
     "solve_s is the closed-form solve summed over layers (None for FT)",
+    "generation columns (settings.gen_n: a seeded sample of the edits, the same for every method and checkpoint): "
+    "greedy decoding to '.', a newline or EOS, at most settings.gen_max_new_tokens tokens, SQuAD-normalised; "
+    "says it = the continuation begins with the new object; mentions (rephrase) = the new object occurs in the "
+    "continuation of an open rephrase prompt (MEND layout); still says old = begins with the old object; neighbour "
+    "gen unchanged = the neighbourhood prompt's continuation is identical to the unedited model's (the unedited row: "
+    "two decodings of the same model, a determinism check); chat says it = the chat-template answer to the edit "
+    "prompt mentions the new object (– where the model has no chat template)",
 ]
 
 
@@ -560,20 +632,28 @@ def write_report(out: str | Path, run_names: Sequence[str] | None = None, *,
 
 
 def _run_unedited(config, requests, general, consistency_ref) -> dict[str, Any]:
+    from ..eval.generation import pre_edit_generations
     from ..model.load import load_model
     from ..model.weights import weights_sha256
 
     start = time.perf_counter()
     lm = load_model(config.model, device=config.device, cache_dir=config.cache_dir)
     sha = weights_sha256(lm)
-    evaluation = _evaluate(lm, requests, config, general)
+    plan = _generation_plan(config, requests)
+    pre_edit = None
+    if plan is not None:
+        # the methods' "neighbour gen unchanged" compares against these; this row's own figure
+        # compares two decodings of the same model in other batches (a determinism check)
+        pre_edit = pre_edit_generations(lm, [requests[p] for p in plan.positions], plan.config)
+        plan = dataclasses.replace(plan, pre_edit=pre_edit)
+    evaluation = _evaluate(lm, requests, config, general, plan)
     extras = _final_extras(lm, requests, config, consistency_ref)
     return {"weights_sha256": sha, "model_fingerprint": lm.fingerprint, "evaluation": evaluation,
-            "final": extras, "seconds": time.perf_counter() - start}
+            "final": extras, "generation_pre_edit": pre_edit, "seconds": time.perf_counter() - start}
 
 
 def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditRequest], general, folder: Path,
-             runtime, base_sha: str, consistency_ref) -> dict[str, Any]:
+             runtime, base_sha: str, consistency_ref, plan: _GenerationPlan | None = None) -> dict[str, Any]:
     from ..model.weights import weights_sha256
     from ..session.session import Session
     from ..session.store import is_state_dir
@@ -635,7 +715,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
             record["diagnostics"] = _diagnostics_summary(session.editor.diagnostics())
             if b in checkpoints:
                 so_far = [r for bb in batches[:b] for r in bb]
-                record["evaluation"] = _evaluate(session.lm, so_far, config, general)
+                record["evaluation"] = _evaluate(session.lm, so_far, config, general, plan)
             _append_progress(progress_path, record)
             records.append(record)
             log.info("%s: batch %d/%d (%.1f s)", run.name, b, len(batches), total)
@@ -704,13 +784,39 @@ def _retention_oldest(final: dict[str, Any]) -> float | None:
     return bins[0]["mean"] if bins else None
 
 
+def _generation_oldest(generation: dict[str, Any]) -> float | None:
+    bins = generation.get("bins", {}).get("edit_begins", [])
+    return bins[0]["mean"] if bins else None
+
+
+def _generation_sample_lines(full: dict[str, Any]) -> list[str]:
+    """Each row's generation samples (end of the stream), so a reader can check the scorer."""
+    from ..eval.generation import format_samples
+
+    evaluations = []
+    if full.get("unedited"):
+        evaluations.append((UNEDITED, full["unedited"]["evaluation"]))
+    evaluations += [(name, _final_eval(full["methods"][name])) for name in full["runs"] if name in full["methods"]]
+    lines: list[str] = []
+    for name, evaluation in evaluations:
+        samples = evaluation.get("generation", {}).get("samples")
+        if samples:
+            if not lines:
+                lines += ["", "## Generation samples (end of the stream; to check the scorer by eye)"]
+            lines += ["", f"### {name}", "", *format_samples(samples)]
+    return lines
+
+
 def format_results_markdown(full: dict[str, Any]) -> str:
     """The paper's table (Efficacy / Generalization / Specificity / Fluency / Consistency),
     plus retention, general capability, cost, and a chance row."""
     settings = full["settings"]
     general = settings.get("general", [])
-    head = ["Method", "Eff.↑", "Gen.↑", "Spe.↑", "Flu.↑", "Consis.↑", "Ret. oldest↑", *[
-        ("PPL↓" if g == "wikitext" else f"{g}↑") for g in general], "s/edit", "solve s/batch"]
+    from ..eval.generation import COLUMNS as GEN_COLUMNS
+
+    head = ["Method", "Eff.↑", "Gen.↑", "Spe.↑", "Flu.↑", "Consis.↑", "Ret. oldest↑",
+            *[label for _, label in GEN_COLUMNS], "gen. ret. oldest", *[
+                ("PPL↓" if g == "wikitext" else f"{g}↑") for g in general], "s/edit", "solve s/batch"]
     lines = [
         f"# Method benchmark: {settings['model']}, {Path(settings['data']).name}, "
         f"N={settings['n']}, batch {settings['batch_size']}",
@@ -720,7 +826,9 @@ def format_results_markdown(full: dict[str, Any]) -> str:
         "Ret. oldest: efficacy of the oldest 1/"
         f"{settings.get('retention_bins', 10)} of the edits after the whole stream. "
         "s/edit: wall seconds per edit (targets, keys, solve, journal); solve s/batch: the closed-form "
-        "solve alone, mean per batch.",
+        "solve alone, mean per batch. Generation columns (beside the teacher-forced ones, see the notes): "
+        "% of the sampled edits' generated continuations; gen. ret. oldest: says it (edit) on the oldest "
+        f"1/{settings.get('retention_bins', 10)} of the sampled edits after the whole stream.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
@@ -729,10 +837,13 @@ def format_results_markdown(full: dict[str, Any]) -> str:
     def row(name: str, evaluation: dict, final: dict, s_edit, solve) -> str:
         summary = evaluation.get("counterfact", {}).get("summary", {})
         gen = final.get("generation", {})
+        said = evaluation.get("generation", {})
         general_res = evaluation.get("general", {})
         cells = [name, _pct(summary.get("efficacy")), _pct(summary.get("generalization")),
                  _pct(summary.get("specificity")), _num(gen.get("fluency"), "{:.2f}"),
                  _num(gen.get("consistency"), "{:.3f}"), _pct(_retention_oldest(final)),
+                 *[_pct(said.get("summary", {}).get(key)) for key, _ in GEN_COLUMNS],
+                 _pct(_generation_oldest(said)),
                  *[_general_cell(g, general_res.get(g)) for g in general],
                  _num(s_edit, "{:.2f}"), _num(solve, "{:.3f}")]
         return "| " + " | ".join(cells) + " |"
@@ -748,12 +859,13 @@ def format_results_markdown(full: dict[str, Any]) -> str:
         lines.append(row(name, _final_eval(result), result["final"], result["seconds_per_edit"],
                          result["solve_seconds_per_batch"]))
     ref = unedited["evaluation"] if unedited else {}
-    chance = ["chance", "50.0", "50.0", "50.0", "–", "–", "50.0",
+    chance = ["chance", "50.0", "50.0", "50.0", "–", "–", "50.0", *["–"] * (len(GEN_COLUMNS) + 1),
               *[_general_chance(g, ref.get("general", {}).get(g)) for g in general], "", ""]
     lines.append("| " + " | ".join(chance) + " |")
     lines += ["", "## Along the stream", "",
-              "| Method | edits | Eff. | Gen. | Spe. | ‖W−W0‖ | anchor residual | s/edit (batch) | solve s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| Method | edits | Eff. | Gen. | Spe. | says it (edit) | says it (para.) / mentions (reph.) | "
+              "nbr gen unchanged | chat says it | ‖W−W0‖ | anchor residual | s/edit (batch) | solve s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in full["runs"]:
         result = full["methods"].get(name)
         if result is None:
@@ -765,10 +877,15 @@ def format_results_markdown(full: dict[str, Any]) -> str:
             size = b["edits"] - (result["batches"][b["batch"] - 2]["edits"] if b["batch"] > 1 else 0)
             per_edit = None if b.get("total_s") is None else b["total_s"] / size
             d = b["diagnostics"]
+            g = b["evaluation"].get("generation", {}).get("summary", {})
+            para = g.get("paraphrase_begins") if g.get("paraphrase_begins") is not None else g.get("open_mentions")
             lines.append(f"| {name} | {b['edits']} | {_pct(s.get('efficacy'))} | {_pct(s.get('generalization'))} | "
-                         f"{_pct(s.get('specificity'))} | {_num(d.get('drift_fro'), '{:.3g}')} | "
+                         f"{_pct(s.get('specificity'))} | {_pct(g.get('edit_begins'))} | {_pct(para)} | "
+                         f"{_pct(g.get('neighbour_unchanged'))} | {_pct(g.get('chat_mentions'))} | "
+                         f"{_num(d.get('drift_fro'), '{:.3g}')} | "
                          f"{_num(d.get('anchor_residual'), '{:.3g}')} | {_num(per_edit)} | "
                          f"{_num(b.get('solve_s'), '{:.3f}')} |")
+    lines += _generation_sample_lines(full)
     machine = full.get("machine", {})
     lines += ["", f"Machine: {json.dumps(machine, sort_keys=True)}", ""]
     lines += [f"- {note}" for note in full.get("notes", [])]

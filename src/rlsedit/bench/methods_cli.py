@@ -72,6 +72,11 @@ _OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
     (("--device",), "device", {"help": _help("device") + " (default cpu)"}),
     (("--cache-dir",), "cache_dir", {"help": _help("cache_dir")}),
     (("--eval-batch-size",), "eval_batch_size", {"type": int, "help": _help("eval_batch_size")}),
+    (("--gen-n",), "gen_n", {"type": int, "help": _help("gen_n") + f" (default {_DEFAULTS.gen_n})"}),
+    (("--gen-max-new-tokens",), "gen_max_new_tokens", {
+        "type": int, "help": _help("gen_max_new_tokens") + f" (default {_DEFAULTS.gen_max_new_tokens})"}),
+    (("--gen-chat",), "gen_chat", {"choices": ("auto", "yes", "no"),
+                                   "help": _help("gen_chat") + f" (default {_DEFAULTS.gen_chat})"}),
     (("--threads",), "threads", {"type": int, "help": "torch intra-op threads (default: torch's choice)"}),
     (("--progress",), "progress", {"action": "store_true", "help": "show progress bars"}),
     (("--json",), "json", {"action": "store_true", "help": "print results.json instead of the Markdown table"}),

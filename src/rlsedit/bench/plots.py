@@ -1,8 +1,12 @@
 """PNG plots of a method benchmark (``results.json`` of :mod:`rlsedit.bench.methods`).
 
-* ``metrics_vs_edits.png`` — efficacy, generalization, specificity at each checkpoint;
+* ``metrics_vs_edits.png`` — efficacy, generalization, specificity at each checkpoint (teacher
+  forced, top row) and, when the run has them, the generation metrics below them: says it (edit
+  prompt; chat dashed), says it on paraphrases / mentions on open rephrases, neighbour
+  generation unchanged;
 * ``general_vs_edits.png`` — the general suites at each checkpoint (when any were run);
-* ``forgetting_curve.png`` — efficacy of each position bin after the whole stream;
+* ``forgetting_curve.png`` — efficacy of each position bin after the whole stream (solid) and
+  generation success on the edit prompt of the sampled edits in each bin (dashed);
 * ``drift_anchor.png`` — ``‖W − W_0‖_F`` and ``‖K_0ᵀ(W − W_0)‖_F`` (summed in squares over
   layers) after every batch (RQ4);
 * ``solve_cost.png`` — solve seconds of each batch (RLSEdit's recursion vs MEMIT-seq's re-solve);
@@ -21,6 +25,16 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CF_METRICS = (("efficacy", "Efficacy"), ("generalization", "Generalization"), ("specificity", "Specificity"))
+# generation panels: (title, [(summary key, line style)]) — rlsedit.eval.generation summaries
+GEN_PANELS = (
+    ("Says it (edit prompt; chat dashed)", (("edit_begins", "-"), ("chat_mentions", "--"))),
+    ("Says it (paraphrase) / mentions (open rephrase)", (("paraphrase_begins", "-"), ("open_mentions", "-"))),
+    ("Neighbour generation unchanged", (("neighbour_unchanged", "-"),)),
+)
+
+
+def _has_generation(results) -> bool:
+    return any("generation" in b["evaluation"] for r in results for b in _checkpoints(r))
 
 
 def _checkpoints(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -59,7 +73,10 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
         written.append(path)
 
     # metrics vs number of edits
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    with_gen = _has_generation(main.values())
+    fig, grid = plt.subplots(2 if with_gen else 1, 3, figsize=(13, 7.6 if with_gen else 3.8), sharey=True,
+                             squeeze=False)
+    axes = grid[0]
     for ax, (key, label) in zip(axes, CF_METRICS):
         for name, result in main.items():
             pts = [(b["edits"], b["evaluation"]["counterfact"]["summary"].get(key)) for b in _checkpoints(result)]
@@ -74,8 +91,28 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
         ax.set_title(label)
         ax.set_xlabel("edits applied")
         ax.set_ylim(-0.02, 1.02)
-    axes[0].set_ylabel("success rate")
+    axes[0].set_ylabel("success rate (teacher-forced)")
     axes[-1].legend(fontsize=7, loc="lower left")
+    if with_gen:
+        colors = {name: f"C{i}" for i, name in enumerate(main)}
+        for ax, (title, keys) in zip(grid[1], GEN_PANELS):
+            for name, result in main.items():
+                for key, style in keys:
+                    pts = [(b["edits"], b["evaluation"].get("generation", {}).get("summary", {}).get(key))
+                           for b in _checkpoints(result)]
+                    pts = [(x, y) for x, y in pts if y is not None]
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", ls=style, color=colors[name], label=name)
+            if unedited:
+                for key, style in keys:
+                    base = unedited["evaluation"].get("generation", {}).get("summary", {}).get(key)
+                    if base is not None:
+                        ax.axhline(base, color="grey", ls=":", lw=1)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("edits applied")
+            ax.set_ylim(-0.02, 1.02)
+        grid[1][0].set_ylabel("fraction of generations")
+        grid[1][0].legend(fontsize=7, loc="best")
     save(fig, "metrics_vs_edits.png")
 
     general = full["settings"].get("general", [])
@@ -106,10 +143,16 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
         bins = result["final"].get("retention", {}).get("bins", {}).get("success", [])
         pts = [((b["first"] + b["last"]) / 2, b["mean"]) for b in bins if b["mean"] is not None]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=name)
-    ax.axhline(0.5, color="black", ls="--", lw=0.8, label="chance")
+            ax.plot(*zip(*pts), marker="o", color=f"C{list(main).index(name)}", label=name)
+        evals = _checkpoints(result)
+        gen_bins = evals[-1]["evaluation"].get("generation", {}).get("bins", {}).get("edit_begins", []) if evals else []
+        pts = [((b["first"] + b["last"]) / 2, b["mean"]) for b in gen_bins if b["mean"] is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="x", ls="--", color=f"C{list(main).index(name)}",
+                    label=f"{name} (says it, generated)")
+    ax.axhline(0.5, color="black", ls="--", lw=0.8, label="chance (efficacy)")
     ax.set_xlabel("edit position in the stream (0 = oldest)")
-    ax.set_ylabel("efficacy after the whole stream")
+    ax.set_ylabel("after the whole stream")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7)
     save(fig, "forgetting_curve.png")
