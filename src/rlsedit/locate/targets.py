@@ -64,6 +64,10 @@ against 34.7 s per batch at 64). Stream figures: benchmarks/SPEED.md."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+TARGET_METHODS = ("adam", "onestep", "verify")
+"""Ways to find δ: :func:`compute_targets`'s Adam loop, or the cheap paths of
+:mod:`rlsedit.locate.fasttargets`."""
+
 
 @contextmanager
 def weights_in(lm, dtype: torch.dtype):
@@ -133,6 +137,15 @@ class TargetConfig:
         "help": "precision of the model's weights during the optimisation ('float32' or 'bfloat16'); δ, the "
                 "loss and h stay float32. bfloat16 runs the matrix products several times faster where the "
                 "processor has bf16 units (AMX, recent GPUs); the batched path only"})
+    method: str = field(default="adam", metadata={
+        "help": "how δ is found: 'adam' (the loop above), 'onestep' (one gradient at δ = 0 and a line "
+                "search along it, locate/fasttargets.py) or 'verify' (onestep, then Adam only for the "
+                "requests it leaves short of accept_nll, starting from its δ)"})
+    step_sizes: tuple[float, ...] = field(default=(0.05, 0.1, 0.15, 0.2, 0.3, 0.45, 0.6, 0.75), metadata={
+        "help": "onestep/verify: the candidate ‖δ‖/‖h‖ of the line search (capped at clamp_norm_factor)"})
+    accept_nll: float = field(default=0.05, metadata={
+        "help": "onestep/verify: the line search takes the smallest step whose mean target NLL is below "
+                "this; verify refines with Adam the requests no step brings below it"})
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -147,6 +160,17 @@ class TargetConfig:
             setattr(self, name, float(value))
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.method not in TARGET_METHODS:
+            raise ValueError(f"method must be one of {list(TARGET_METHODS)}, got {self.method!r}")
+        sizes = tuple(self.step_sizes) if isinstance(self.step_sizes, (tuple, list)) else ()
+        if not sizes or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+                            for v in sizes):
+            raise ValueError(f"step_sizes must be a non-empty sequence of finite numbers > 0, got {self.step_sizes!r}")
+        self.step_sizes = tuple(sorted(float(v) for v in sizes))
+        if isinstance(self.accept_nll, bool) or not isinstance(self.accept_nll, (int, float)) \
+                or not math.isfinite(self.accept_nll) or self.accept_nll <= 0:
+            raise ValueError(f"accept_nll must be a finite number > 0, got {self.accept_nll!r}")
+        self.accept_nll = float(self.accept_nll)
         if not isinstance(self.kl_prompt, str) or self.kl_prompt.count(SUBJECT_SLOT) != 1:
             raise ValueError(f"kl_prompt must be a string with exactly one '{{}}', got {self.kl_prompt!r}")
 
@@ -354,6 +378,43 @@ class _Group:
         return True
 
 
+def _replay(lm, problem: _Problem, g: _Group, row_delta: torch.Tensor, *,
+            copies: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One group's losses with ``δ`` added at every row's subject: ``(tok_nll (copies, e),
+    kl (copies, k), kl_log_probs)``, the target entries' ``−log p(y)/T`` and the KL rows'
+    ``KL(p ‖ p0)`` (zero, and ``p0`` returned, while the group has no reference yet).
+
+    ``row_delta`` is ``(copies·g, d_model)``: with ``copies > 1`` the group's rows run
+    ``copies`` times side by side in one forward, copy ``c`` shifted by rows
+    ``c·g..(c+1)·g-1`` (several candidate ``δ`` per request in one pass, no autograd).
+    """
+    n = g.rows.numel()
+    base, calls, kl_ref = g.base, g.calls, g.kl_ref
+    if copies > 1:
+        index = torch.arange(n, device=base.device).repeat(copies)
+        base, calls = base.index_select(0, index), select_rows(calls, index)
+        kl_ref = None if kl_ref is None else kl_ref.repeat(copies, 1)
+    # h[row, s_row] += δ_{request(row)}   on the output of block `layer`
+    # (s_row is replay column 0 of every row)
+    rows = torch.arange(base.shape[0], device=base.device)
+    h = base.index_put((rows, torch.zeros_like(rows)), row_delta.to(base.dtype), accumulate=True)
+    out = run_above(lm, h, calls)                                                      # (r, L, d)
+    offset = n * torch.arange(copies, device=base.device).unsqueeze(1)                 # (copies, 1)
+    kl_rows = problem.kl_row[g.kl_req]
+    tgt_rows = problem.tgt_row[g.tgt]
+    tgt_col = problem.tgt_pos[g.tgt] - problem.row_subj[tgt_rows]
+    read = torch.cat([out[(g.local[tgt_rows] + offset).flatten(), tgt_col.repeat(copies)],
+                      out[(g.local[kl_rows] + offset).flatten(), 0]])  # (copies·(e + k), d)
+    # −log p(y) per target entry, then KL(p ‖ p0) per KL row; at step 0 (δ = 0)
+    # the KL rows' distributions become p0, kept by their group (headloss.py: no
+    # vocab-sized tensor is kept for the backward)
+    e = g.tgt.numel() * copies
+    values, kl_logp = head_losses(lm, read, problem.tgt_id[g.tgt].repeat(copies), kl_ref)
+    values = values.float()  # the loss is float32 whatever the model's dtype
+    tok_nll = values[:e].view(copies, -1) * problem.tgt_scale[g.tgt]                  # (copies, e_g)
+    return tok_nll, values[e:].view(copies, -1), kl_logp
+
+
 def _local_index(rows: torch.Tensor, problem: _Problem) -> torch.Tensor:
     local = torch.full_like(problem.row_req, -1)
     local[rows] = torch.arange(rows.numel(), device=rows.device)
@@ -427,18 +488,24 @@ def compute_targets(lm, layer: int, requests, prefixes, config: TargetConfig | N
     trades memory and per-call overhead against replayed width; the result does not depend
     on it beyond float rounding.
     """
+    return _run_prepared(lm, layer, requests, prefixes, config, batch_size, _optimise)
+
+
+def _run_prepared(lm, layer, requests, prefixes, config, batch_size, find) -> TargetResult:
+    """Validate, build the token rows, and run ``find(lm, layer, requests, problem, config,
+    batch_size)`` in the config's precision."""
     layer, requests, prefixes, config = _prepare(lm, layer, requests, prefixes, config, batch_size)
     if not requests:
         return _empty(lm)
     problem = _build_problem(lm, requests, prefixes, config)
     if config.dtype == "float32":
-        return _optimise(lm, layer, requests, problem, config, batch_size)
-    # δ is optimised against the model in low precision, then added to the float32 state:
+        return find(lm, layer, requests, problem, config, batch_size)
+    # δ is found against the model in low precision, then added to the float32 state:
     # z = h + δ with h from the float32 model, so the residual the solver spreads, z − h, is δ
     # itself and carries no rounding of h.
     initial = hidden_at_subject(lm, layer, requests)
     with weights_in(lm, DTYPES[config.dtype]), _attention_for(lm, config.dtype):
-        result = _optimise(lm, layer, requests, problem, config, batch_size)
+        result = find(lm, layer, requests, problem, config, batch_size)
     return TargetResult(z=initial + result.delta.float(), initial=initial, losses=result.losses,
                         target_prob=result.target_prob, steps=result.steps)
 
@@ -446,26 +513,53 @@ def compute_targets(lm, layer: int, requests, prefixes, config: TargetConfig | N
 def _optimise(lm, layer: int, requests: list[EditRequest], problem: _Problem, config: TargetConfig,
               batch_size: int) -> TargetResult:
     """The loop of :func:`compute_targets` on prepared token rows."""
-    u, P, device = len(requests), problem.n_prefixes, lm.device
     groups = _groups(lm, layer, problem, batch_size)
-    if problem.plain_row is not None:
-        initial = torch.empty((u, lm.d_model), dtype=torch.float32, device=device)
-        for g in groups:
-            hit = torch.nonzero(torch.isin(problem.plain_row, g.rows)).flatten()   # requests
-            local = torch.searchsorted(g.rows, problem.plain_row[hit])
-            initial[hit] = g.base[local, 0].float()  # replay column 0 is the subject
-    else:
-        initial = hidden_at_subject(lm, layer, requests)
+    initial = _initial_states(lm, layer, requests, problem, groups)
+    return _adam(lm, layer, requests, problem, config, groups, initial)
+
+
+def _initial_states(lm, layer: int, requests: list[EditRequest], problem: _Problem,
+                    groups: list[_Group]) -> torch.Tensor:
+    """``h (u, d_model)``: each request's state after block ``layer`` at its subject on the bare
+    prompt, read from the groups' captured states when the bare prefix is among the prompts."""
+    if problem.plain_row is None:
+        return hidden_at_subject(lm, layer, requests)
+    initial = torch.empty((len(requests), lm.d_model), dtype=torch.float32, device=lm.device)
+    for g in groups:
+        hit = torch.nonzero(torch.isin(problem.plain_row, g.rows)).flatten()   # requests
+        local = torch.searchsorted(g.rows, problem.plain_row[hit])
+        initial[hit] = g.base[local, 0].float()  # replay column 0 is the subject
+    return initial
+
+
+def _adam(lm, layer: int, requests: list[EditRequest], problem: _Problem, config: TargetConfig,
+          groups: list[_Group], initial: torch.Tensor, *, start: torch.Tensor | None = None,
+          active: torch.Tensor | None = None, keep_best: bool = False) -> TargetResult:
+    """Adam on ``δ`` over prepared groups.
+
+    ``start`` (``(u, d_model)``, default zeros) is where ``δ`` begins; its groups must then
+    already hold their KL reference (taken at ``δ = 0``). ``active`` (default all) are the
+    requests to optimise; the others keep ``start`` and are never replayed. With
+    ``keep_best`` each request returns the ``δ`` of the lowest loss it was evaluated at
+    (``start`` included) instead of the last one, so it never ends worse than it began.
+    """
+    u, P, device = len(requests), problem.n_prefixes, lm.device
     init_norm = initial.norm(dim=-1)                   # (u,) ‖h_i‖
     max_norm = config.clamp_norm_factor * init_norm    # (u,)
 
-    delta = torch.zeros((u, lm.d_model), dtype=torch.float32, device=device, requires_grad=True)
+    if start is None:
+        delta = torch.zeros((u, lm.d_model), dtype=torch.float32, device=device, requires_grad=True)
+    else:
+        if any(g.kl_ref is None for g in groups):
+            raise ValueError("an Adam loop starting away from δ = 0 needs the groups' KL reference from δ = 0")
+        delta = start.detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True)
     optimizer = torch.optim.Adam([delta], lr=config.lr)
-    final = torch.zeros((u, lm.d_model), dtype=torch.float32, device=device)
+    final = delta.detach().clone()
     losses = torch.zeros(u, device=device)
     probs = torch.zeros(u, device=device)
+    best = torch.full((u,), math.inf, device=device)
     steps_used = torch.zeros(u, dtype=torch.long, device=device)
-    active = torch.ones(u, dtype=torch.bool, device=device)
+    active = torch.ones(u, dtype=torch.bool, device=device) if active is None else active.clone()
 
     for step in range(config.steps):
         backward = step < config.steps - 1   # the last evaluation is never followed by a step
@@ -475,25 +569,9 @@ def _optimise(lm, layer: int, requests: list[EditRequest], problem: _Problem, co
         groups = [g for g in groups if g.keep_active(active, problem)]
         for g in groups:
             with torch.set_grad_enabled(backward):
-                # h[row, s_row] += δ_{request(row)}   on the output of block `layer`
-                # (s_row is replay column 0 of every row)
-                h = g.base.index_put(
-                    (torch.arange(g.rows.numel(), device=device), torch.zeros_like(g.rows)),
-                    delta[problem.row_req[g.rows]].to(g.base.dtype), accumulate=True)
-                out = run_above(lm, h, g.calls)                                        # (r, L, d)
-                kl_rows = problem.kl_row[g.kl_req]
-                tgt_rows = problem.tgt_row[g.tgt]
-                read = torch.cat([out[g.local[tgt_rows], problem.tgt_pos[g.tgt] - problem.row_subj[tgt_rows]],
-                                  out[g.local[kl_rows], 0]])  # (e + k, d)
-                # −log p(y) per target entry, then KL(p ‖ p0) per KL row; at step 0 (δ = 0)
-                # the KL rows' distributions become p0, kept by their group (headloss.py: no
-                # vocab-sized tensor is kept for the backward)
-                e = g.tgt.numel()
-                values, kl_logp = head_losses(lm, read, problem.tgt_id[g.tgt], g.kl_ref)
-                values = values.float()  # the loss is float32 whatever the model's dtype
-                tok_nll = values[:e] * problem.tgt_scale[g.tgt]                          # (e,)
-                kl_group = values[e:]                                                    # (k,)
-                if step == 0:
+                tok_nll, kl_group, kl_logp = _replay(lm, problem, g, delta[problem.row_req[g.rows]])
+                tok_nll, kl_group = tok_nll[0], kl_group[0]                              # (e,), (k,)
+                if g.kl_ref is None:   # step 0 of a loop from δ = 0
                     g.kl_ref = kl_logp
                 if backward:
                     # this group's share of Σ_i L_i: δ_i reaches only request i's rows
@@ -509,9 +587,14 @@ def _optimise(lm, layer: int, requests: list[EditRequest], problem: _Problem, co
         nll = nll_rows.mean(dim=1)[req]
         loss = nll + config.kl_factor * kl[req] + size.detach()
         _check_finite(loss, requests, req, layer)
-        losses[req] = loss
-        probs[req] = torch.exp(-nll_rows).mean(dim=1)[req]
-        final[req] = delta.detach()[req]
+        kept = req
+        if keep_best:
+            better = loss < best[req]
+            kept = req[better]
+            best[kept] = loss[better]
+        losses[kept] = loss if kept is req else loss[better]
+        probs[kept] = torch.exp(-nll_rows).mean(dim=1)[kept]
+        final[kept] = delta.detach()[kept]
         log.debug("layer %d step %d: mean loss %.4f (nll %.4f), mean p(target) %.4f, active %d/%d; losses %s",
                   layer, step, loss.mean().item(), nll.mean().item(), probs[req].mean().item(), req.numel(), u,
                   [round(v, 4) for v in loss.tolist()])
