@@ -61,6 +61,12 @@ class EditConfig:
         "target optimization: precision of the model's weights while delta is optimised, 'float32' or "
         "'bfloat16' (several times faster where the processor has bf16 matrix units; see benchmarks/SPEED.md)",
         "float32")
+    v_method: str = _help(
+        "target optimization: 'adam' (the Adam loop), 'onestep' (one gradient at delta = 0 and a line search "
+        "along it) or 'verify' (onestep, then Adam only where it falls short); locate/fasttargets.py", "adam")
+    v_accept_nll: float = _help(
+        "target optimization, onestep/verify: the line search takes the smallest step whose target NLL is "
+        "below this; verify refines the rest with Adam", 0.05)
     context_count: int = _help("number of generated context prefixes (plus the empty one)", 5)
     context_length: int = _help("length in tokens of each generated context prefix", 10)
     key_average: str = _help(
@@ -85,6 +91,10 @@ class EditConfig:
             raise ValueError(f"key_average must be 'per_type' or 'uniform', got {self.key_average!r}")
         if self.v_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"v_dtype must be 'float32' or 'bfloat16', got {self.v_dtype!r}")
+        if self.v_method not in ("adam", "onestep", "verify"):
+            raise ValueError(f"v_method must be 'adam', 'onestep' or 'verify', got {self.v_method!r}")
+        if not math.isfinite(self.v_accept_nll) or self.v_accept_nll <= 0:
+            raise ValueError(f"v_accept_nll must be finite and > 0, got {self.v_accept_nll!r}")
         for name in ("v_lr", "v_weight_decay", "kl_factor", "clamp_norm_factor", "v_early_stop_loss", "v_early_stop_nll",
                      "mom2_update_weight"):
             value = getattr(self, name)
