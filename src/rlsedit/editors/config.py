@@ -225,11 +225,30 @@ class ROMEConfig(EditConfig):
 
     method: ClassVar[str] = "rome"
     layers: tuple[int, ...] | None = _help("the single edited layer; None = the middle default layer", None)
+    v_weight_decay: float = _help(
+        "target optimization: weight of ||delta||/||m||^2, m the edited MLP's output at the subject (ROME compute_v)", 0.5)
+    clamp_norm_factor: float = _help(
+        "target optimization: clamp ||delta|| to this times ||m||, the edited MLP's output norm at the subject "
+        "(ROME's clamp_norm_factor)", 4.0)
+    context_template_length_params: tuple[tuple[int, int], ...] = _help(
+        "ROME's context prefixes: (length in tokens, count) pairs sampled from the end-of-text token, after the "
+        "bare prompt ([[5,10],[10,10]]: 21 prefixes); context_count and context_length are not used", ((5, 10), (10, 10)))
+    key_average: str = _help("how the left vector's key is averaged over the prefixes: 'uniform' (ROME compute_u) "
+                             "or 'per_type'", "uniform")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.layers is not None and len(self.layers) != 1:
             raise ValueError(f"ROME edits exactly one layer, got layers={self.layers!r}")
+        try:
+            pairs = tuple((int(length), int(count)) for length, count in self.context_template_length_params)
+        except (TypeError, ValueError):
+            raise ValueError("context_template_length_params must be (length, count) pairs, got "
+                             f"{self.context_template_length_params!r}") from None
+        if not pairs or any(length < 2 or count < 1 for length, count in pairs):
+            raise ValueError("context_template_length_params needs lengths >= 2 and counts >= 1, got "
+                             f"{self.context_template_length_params!r}")
+        object.__setattr__(self, "context_template_length_params", pairs)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,12 @@ starts "The", "Therefore", "Because", "I", "You" with top-5 sampling, 10 tokens 
 (counting the start), replaces braces by spaces, and appends ``". {}"``; the bare ``"{}"``
 comes first. We do the same with a local, seeded :class:`torch.Generator` (never the
 global RNG), so the prefixes are a function of (model, count, length, seed).
+
+ROME (Meng et al., 2022, ``rome_main.get_context_templates``) samples its prefixes from the
+end-of-text token alone, ``n`` texts of ``length`` tokens (counting that token) for each
+``[length, n]`` of ``context_template_length_params`` — ``[[5, 10], [10, 10]]``: 10 of 5 and
+10 of 10 — and appends ``". {}"``, after the bare ``"{}"``: 21 in all
+(:func:`rome_context_prefixes`).
 """
 
 from __future__ import annotations
@@ -38,8 +44,14 @@ def _clean(text: str) -> str:
 
 def _sample_continuation(lm, start: str, new_tokens: int, generator: torch.Generator) -> str:
     """``start`` continued by up to ``new_tokens`` top-k-sampled tokens (stops at a special token)."""
+    ids = lm.tokenizer(start, add_special_tokens=True, return_tensors="pt")["input_ids"].to(lm.device)
+    return _sample_ids(lm, ids, new_tokens, generator)
+
+
+def _sample_ids(lm, ids: torch.Tensor, new_tokens: int, generator: torch.Generator) -> str:
+    """The text of token ids ``(1, n)`` continued by up to ``new_tokens`` top-k-sampled tokens
+    (stops at a special token), special tokens dropped."""
     tokenizer = lm.tokenizer
-    ids = tokenizer(start, add_special_tokens=True, return_tensors="pt")["input_ids"].to(lm.device)
     special = set(tokenizer.all_special_ids)
     with torch.no_grad():
         for _ in range(new_tokens):
@@ -81,5 +93,43 @@ def context_prefixes(lm, *, count: int = 5, length: int = 10, seed: int = 0) -> 
             text = _clean(_sample_continuation(lm, start, max(0, length - start_tokens), generator))
             prefixes.append(f"{text}. {SUBJECT_SLOT}")
         log.info("context prefixes for %s: %s", lm.name, prefixes)
+        lm.cache[key] = tuple(prefixes)
+    return list(lm.cache[key])
+
+
+ROME_LENGTH_PARAMS: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
+"""ROME's ``context_template_length_params``: ``(length, count)`` pairs."""
+
+
+def rome_context_prefixes(lm, length_params=ROME_LENGTH_PARAMS, *, seed: int = 0) -> list[str]:
+    """ROME's context prefixes: ``["{}"]`` then, for each ``(length, count)``, ``count`` texts
+    ``"<generated>. {}"`` sampled from the beginning-of-text token alone (the end-of-text token
+    where the tokenizer has none, as GPT-2's ``<|endoftext|>``), ``length`` tokens counting it.
+
+    Memoised in ``lm.cache`` like :func:`context_prefixes`.
+    """
+    try:
+        pairs = tuple((int(length), int(count)) for length, count in length_params)
+    except (TypeError, ValueError):
+        raise ValueError(f"length_params must be (length, count) pairs, got {length_params!r}") from None
+    if not pairs or any(length < 2 or count < 1 for length, count in pairs):
+        raise ValueError(f"length_params needs lengths >= 2 and counts >= 1, got {length_params!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    key = ("rome_context_prefixes", pairs, seed)
+    if key not in lm.cache:
+        tokenizer = lm.tokenizer
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise ValueError(f"{lm.name}: the tokenizer has neither a beginning- nor an end-of-text token")
+        generator = torch.Generator(device=lm.device)
+        generator.manual_seed(seed)
+        ids = torch.tensor([[start]], device=lm.device)
+        prefixes = [SUBJECT_SLOT]
+        for length, count in pairs:
+            for _ in range(count):
+                text = _clean(_sample_ids(lm, ids, length - 1, generator))
+                prefixes.append(f"{text}. {SUBJECT_SLOT}")
+        log.info("ROME context prefixes for %s: %s", lm.name, prefixes)
         lm.cache[key] = tuple(prefixes)
     return list(lm.cache[key])

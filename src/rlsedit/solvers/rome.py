@@ -12,6 +12,9 @@ Correspondence with kmeng01/rome:
   ``(W + ΔW)ᵀ k = v*`` exactly. The scale of ``u`` (and of ``C``) cancels.
 
 With ``k̄ = k`` this is the minimiser of ``tr(ΔWᵀ C ΔW)`` subject to ``(W + ΔW)ᵀ k = v*``.
+ROME itself (and :class:`~rlsedit.editors.rome.ROME`) uses ``k̄`` averaged over its context
+prefixes for ``u`` and the bare prompt's ``k`` for the constraint, so the bare prompt's output
+becomes ``v*`` exactly whatever ``k̄`` is.
 """
 
 from __future__ import annotations
