@@ -1,9 +1,19 @@
 """FT-L (the constrained fine-tuning baseline of ROME/MEMIT) on the same edited layers.
 
-Per batch: Adam on the down-projection weights of the edited layers to minimise the mean
-NLL of ``target_new`` after each request's prompt; after every step the weights are clamped
-to an ℓ∞ ball of radius ``norm_constraint`` around their values at the start of the batch
-(ROME's ``ft_main``). No keys, no targets: its journal record stores the new weights.
+Per batch: Adam on the down-projection weights of the edited layers to minimise
+
+    L = (1/u) Σ_i (1/T_i) Σ_t −log p(y_{i,t} | x_i ⊕ y_{i,<t})
+
+(each request's mean target-token NLL, then the mean over requests, as ``ft_main``); after
+every step the weights are clamped to an ℓ∞ ball of radius ``norm_constraint`` around their
+values at the start of the batch, and the loop stops before a step once ``L < 1e-2``
+(``ft_main``'s early stop). No keys, no targets: its journal record stores the new weights.
+
+One deliberate difference from ``kmeng01/rome`` / ``kmeng01/memit`` ``baselines/ft/ft_main.py``:
+there every target token's log-probability is read at the prompt's *last* position (the
+logits that predict only the first target token); here each target token is predicted from
+the prompt and the target tokens before it (teacher forcing, as EasyEdit's FT), so the loss
+is the target's NLL. For one-token targets the two are the same.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import time
 
 import torch
 
+from ..locate.tokens import pad_id
 from ..model.weights import down_proj, get_W, set_W
 from ..requests import target_text
 from .base import EditRecord, Editor, Proposal, _check_finite
@@ -28,11 +39,25 @@ def _nll_batch(lm, requests) -> tuple[dict, torch.Tensor]:
         rows.append(prompt_ids + target_ids)
         masks.append([0] * len(prompt_ids) + [1] * len(target_ids))
     width = max(len(x) for x in rows)
-    pad = tok.pad_token_id
+    pad = pad_id(lm)  # never read: it sits after every real token, masked out
     ids = torch.tensor([x + [pad] * (width - len(x)) for x in rows], device=lm.device)
     attention = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in rows], device=lm.device)
     target_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=lm.device, dtype=torch.bool)
     return {"input_ids": ids, "attention_mask": attention}, target_mask
+
+
+EARLY_STOP_LOSS = 1e-2
+"""``ft_main`` takes no step once the loss is below this."""
+
+
+def ft_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """``(1/u) Σ_i (1/T_i) Σ_t −log p(y_{i,t} | ·)`` from logits ``(u, L, V)``, token ids ``(u, L)``
+    and the mask ``(u, L)`` of target tokens (each row holds at least one)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t+1
+    token_logp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (u, L-1)
+    mask = target_mask[:, 1:]
+    # per-request mean over its target tokens, then the mean over requests (ft_main)
+    return (-(token_logp * mask).sum(dim=1) / mask.sum(dim=1)).mean()
 
 
 class FT(Editor):
@@ -52,13 +77,8 @@ class FT(Editor):
         try:
             for _ in range(c.num_steps):
                 optimizer.zero_grad(set_to_none=True)
-                logits = self.lm.model(**inputs).logits[:, :-1]  # predicts token t+1 from t
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                labels = inputs["input_ids"][:, 1:]
-                token_logp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-                mask = target_mask[:, 1:]
-                loss = -(token_logp * mask).sum() / mask.sum()
-                if not torch.isfinite(loss):
+                loss = ft_loss(self.lm.model(**inputs).logits, inputs["input_ids"], target_mask)
+                if not torch.isfinite(loss) or float(loss.detach()) < EARLY_STOP_LOSS:
                     break
                 loss.backward()
                 optimizer.step()
