@@ -180,3 +180,20 @@ def test_bad_settings_are_refused():
         GenerationConfig(n=0)
     with pytest.raises(EvalDataError, match="at least one"):
         evaluate_generation(scripted_lm(AFTER), [], GenerationConfig(chat=False))
+
+
+def test_ask_chat_and_the_demo_verdict():
+    from rlsedit.session.cli import _ask, _demo_verdict
+
+    answers = {"The Eiffel Tower is in": "Rome . Yes"}
+    lm = scripted_lm(_chat(AFTER, answers), chat_template=CHAT)
+    assert _ask(lm, "The Eiffel Tower is in", 5, chat=True)["completion"] == "Rome . Yes"  # the chat script
+    assert _ask(lm, "The Eiffel Tower is in", 5)["completion"] == "Rome . It is old"  # the raw prompt's script
+    with pytest.raises(ChatTemplateError):
+        _ask(scripted_lm(AFTER), "The Eiffel Tower is in", 5, chat=True)
+    said = {"completion": " Rome, of course"}
+    assert _demo_verdict("Rome", {"completion": " Paris"}, said).startswith("says it")
+    assert _demo_verdict("Rome", said, {"completion": " the city of Rome"}).startswith("mentions")
+    assert _demo_verdict("Rome", said, {"completion": " Paris"}).startswith("does NOT say")
+    assert _demo_verdict(None, said, said) == "unchanged"
+    assert _demo_verdict(None, said, {"completion": " x"}).startswith("CHANGED")

@@ -13,6 +13,13 @@ Suites (``--suites``, comma-separated):
   (``sst2``, ``mrpc``, ``cola``, ``rte``, ``nli``, ``sentiment_analysis``, ``dialogue``,
   ``glue_mmlu``), ``mmlu``, ``gsm8k``, ``humaneval``.
 
+Beside the teacher-forced figures, counterfact and zsre report generation metrics (unless
+``--no-generation``): does the model *say* the new fact when it generates greedily (edit prompt,
+paraphrases, chat template), does it still say the old one, and are its neighbourhood
+continuations identical to the unedited model's (for ``--state`` the base model is loaded to
+decode them once). ``--gen-n`` scores a seeded sample of the edits; 30 (prompt, generation,
+verdict) rows are printed so the scorer can be checked by eye.
+
 Scored-choice suites use a seeded sample of ``--general-n`` items; GSM8K and HumanEval the
 first ``--limit`` problems. Every figure is printed beside its chance level.
 """
@@ -74,6 +81,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of samples and sampled generations")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--cache-dir", default=None, help="model cache (default ~/.cache/rlsedit)")
+    p.add_argument("--no-generation", action="store_true",
+                   help="counterfact/zsre: skip the generation metrics (greedy decoding of every prompt)")
+    p.add_argument("--gen-n", type=int, default=None, help="generation metrics on a seeded sample of N edits (default all)")
+    p.add_argument("--gen-max-new-tokens", type=int, default=12, help="token cap of each generated continuation (default 12)")
+    p.add_argument("--gen-chat", choices=("auto", "yes", "no"), default="auto",
+                   help="also ask through the chat template: auto (when the model has one), yes (error without one), no")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -109,15 +122,37 @@ def check_args(args) -> tuple[tuple[str, ...], tuple[str, ...]]:
         args.data_dir = default_data_dir()
     for name in general + (("corpus",) if args.consistency else ()):
         data_file(args.data_dir, name)  # a missing file fails before any model loads
-    for name in ("n", "general_n", "limit", "ppl_tokens", "retention_bins", "batch_size", "max_new_tokens"):
+    for name in ("n", "general_n", "limit", "ppl_tokens", "retention_bins", "batch_size", "max_new_tokens", "gen_n",
+                 "gen_max_new_tokens"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise InvalidRequestError(f"--{name.replace('_', '-')} must be positive, got {value}")
     return edit, general
 
 
-def evaluate_model(lm, args, *, session=None) -> dict[str, Any]:
-    """Run the suites of ``args`` on ``lm``; ``session`` provides the journal for ``retention``."""
+def generation_configs(args, edit_suites) -> dict[str, Any]:
+    """The generation metrics' settings of each edit suite of ``args`` (none with ``--no-generation``);
+    the paraphrase kind comes from each suite's data file layout."""
+    from ..eval.generation import GenerationConfig, paraphrase_kind_of_file
+
+    if getattr(args, "no_generation", False):
+        return {}
+    paths = {"counterfact": args.data, "zsre": args.zsre_data or args.data}
+    chat = {"auto": None, "yes": True, "no": False}[getattr(args, "gen_chat", "auto")]
+    return {suite: GenerationConfig(max_new_tokens=getattr(args, "gen_max_new_tokens", 12),
+                                    n=getattr(args, "gen_n", None), seed=args.seed, chat=chat,
+                                    paraphrase_kind=paraphrase_kind_of_file(paths[suite]),
+                                    batch_size=args.batch_size)
+            for suite in ("counterfact", "zsre") if suite in edit_suites}
+
+
+def evaluate_model(lm, args, *, session=None, unedited_lm=None) -> dict[str, Any]:
+    """Run the suites of ``args`` on ``lm``; ``session`` provides the journal for ``retention``.
+
+    ``unedited_lm`` decodes the neighbourhood prompts before editing for the generation
+    locality (default ``lm`` itself: an unedited model compared with itself).
+    """
+    from ..eval.generation import pre_edit_generations
     from ..eval.retention import forgetting_curve
     from ..eval.runner import run_eval
     from ..requests import read_requests
@@ -125,10 +160,14 @@ def evaluate_model(lm, args, *, session=None) -> dict[str, Any]:
     edit, general = check_args(args)
     counterfact = read_requests(args.data, limit=args.n) if "counterfact" in edit else None
     zsre = read_requests(args.zsre_data or args.data, limit=args.n) if "zsre" in edit else None
+    generation = generation_configs(args, edit)
+    requests = {"counterfact": counterfact, "zsre": zsre}
+    pre_edit = {suite: pre_edit_generations(unedited_lm or lm, requests[suite], cfg)
+                for suite, cfg in generation.items() if requests[suite]}
     result = run_eval(lm, counterfact=counterfact, zsre=zsre, general=general, data_dir=args.data_dir,
                       n=args.general_n, limit=args.limit, ppl_tokens=args.ppl_tokens, batch_size=args.batch_size,
                       seed=args.seed, fluency=args.fluency, consistency=args.consistency,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, generation=generation, pre_edit_generations=pre_edit)
     if "retention" in edit:
         if session is None:
             raise InvalidRequestError("the retention suite needs --state (it scores the journal's edits)")
@@ -154,6 +193,7 @@ def format_eval(result: dict[str, Any]) -> str:
         for key in ("ppl", "acc", "recall", "pass@1"):
             if isinstance(res.get(key), (int, float)):
                 lines.append(f"{name}.{key}: {res[key]:.4f}   (chance {res.get('chance')}; n={res.get('n', '-')})")
+    lines += format_generation(result.get("generation", {}))
     if "retention" in result:
         for b in result["retention"]["bins"]["success"]:
             mean = "–" if b["mean"] is None else f"{b['mean']:.3f}"
@@ -163,6 +203,23 @@ def format_eval(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_generation(by_suite: dict[str, Any]) -> list[str]:
+    """The generation metrics of each suite, then its sample rows as a Markdown table."""
+    from ..eval.generation import COLUMNS, format_samples
+
+    lines: list[str] = []
+    for suite, res in by_suite.items():
+        counts = res["counts"]
+        lines.append(f"{suite} generation ({counts['edits']} of {counts['edits_total']} edits; "
+                     f"paraphrases scored as {res['settings']['paraphrase_kind']!r}):")
+        for key, label in COLUMNS:
+            value = res["summary"].get(key)
+            lines.append(f"  {label}: " + ("–" if value is None else f"{value:.4f}"))
+        lines += [f"  note: {note}" for note in res["notes"]]
+        lines += ["", f"{suite} generation samples:", *format_samples(res["samples"]), ""]
+    return lines
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     check_args(args)
     if args.state is not None:
@@ -170,7 +227,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         session = Session.open(args.state, runtime=Runtime(device=args.device, cache_dir=args.cache_dir))
         try:
-            result = evaluate_model(session.lm, args, session=session)
+            unedited = None
+            edit, _ = split_suites(args.suites)
+            if generation_configs(args, edit):
+                from ..model.load import load_model
+
+                # the neighbourhood continuations before editing come from the base model
+                unedited = load_model(session.store.meta["model"]["spec"], device=args.device,
+                                      cache_dir=args.cache_dir)
+            result = evaluate_model(session.lm, args, session=session, unedited_lm=unedited)
             result["state"] = {"dir": args.state, "method": session.store.meta["method"],
                                "model": session.store.meta["model"]["spec"], "edits_applied": len(session.index)}
         finally:

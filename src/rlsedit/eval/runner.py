@@ -6,6 +6,12 @@ This is what ``rlsedit eval`` and the benchmarks call. Suites:
   :func:`rlsedit.eval.counterfact.evaluate_counterfact` (fluency / consistency optional);
 * ``zsre`` — a list of requests scored with :func:`rlsedit.eval.zsre.evaluate_zsre`
   (pass ``pre_edit_locality`` recorded on the unedited model for MEND's locality);
+* ``generation`` — per edit suite (``counterfact``, ``zsre``), a
+  :class:`~rlsedit.eval.generation.GenerationConfig`: does the model *say* the new fact when it
+  generates (:func:`rlsedit.eval.generation.evaluate_generation`), reported under
+  ``out["generation"][suite]`` beside the teacher-forced figures; ``pre_edit_generations`` (per
+  suite, from :func:`~rlsedit.eval.generation.pre_edit_generations` on the unedited model) gives
+  the neighbourhood locality;
 * ``general`` — names from :data:`GENERAL_SUITES`, read from ``data_dir`` laid out as
   :data:`DATA_FILES` (default: the folder named by the ``RLSEDIT_DATA_DIR`` environment
   variable). None of these files ship with the package; :data:`PUBLIC_SOURCES` says where
@@ -31,6 +37,7 @@ from ..requests import EditRequest
 from .consistency import ConsistencyReference
 from .counterfact import evaluate_counterfact
 from .datafiles import EvalDataError, check_count
+from .generation import GenerationConfig, evaluate_generation
 from .general import CHOICE_TASKS, evaluate_choice_task, known_facts_recall, perplexity
 from .gsm8k import evaluate_gsm8k
 from .humaneval import evaluate_humaneval
@@ -134,6 +141,8 @@ def run_eval(
     max_new_tokens: int | None = None,
     sandbox_limits: SandboxLimits = SandboxLimits(),
     details: bool = False,
+    generation: Mapping[str, GenerationConfig] | None = None,
+    pre_edit_generations: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Run the requested suites on ``lm`` as it is now; see the module docstring.
 
@@ -151,6 +160,10 @@ def run_eval(
         raise EvalDataError(f"unknown general suite(s) {unknown}; choose from {list(GENERAL_SUITES)}")
     if consistency and not counterfact:
         raise EvalDataError("consistency is a CounterFact metric; pass counterfact requests with it")
+    edit_suites = {"counterfact": counterfact, "zsre": zsre}
+    unknown_gen = sorted(set(generation or {}) - set(edit_suites))
+    if unknown_gen:
+        raise EvalDataError(f"generation metrics are for the edit suites counterfact and zsre, got {unknown_gen}")
     # every file is found before any suite runs, so a missing one costs no evaluation time
     paths = {name: data_file(data_dir, name) for name in dict.fromkeys(general)}
     if consistency:
@@ -177,6 +190,11 @@ def run_eval(
     if zsre:
         out["zsre"] = timed("zsre", lambda: evaluate_zsre(
             lm, zsre, pre_edit_locality=pre_edit_locality, batch_size=batch_size))
+    for suite, gen_config in (generation or {}).items():
+        if edit_suites[suite]:
+            pre = (pre_edit_generations or {}).get(suite)
+            out.setdefault("generation", {})[suite] = timed(f"generation.{suite}", lambda: evaluate_generation(
+                lm, edit_suites[suite], gen_config, pre_edit=pre))
     if general:
         results: dict[str, Any] = {}
         for name in dict.fromkeys(general):  # keep order, drop repeats

@@ -54,6 +54,8 @@ def register(sub) -> None:
     p.add_argument("--state", required=True)
     p.add_argument("prompt", nargs="+", help="prompt text")
     p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--chat", action="store_true",
+                   help="ask the prompt as the user turn of the model's chat template (an error if it has none)")
     p.add_argument("--json", action="store_true")
     _runtime_args(p)
     p.set_defaults(func=cmd_ask)
@@ -118,12 +120,14 @@ def cmd_edit(args) -> int:
     return 0
 
 
-def _ask(lm, prompt: str, max_new_tokens: int) -> dict:
+def _ask(lm, prompt: str, max_new_tokens: int, *, chat: bool = False) -> dict:
+    from ..eval.generation import chat_prompt
     from ..eval.scoring import greedy_generate, next_token_topk
 
-    completion = greedy_generate(lm, [prompt], max_new_tokens=max_new_tokens)[0]
-    top = next_token_topk(lm, prompt, 5)
-    return {"prompt": prompt, "completion": completion,
+    text = chat_prompt(lm.tokenizer, prompt) if chat else prompt
+    completion = greedy_generate(lm, [text], max_new_tokens=max_new_tokens)[0]
+    top = next_token_topk(lm, text, 5)
+    return {"prompt": prompt, "chat": chat, "completion": completion,
             "top5": [{"token": t.text, "prob": round(math.exp(t.logprob), 4)} for t in top]}
 
 
@@ -132,9 +136,13 @@ def cmd_ask(args) -> int:
     if not prompt.strip():
         raise InvalidRequestError("the prompt is empty")
     with Session.open(args.state, runtime=_runtime(args)) as session:
-        out = _ask(session.lm, prompt, args.max_new_tokens)
+        out = _ask(session.lm, prompt, args.max_new_tokens, chat=args.chat)
     if args.json:
         print(json.dumps(out, indent=2))
+    elif args.chat:
+        print(f"user: {prompt}\nassistant: {out['completion'].strip()}")
+        for item in out["top5"]:
+            print(f"  {item['prob']:.4f}  {item['token']!r}")
     else:
         print(f"{prompt}{out['completion']}")
         for item in out["top5"]:
@@ -175,6 +183,20 @@ DEMO_EDITS = [
 DEMO_UNRELATED = ["The capital of France is", "The Great Wall is located in"]
 
 
+def _demo_verdict(target: str | None, before: dict, after: dict) -> str:
+    """Whether an edit is now *said* (the greedy completion begins with the new object), or
+    whether an unrelated prompt's completion stayed the same."""
+    from ..eval.generation import begins_with, mentions
+
+    if target is None:
+        return "unchanged" if before["completion"] == after["completion"] else "CHANGED by the edits"
+    if begins_with(after["completion"], target):
+        return f"says it: the completion begins with {target!r}"
+    if mentions(after["completion"], target):
+        return f"mentions {target!r} but does not begin with it (not counted as said)"
+    return f"does NOT say {target!r} (the edit did not reach generation)"
+
+
 def cmd_demo(args) -> int:
     from ..editors import get_editor_class
     from ..requests import parse_request
@@ -202,8 +224,13 @@ def cmd_demo(args) -> int:
                 print(f"[{tag}] {b['prompt']}")
                 print(f"    before: {b['completion'].strip()!r}")
                 print(f"    after:  {a['completion'].strip()!r}")
+                print(f"    {_demo_verdict(requests[i].target_new if i < len(requests) else None, b, a)}")
+            from ..eval.generation import begins_with
+
+            said = sum(begins_with(a["completion"], r.target_new) for r, a in zip(requests, after))
+            print(f"\nsaid {said} of {len(requests)} edits (the greedy completion begins with the new object)")
             status = session.status()
-            print(f"\nweights_sha256 {status['weights_sha256'][:16]}…, edits applied: {status['edits_applied']}")
+            print(f"weights_sha256 {status['weights_sha256'][:16]}…, edits applied: {status['edits_applied']}")
     finally:
         if tmp is not None:
             tmp.cleanup()
