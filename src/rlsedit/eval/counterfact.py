@@ -21,6 +21,12 @@ requests (ROME's aggregation). Alongside each success rate:
   ``(1/|t|) Σ_j [argmax p(· | p, t_<j) = t_j]``;
 * ``*_exact``: every target token is the argmax (greedy decoding would produce the target).
 
+``neighborhood_acc`` is accuracy against the answer ``a``, *not* EasyEdit's locality, which
+compares the edited model's teacher-forced argmaxes on ``n + a`` with the unedited model's:
+``locality = (1/|a|) Σ_j [argmax_post_j = argmax_pre_j]`` per prompt. It is reported as
+``locality`` when the unedited model's argmaxes (:func:`neighborhood_predictions`) are passed
+to :func:`evaluate_counterfact` as ``pre_edit_locality``.
+
 Fluency (optional, it generates text): ROME's weighted bi-/tri-gram entropy
 (:mod:`rlsedit.eval.fluency`) of ``prompt + generation`` for each of the request's
 ``generation_prompts``; a layout without generation prompts (MEND/EasyEdit, ours) uses the
@@ -151,6 +157,32 @@ def score_requests(
     return records
 
 
+def neighborhood_predictions(lm, requests: Sequence[EditRequest], *, batch_size: int = 16) -> dict[str, list[list[int]]]:
+    """Teacher-forced argmax token ids on every neighborhood prompt + its answer, keyed by request
+    id: EasyEdit locality's reference. Record it on the unedited model (plain JSON)."""
+    flat = [(req.id, p, a) for req in requests for p, a in zip(req.neighborhood, neighborhood_answers(req))]
+    scores = score_continuations(lm, [p for _, p, _ in flat], [target_text(a) for _, _, a in flat],
+                                 batch_size=batch_size)
+    out: dict[str, list[list[int]]] = {req.id: [] for req in requests}
+    for (rid, _, _), score in zip(flat, scores):
+        out[rid].append([int(t) for t in score.argmax_ids])
+    return out
+
+
+def _add_locality(lm, requests, records, pre_edit_locality, batch_size: int) -> None:
+    """``record["locality"]``: mean over neighborhood prompts of the share of answer tokens whose
+    argmax is the unedited model's (EasyEdit locality)."""
+    post = neighborhood_predictions(lm, requests, batch_size=batch_size)
+    for req, record in zip(requests, records):
+        before = pre_edit_locality.get(req.id)
+        if before is None or len(before) != len(post[req.id]) \
+                or any(len(b) != len(a) for b, a in zip(before, post[req.id])):
+            raise EvalDataError(f"edit {req.id!r}: pre_edit_locality does not match its neighborhood prompts "
+                                "(record it with neighborhood_predictions on the unedited model)")
+        record["locality"] = _mean([sum(int(x) == y for x, y in zip(b, a)) / len(a)
+                                    for b, a in zip(before, post[req.id]) if a])
+
+
 def generation_prompts(req: EditRequest) -> tuple[str, ...]:
     """ROME's ``generation_prompts`` when the record has them, else the edit prompt."""
     return req.generation_prompts or (req.text,)
@@ -197,7 +229,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     parts = [summary.get(SUMMARY_NAMES[g]) for g in GROUPS]
     if all(p is not None for p in parts):
         summary["score"] = 0.0 if min(parts) == 0 else statistics.harmonic_mean(parts)
-    for key in ("fluency", "consistency"):
+    for key in ("locality", "fluency", "consistency"):
         values = [r[key] for r in records if r.get(key) is not None]
         if any(key in r for r in records):
             summary[key] = _mean(values)
@@ -216,8 +248,12 @@ def evaluate_counterfact(
     max_new_tokens: int = 90,
     seed: int = 0,
     keep_generations: bool = False,
+    pre_edit_locality: dict[str, Sequence[Sequence[int]]] | None = None,
 ) -> dict[str, Any]:
     """All CounterFact metrics of ``requests`` on the model as it is now.
+
+    With ``pre_edit_locality`` (:func:`neighborhood_predictions` on the unedited model) each
+    record and the summary also get EasyEdit's ``locality``.
 
     Returns ``{"summary": {...}, "chance": {...}, "records": [...], "notes": [...]}``;
     records are per request (see :func:`score_requests`), plus ``fluency`` /
@@ -229,8 +265,11 @@ def evaluate_counterfact(
     records = score_requests(lm, requests, batch_size=batch_size)
     notes = [
         "success = per-token NLL comparison (ROME); *_acc = teacher-forced top-1 token accuracy "
-        "(EasyEdit); *_exact = all target tokens top-1",
+        "(EasyEdit); *_exact = all target tokens top-1; neighborhood_acc is accuracy against the "
+        "answer, EasyEdit's locality (pre/post argmax agreement) is 'locality'",
     ]
+    if pre_edit_locality is not None:
+        _add_locality(lm, requests, records, pre_edit_locality, batch_size)
     if fluency or consistency is not None:
         texts = generate_for_requests(lm, requests, decoding=decoding, max_new_tokens=max_new_tokens,
                                       seed=seed, batch_size=max(1, batch_size // 2))
