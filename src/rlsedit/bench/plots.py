@@ -102,7 +102,8 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
                            for b in _checkpoints(result)]
                     pts = [(x, y) for x, y in pts if y is not None]
                     if pts:
-                        ax.plot(*zip(*pts), marker="o", ls=style, color=colors[name], label=name)
+                        label = name if key != "chat_mentions" else f"{name} (chat)"
+                        ax.plot(*zip(*pts), marker="o", ls=style, color=colors[name], label=label)
             if unedited:
                 for key, style in keys:
                     base = unedited["evaluation"].get("generation", {}).get("summary", {}).get(key)
