@@ -28,7 +28,9 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     lm = make_lm("llama")
     save(root / "model", lm.model, lm.tokenizer)
     (root / "corpus.txt").write_text("\n".join(SENTENCES * 4))
-    edits = [{"id": f"e{i}", "prompt": "{} is located in", "subject": s, "target_new": new, "target_true": old}
+    edits = [{"id": f"e{i}", "prompt": "{} is located in", "subject": s, "target_new": new, "target_true": old,
+              "paraphrases": [f"As they say, {s} is located in"], "neighborhood": ["The Louvre is located in"],
+              "neighborhood_answers": [old]}
              for i, (s, (new, old)) in enumerate(zip(SUBJECTS, TARGETS))]
     (root / "edits.jsonl").write_text("\n".join(json.dumps(e) for e in edits))
     (root / "hparams.json").write_text(json.dumps(FAST))
@@ -104,9 +106,44 @@ def test_cli_json_and_out(setup, capsys, tmp_path):
     assert "s/edit" in (tmp_path / "out" / "result.md").read_text()
 
 
+def test_target_methods_side_by_side_on_the_same_edits(setup):
+    result = run_speed_bench(_config(setup, n=4, reference_n=2, targets=("adam", "onestep", "verify"), gen_n=2))
+    assert result["targets"] == ["adam", "onestep", "verify"] and set(result["by_target"]) == set(result["targets"])
+    for name, run in result["by_target"].items():
+        assert run["target_method"] == name
+        assert [r["edits_done"] for r in run["batches"]] == [2, 4]
+        assert math.isfinite(run["seconds_per_edit"]) and run["peak_rss_mb"] > run["model_mb"]
+        for key in ("efficacy", "generalization", "specificity"):
+            assert 0.0 <= run["quality_all"][key] <= 1.0, (name, key)
+        assert run["generation"]["counts"]["edits"] == 2
+        assert 0.0 <= run["generation"]["summary"]["edit_begins"] <= 1.0
+    # the Adam loop takes steps, the one-step target none; verify only where the line search fell short
+    assert result["by_target"]["adam"]["target_steps_per_edit"] > 0
+    assert result["by_target"]["onestep"]["target_steps_per_edit"] == 0
+    assert 0 <= result["by_target"]["verify"]["target_steps_per_edit"] <= FAST["v_num_grad_steps"]
+    # the per-request reference runs once, after the first stream
+    assert "reference_seconds_per_edit" in result["by_target"]["adam"]
+    assert all("reference_seconds_per_edit" not in result["by_target"][m] for m in ("onestep", "verify"))
+    text = format_markdown(result)
+    assert all(f"| {m} |" in text and f"### {m}" in text for m in result["targets"])
+
+
+def test_cli_one_target_method(setup, capsys):
+    root = setup["root"]
+    code = main(["bench", "speed", "--data", str(root / "edits.jsonl"), "--model", str(root / "model"),
+                 "--n", "2", "--batch-size", "2", "--reference-n", "0", "--hparams", str(root / "hparams.json"),
+                 "--corpus", str(root / "corpus.txt"), "--cache-dir", str(root / "cache"), "--threads", "1",
+                 "--targets", "onestep", "--json"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["target_method"] == "onestep" and printed["target_steps_per_edit"] == 0
+    assert printed["batches"][0]["target_steps"] == [0, 0]
+
+
 @pytest.mark.parametrize("changes, needle", [
     ({"reference_n": 9}, "reference_n"), ({"n": 0}, "n must be"), ({"batch_size": 0}, "batch_size"),
-    ({"threads": 0}, "threads"),
+    ({"threads": 0}, "threads"), ({"targets": ("sgd",)}, "targets"), ({"targets": ("adam", "adam")}, "targets"),
+    ({"gen_n": -1}, "gen_n"),
 ])
 def test_bad_settings_are_refused(setup, changes, needle):
     with pytest.raises(InvalidRequestError, match=needle):

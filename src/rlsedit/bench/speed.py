@@ -20,6 +20,15 @@ snapshots included):
 
 Peak resident memory is read after the stream (before the reference run) and set beside the
 model's and the editor state's sizes.
+
+With several ``targets`` (value-target methods, ``EditConfig.v_method``: the Adam loop,
+``onestep``, ``verify``; :mod:`rlsedit.locate.fasttargets`) the whole stream runs once per
+method, in one process, on the same edits from the unedited weights, and the report sets the
+methods side by side: seconds per edit by phase, Adam steps per edit, the teacher-forced
+efficacy, generalization and specificity of all ``n`` edits after the stream, the generation
+metrics (:mod:`rlsedit.eval.generation`) of a seeded sample of them, and the peak RSS of each
+stream (the kernel's high-water mark is reset before each where Linux allows it). The
+per-request reference runs once, after the first method's stream.
 """
 
 from __future__ import annotations
@@ -65,8 +74,23 @@ class SpeedBenchConfig:
     threads: int | None = field(default=None, metadata={"help": "torch intra-op threads (default: torch's choice)"})
     state_dir: str | None = field(default=None, metadata={
         "help": "where the session state goes (default: a temporary folder, removed after)"})
+    targets: tuple[str, ...] = field(default=(), metadata={
+        "help": "value-target methods to compare, each a whole stream on the same edits (adam, onestep, verify; "
+                "default: the method's configured one)"})
+    gen_n: int = field(default=0, metadata={
+        "help": "generation metrics (eval/generation.py) on a seeded sample of this many edits after each stream "
+                "(0 = skip)"})
 
     def __post_init__(self) -> None:
+        from ..locate.targets import TARGET_METHODS
+
+        targets = tuple(self.targets)
+        bad = [t for t in targets if t not in TARGET_METHODS]
+        if bad or len(set(targets)) != len(targets):
+            raise InvalidRequestError(f"targets must be distinct names among {list(TARGET_METHODS)}, got {list(targets)}")
+        self.targets = targets
+        if isinstance(self.gen_n, bool) or not isinstance(self.gen_n, int) or self.gen_n < 0:
+            raise InvalidRequestError(f"gen_n must be an integer >= 0, got {self.gen_n!r}")
         for name, low in (("n", 1), ("batch_size", 1), ("reference_n", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -78,21 +102,40 @@ class SpeedBenchConfig:
             raise InvalidRequestError(f"threads must be an integer >= 1, got {self.threads!r}")
 
 
+def _status_mb(key: str) -> float | None:
+    """A ``/proc/self/status`` memory line in MiB (Linux; None elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def _peak_rss_mb() -> float:
+    """The process's peak resident memory since start, or since :func:`_reset_peak_rss`."""
+    high_water = _status_mb("VmHWM")
+    if high_water is not None:
+        return high_water
     # ru_maxrss is in KiB on Linux, bytes on macOS
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident high-water mark (Linux >= 4.0, ``clear_refs`` value 5), so
+    each stream of a comparison reports its own peak; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def _current_rss_mb() -> float | None:
     """Resident memory now (Linux ``/proc``; None elsewhere): logged per batch to see growth."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    return _status_mb("VmRSS")
 
 
 def _peak_device_mb(device: torch.device) -> float | None:
@@ -123,6 +166,16 @@ def efficacy(lm, requests: Sequence[EditRequest]) -> dict[str, float]:
     records = score_requests(lm, requests, groups=("rewrite",))
     return {"success": statistics.fmean(r["rewrite_success"] for r in records),
             "top1": statistics.fmean(r["rewrite_acc"] for r in records)}
+
+
+def quality(lm, requests: Sequence[EditRequest]) -> dict[str, float | None]:
+    """Teacher-forced CounterFact efficacy, generalization and specificity (ROME's success
+    rates: the new object more likely than the true one on the edit prompt and its
+    paraphrases, the true one more likely on the neighbourhood prompts) of ``requests``."""
+    from ..eval.counterfact import score_requests, summarize
+
+    summary = summarize(score_requests(lm, requests))
+    return {k: summary.get(k) for k in ("efficacy", "generalization", "specificity", "efficacy_acc")}
 
 
 def _batch_row(edits_done: int, size: int, wall: float, info: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +213,7 @@ def history_check(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     b = [r["target_steps_mean"] for r in last if r.get("target_steps_mean") is not None]
     if a and b:
         out["target_steps"] = {"first": statistics.fmean(a), "last": statistics.fmean(b),
-                               "ratio": statistics.fmean(b) / statistics.fmean(a)}
+                               "ratio": statistics.fmean(b) / statistics.fmean(a) if statistics.fmean(a) > 0 else None}
     plain_first = [r for r in first if not r.get("snapshot")]
     plain_last = [r for r in last if not r.get("snapshot")]
     if plain_first and plain_last:
@@ -182,13 +235,38 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
     requests = select_edits(config.data, config.n)
     if len(requests) < config.n:
         raise InvalidRequestError(f"{config.data} holds {len(requests)} records, fewer than n = {config.n}")
+    editor_cls = get_editor_class(config.method)
+    method_config = editor_cls.config_class.from_json_file(config.hparams) if config.hparams else None
+    if len(config.targets) <= 1:
+        if config.targets:
+            method_config = (method_config or editor_cls.config_class()).replace(v_method=config.targets[0])
+        return _stream_run(config, requests, method_config, reference=True, progress=progress)
+    runs = {}
+    for i, target in enumerate(config.targets):
+        log.info("bench speed: stream %d of %d, value targets by %r", i + 1, len(config.targets), target)
+        runs[target] = _stream_run(config, requests, (method_config or editor_cls.config_class()).replace(v_method=target),
+                                   reference=i == 0, progress=progress, label=target)
+    first = runs[config.targets[0]]
+    return {"settings": first["settings"], "n": config.n, "targets": list(config.targets), "by_target": runs}
+
+
+def _stream_run(config: SpeedBenchConfig, requests: list[EditRequest], method_config, *, reference: bool,
+                progress: bool, label: str | None = None) -> dict[str, Any]:
+    """One whole stream through a fresh session (and the reference run when asked): the
+    report of :func:`run_speed_bench` for one method configuration."""
+    from tqdm.auto import tqdm
+
+    from ..session.session import Runtime, Session
+
     batches = list(iter_batches(requests, config.batch_size))
     runtime = Runtime(device=config.device, cache_dir=config.cache_dir, corpus=config.corpus)
     editor_cls = get_editor_class(config.method)
-    method_config = editor_cls.config_class.from_json_file(config.hparams) if config.hparams else None
+    peak_reset = _reset_peak_rss()
 
     with tempfile.TemporaryDirectory(prefix="rlsedit-speed-") as tmp:
         state_dir = Path(config.state_dir) if config.state_dir else Path(tmp) / "state"
+        if label is not None:
+            state_dir = state_dir / label
         start = time.perf_counter()
         session = Session.create(state_dir, model=config.model, method=config.method, config=method_config,
                                  runtime=runtime)
@@ -196,6 +274,7 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
         rss_after_create = _peak_rss_mb()
         try:
             lm, editor = session.lm, session.editor
+            generation = _GenerationCheck(lm, requests, config) if config.gen_n else None   # unedited model
             rows: list[dict[str, Any]] = []
             checkpoint: dict[str, float] | None = None
             done = 0
@@ -213,11 +292,13 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
                 # bookkeeping; the history check sets those batches apart
                 rows[-1]["snapshot"] = session.store.snapshot_covers_seq != snapshots_before
                 rows[-1]["rss_mb"] = _current_rss_mb()
-                if config.reference_n and checkpoint is None and done >= config.reference_n:
+                if reference and config.reference_n and checkpoint is None and done >= config.reference_n:
                     checkpoint = efficacy(lm, requests[:done])  # not timed
             peak_rss = _peak_rss_mb()
             peak_device = _peak_device_mb(torch.device(config.device))
             final = efficacy(lm, requests)
+            quality_all = quality(lm, requests)
+            generation_all = None if generation is None else generation.after(lm)
             model_mb = _tensor_mb([*lm.model.parameters(), *lm.model.buffers()])
             state_mb = _editor_state_mb(editor)
             config_used = editor.config
@@ -235,6 +316,11 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
                      else None},
         "create_seconds": create_s,
         "n": config.n,
+        "target_method": getattr(config_used, "v_method", "adam"),
+        "target_steps_per_edit": _steps_per_edit(rows),
+        "peak_rss_is_this_stream": peak_reset,
+        "quality_all": quality_all,
+        "generation": generation_all,
         "seconds_per_edit": _per_edit(rows),
         "phases_per_edit": {p: _per_edit(rows, p) for p in PHASES},
         "edits_per_minute": 60.0 / _per_edit(rows),
@@ -251,7 +337,7 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
         "efficacy_all_top1": final["top1"],
         "batches": rows,
     }
-    if config.reference_n:
+    if reference and config.reference_n:
         covered = [r for r in rows if r["edits_done"] <= _covering(rows, config.reference_n)]
         fast_first = _per_edit(covered)
         ref_requests = requests[:covered[-1]["edits_done"]]
@@ -285,6 +371,32 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
     return result
 
 
+def _steps_per_edit(rows: Sequence[dict[str, Any]]) -> float | None:
+    """Adam steps per edit over the stream (0 for requests a one-step target settled)."""
+    steps = [s for r in rows for s in r.get("target_steps") or []]
+    return statistics.fmean(steps) if steps else None
+
+
+class _GenerationCheck:
+    """The generation metrics (:mod:`rlsedit.eval.generation`) of a seeded sample of
+    ``config.gen_n`` edits: the neighbourhood's continuations are taken on the unedited model
+    when this is made, the rest by :meth:`after` once the stream is done."""
+
+    def __init__(self, lm, requests: Sequence[EditRequest], config: SpeedBenchConfig) -> None:
+        from ..eval.generation import GenerationConfig, paraphrase_kind_of_file, pre_edit_generations
+
+        self.requests = requests
+        self.config = GenerationConfig(n=min(config.gen_n, len(requests)),
+                                       paraphrase_kind=paraphrase_kind_of_file(config.data))
+        self.pre_edit = pre_edit_generations(lm, requests, self.config)
+
+    def after(self, lm) -> dict[str, Any]:
+        from ..eval.generation import evaluate_generation
+
+        result = evaluate_generation(lm, self.requests, self.config, pre_edit=self.pre_edit)
+        return {"summary": result["summary"], "counts": result["counts"], "notes": result["notes"]}
+
+
 def _floor(lm, editor, batches, rows, device) -> dict[str, Any] | None:
     """The stream's FLOP floor (:mod:`rlsedit.bench.floor`) from its real token counts and
     the Adam steps each request took, at this machine's measured matrix-product rate."""
@@ -307,7 +419,43 @@ def _covering(rows: Sequence[dict[str, Any]], n: int) -> int:
     return next(r["edits_done"] for r in rows if r["edits_done"] >= n)
 
 
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    """One row per value-target method of a multi-method run (``result["by_target"]``)."""
+    s = result["settings"]
+    lines = [
+        f"model `{s['model']}`, method `{s['method']}`, n = {result['n']}, batch {s['batch_size']}, "
+        f"layers {s['layers']}, {s['prefixes']} prefixes, {s['threads']} threads, torch {s['torch']}; "
+        "one stream per value-target method, the same edits, in this order",
+        "",
+        "| targets | s/edit | targets | keys | solve | book-keeping | Adam steps/edit | efficacy | generalization "
+        "| specificity | gen. edit begins | gen. chat mentions | peak RSS |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in result["targets"]:
+        r = result["by_target"][name]
+        ph, q = r["phases_per_edit"], r.get("quality_all") or {}
+        gen = (r.get("generation") or {}).get("summary") or {}
+        steps = r.get("target_steps_per_edit")
+        lines.append(
+            f"| {name} | {r['seconds_per_edit']:.3f} | {ph['targets']:.3f} | {ph['keys']:.3f} | {ph['solve']:.4f} | "
+            f"{ph['bookkeeping']:.4f} | {'–' if steps is None else f'{steps:.1f}'} | {_pct(q.get('efficacy'))} | "
+            f"{_pct(q.get('generalization'))} | {_pct(q.get('specificity'))} | {_pct(gen.get('edit_begins'))} | "
+            f"{_pct(gen.get('chat_mentions'))} | {r['peak_rss_mb']:.0f} MiB{'' if r.get('peak_rss_is_this_stream') else '*'} |")
+    lines += ["", "Teacher-forced metrics (ROME's success rates) of all n edits after each stream; generation "
+              "metrics (eval/generation.py) of a seeded sample, '–' when not asked (--gen-n). Peak RSS is each "
+              "stream's own high-water mark (* where it could not be reset: the process's peak so far)."]
+    for name in result["targets"]:
+        lines += ["", f"### {name}", "", format_markdown(result["by_target"][name]).rstrip("\n")]
+    return "\n".join(lines) + "\n"
+
+
 def format_markdown(result: dict[str, Any]) -> str:
+    if "by_target" in result:
+        return format_comparison(result)
     s = result["settings"]
     ph = result["phases_per_edit"]
     hist = result["history"]
@@ -321,6 +469,15 @@ def format_markdown(result: dict[str, Any]) -> str:
         f"{ph['solve']:.4f} | {ph['bookkeeping']:.4f} | {result['edits_per_minute']:.1f} | "
         f"{100 * result['efficacy_all']:.1f} | {100 * result['efficacy_all_top1']:.1f} |",
     ]
+    if result.get("quality_all"):
+        q, steps = result["quality_all"], result.get("target_steps_per_edit")
+        gen = (result.get("generation") or {}).get("summary")
+        lines += ["", f"value targets by `{result.get('target_method', 'adam')}`, "
+                  f"{'–' if steps is None else f'{steps:.1f}'} Adam steps per edit; all {result['n']} edits after the "
+                  f"stream, teacher-forced: efficacy {_pct(q.get('efficacy'))}, generalization "
+                  f"{_pct(q.get('generalization'))}, specificity {_pct(q.get('specificity'))}"
+                  + ("" if not gen else "; generation (a sample): " + ", ".join(
+                      f"{k} {_pct(v)}" for k, v in gen.items() if v is not None))]
     if "reference_seconds_per_edit" in result:
         rp = result["reference_phases_per_edit"]
         lines += [
@@ -368,6 +525,20 @@ def plot_speed(result: dict[str, Any], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if "by_target" in result:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for name in result["targets"]:
+            rows = result["by_target"][name]["batches"]
+            ax.plot([r["edits_done"] for r in rows], [r["seconds"] / r["size"] for r in rows], marker=".", label=name)
+        ax.set_xlabel("edits applied")
+        ax.set_ylabel("seconds per edit")
+        ax.set_title(f"{result['settings']['model']} · {result['settings']['method']} · by value-target method")
+        ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     rows = result["batches"]
     x = [r["edits_done"] - r["size"] for r in rows]  # a bar spans its batch's edits
     fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -15,7 +15,7 @@ _FIELDS = {f.name: f for f in fields(SpeedBenchConfig)}
 
 def _help(name: str) -> str:
     f = _FIELDS[name]
-    default = "" if f.default is MISSING or f.default is None else f" (default {f.default})"
+    default = "" if f.default is MISSING or f.default in (None, ()) else f" (default {f.default})"
     return f.metadata["help"] + default
 
 
@@ -28,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "included) and times every batch by phase (targets, keys, solve, bookkeeping); checks "
             "that per-edit time stays flat from the first to the last tenth of the stream; runs the "
             "first --reference-n edits again through the per-request reference target optimisation "
-            "for the speedup; reports efficacy of both and peak RSS. Prints a Markdown summary, or "
+            "for the speedup; reports efficacy of both and peak RSS. With --targets adam,onestep,verify "
+            "the stream runs once per value-target method on the same edits, side by side (teacher-forced "
+            "quality of all edits, generation metrics with --gen-n). Prints a Markdown summary, or "
             "JSON with --json; --out DIR also writes result.json, result.md and speed.png there."
         ),
     )
@@ -44,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help=_help("device"))
     parser.add_argument("--threads", type=int, default=None, help=_help("threads"))
     parser.add_argument("--state-dir", default=None, help=_help("state_dir"))
+    parser.add_argument("--targets", default="", help=_help("targets") + "; comma-separated, e.g. adam,onestep,verify")
+    parser.add_argument("--gen-n", type=int, default=0, help=_help("gen_n"))
     parser.add_argument("--out", type=Path, default=None, help="write result.json, result.md and speed.png here")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     parser.set_defaults(func=_run)
@@ -54,6 +58,7 @@ def _run(args: argparse.Namespace) -> int:
         data=args.data, model=args.model, method=args.method, n=args.n, batch_size=args.batch_size,
         reference_n=args.reference_n, hparams=args.hparams, corpus=args.corpus, cache_dir=args.cache_dir, device=args.device,
         threads=args.threads, state_dir=args.state_dir,
+        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), gen_n=args.gen_n,
     )
     result = run_speed_bench(config, progress=getattr(args, "verbose", 0) > 0)
     text = format_markdown(result)
