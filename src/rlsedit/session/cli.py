@@ -74,8 +74,10 @@ def register(sub) -> None:
 
     p = sub.add_parser("export", help="write the edited model (HF checkpoint) or only the weight deltas")
     p.add_argument("--state", required=True)
-    p.add_argument("--out", required=True, help="new output directory")
+    p.add_argument("--out", default=None, help="new output directory")
     p.add_argument("--delta-only", action="store_true", help="only W − W_0 of the edited layers (safetensors)")
+    p.add_argument("--lora", default=None, metavar="DIR", help="instead: the edits as a peft LoRA adapter in DIR")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: exact, the largest rank of ΔW)")
     _runtime_args(p)
     p.set_defaults(func=cmd_export)
 
@@ -164,9 +166,24 @@ def cmd_undo(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.lora is not None:
+        return _export_lora(args)
+    if args.out is None:
+        raise InvalidRequestError("export needs --out DIR (a checkpoint or --delta-only) or --lora DIR")
     with Session.open(args.state, runtime=_runtime(args)) as session:
         path = session.export(args.out, delta_only=args.delta_only)
     print(f"wrote {path}")
+    return 0
+
+
+def _export_lora(args) -> int:
+    from .lora import export_lora
+
+    with Session.open(args.state, runtime=_runtime(args)) as session:
+        report = export_lora(session, args.lora, rank=args.rank)
+    print(f"wrote a rank-{report.rank} LoRA adapter to {report.path}")
+    for layer, d in report.layers.items():
+        print(f"  layer {layer}: rank(ΔW) {d['rank_delta']}, relative error {d['relative_error']:.3g}")
     return 0
 
 
