@@ -85,8 +85,10 @@ def wait_healthy(base_url: str, *, attempts: int = 600, pause: float = 0.1, proc
 
 
 @contextlib.contextmanager
-def server_thread(world: TinyWorld, state: Path, *, tokens: Path | None = None, **config) -> Iterator[tuple[str, object]]:
-    """Serve ``state`` from uvicorn in a thread of this process; yields ``(base_url, service)``."""
+def server_thread(world: TinyWorld | None, state: Path, *, tokens: Path | None = None, runtime=None,
+                  **config) -> Iterator[tuple[str, object]]:
+    """Serve ``state`` from uvicorn in a thread of this process; yields ``(base_url, service)``.
+    The runtime is the tiny world's unless ``runtime`` is given."""
     import uvicorn
 
     from rlsedit.serve.app import create_app
@@ -94,7 +96,7 @@ def server_thread(world: TinyWorld, state: Path, *, tokens: Path | None = None, 
     from rlsedit.serve.config import ServeConfig
     from rlsedit.serve.service import open_service
 
-    service = open_service(state, runtime=tiny_runtime(world), config=ServeConfig(**config))
+    service = open_service(state, runtime=runtime or tiny_runtime(world), config=ServeConfig(**config))
     app = create_app(service, tokens=TokenTable.from_file(tokens) if tokens else None)
     sock = free_socket()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
