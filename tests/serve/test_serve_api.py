@@ -235,3 +235,55 @@ def test_an_edit_posted_while_eight_clients_query(world, tmp_path):
     assert len(answers) == 48 and {fp for fp, _ in answers} <= set(by_version)
     for fp, text in answers:
         assert text == by_version[fp], (fp, text)
+
+
+def test_queries_are_answered_while_an_edit_is_computed(world, tmp_path):
+    """Hold an edit inside ``propose`` (its weights are written into the editor's model, not
+    yet journaled): queries are answered meanwhile, from the old weights, at the old version."""
+    import threading
+
+    state = tmp_path / "state"
+    shutil.copytree(world.root / "state", state)
+    prompt = "Rome 9 plays the"
+    old = ask_greedy(world, state, prompt, 6)
+    with server_thread(world, state) as (base, service):
+        editor = service.session.editor
+        real_propose, inside, release = editor.propose, threading.Event(), threading.Event()
+
+        def held_propose(requests):
+            proposal = real_propose(requests)
+            inside.set()
+            assert release.wait(timeout=120)
+            return proposal
+
+        editor.propose = held_propose
+        v0 = service.live.version
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            posted = pool.submit(http, "POST", base + "/edits", NEW_EDIT)
+            assert inside.wait(timeout=120)
+            c = client(base)
+            during = [c.completions.create(model=service.model_id, prompt=prompt, max_tokens=6, temperature=0)
+                      for _ in range(3)]
+            release.set()
+            status, done = posted.result(timeout=120)
+        assert status == 200 and done["weight_version"] == v0 + 1
+        assert all((r.system_fingerprint, r.choices[0].text) == (f"wv{v0}", old) for r in during)
+        after = c.completions.create(model=service.model_id, prompt=prompt, max_tokens=6, temperature=0)
+        assert after.system_fingerprint == f"wv{v0 + 1}" and after.choices[0].text != old
+
+
+def test_edits_arriving_together_are_one_batch(world, tmp_path):
+    state = tmp_path / "state"
+    shutil.copytree(world.root / "state", state)
+    # the wave closes when the four posts (four requests) are in, or after 10 s
+    with server_thread(world, state, edit_wait_s=10.0, edit_batch_size=4) as (base, service):
+        v0 = service.live.version
+        bodies = [NEW_EDIT | {"id": f"t{i}", "subject": f"Rome {20 + i}"} for i in range(3)] + [NEW_EDIT | {"id": "e0"}]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda b: http("POST", base + "/edits", b), bodies))
+        ok = [a for status, a in answers if status == 200]
+        assert sorted(a["ids"][0] for a in ok) == ["t0", "t1", "t2"]
+        assert {a["weight_version"] for a in ok} == {v0 + 1}  # one journal entry for the three
+        assert [status for status, _ in answers].count(409) == 1  # the reused id, refused alone
+        batches = {http("GET", base + f"/edits/t{i}")[1]["batch"] for i in range(3)}
+        assert batches == {v0}
