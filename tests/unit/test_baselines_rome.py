@@ -78,3 +78,26 @@ def test_delta_is_clamped_against_the_mlp_output_norm():
     delta = V - K.T @ W0
     # the target cannot be reached within so small a ball: δ ends on its boundary, factor·‖m‖
     assert float(delta.norm()) == pytest.approx(factor * float(m.norm()), rel=1e-3)
+
+
+class _StubTokenizer:
+    def __init__(self, vocab, bos, eos, adds_bos):
+        self.vocab, self.bos_token_id, self.eos_token_id, self.adds_bos = vocab, bos, eos, adds_bos
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([self.bos_token_id] if self.adds_bos and add_special_tokens else []) + [7]}
+
+
+def test_rome_prefixes_start_from_the_document_separator():
+    from rlsedit.locate.prefixes import _document_start_id
+
+    # GPT-2 / SmolLM2: <|endoftext|> (SmolLM2's BOS and EOS are chat tokens)
+    assert _document_start_id(_StubTokenizer({"<|endoftext|>": 0, "<|im_start|>": 1}, 1, 2, False)) == 0
+    # Gemma / Llama 3: the BOS the tokenizer puts first itself
+    assert _document_start_id(_StubTokenizer({"<bos>": 2}, 2, 1, True)) == 2
+    # neither: BOS, else EOS
+    assert _document_start_id(_StubTokenizer({}, None, 5, False)) == 5
+    assert _document_start_id(_StubTokenizer({}, None, None, False)) is None

@@ -101,10 +101,26 @@ ROME_LENGTH_PARAMS: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
 """ROME's ``context_template_length_params``: ``(length, count)`` pairs."""
 
 
+def _document_start_id(tokenizer) -> int | None:
+    """The token a document starts from: GPT-2's ``<|endoftext|>`` where the vocabulary has it
+    (ROME's start; SmolLM2's document separator, whose BOS/EOS are chat tokens), else the BOS the
+    tokenizer itself puts first (``<bos>``, ``<|begin_of_text|>``), else BOS, else EOS."""
+    vocab = tokenizer.get_vocab()
+    if "<|endoftext|>" in vocab:
+        return int(vocab["<|endoftext|>"])
+    first = tokenizer("a", add_special_tokens=True)["input_ids"][:1]
+    if first and first[0] == tokenizer.bos_token_id:
+        return int(first[0])
+    for value in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return None
+
+
 def rome_context_prefixes(lm, length_params=ROME_LENGTH_PARAMS, *, seed: int = 0) -> list[str]:
     """ROME's context prefixes: ``["{}"]`` then, for each ``(length, count)``, ``count`` texts
-    ``"<generated>. {}"`` sampled from the beginning-of-text token alone (the end-of-text token
-    where the tokenizer has none, as GPT-2's ``<|endoftext|>``), ``length`` tokens counting it.
+    ``"<generated>. {}"`` sampled from a document-start token alone (:func:`_document_start_id`),
+    ``length`` tokens counting it.
 
     Memoised in ``lm.cache`` like :func:`context_prefixes`.
     """
@@ -118,8 +134,7 @@ def rome_context_prefixes(lm, length_params=ROME_LENGTH_PARAMS, *, seed: int = 0
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     key = ("rome_context_prefixes", pairs, seed)
     if key not in lm.cache:
-        tokenizer = lm.tokenizer
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        start = _document_start_id(lm.tokenizer)
         if start is None:
             raise ValueError(f"{lm.name}: the tokenizer has neither a beginning- nor an end-of-text token")
         generator = torch.Generator(device=lm.device)
