@@ -256,3 +256,17 @@ def check_unique_ids(requests: Iterable[EditRequest]) -> None:
         if req.id in seen:
             raise InvalidRequestError(f"edit id {req.id!r} occurs twice; ids must be unique")
         seen.add(req.id)
+
+
+def as_requests(items: Any, *, start: int = 0) -> list[EditRequest]:
+    """Edit requests from what a caller has: :class:`EditRequest` s, dicts in any layout
+    :func:`parse_request` reads, or a single one of either. A dict without an id is numbered
+    ``start + its position``. All are parsed before anything is used, so a bad one raises
+    and nothing is applied."""
+    if isinstance(items, (EditRequest, dict)):
+        items = [items]
+    elif isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise InvalidRequestError(
+            f"expected edit requests (EditRequest objects or dicts, or a list of them), got {type(items).__name__}")
+    return [item if isinstance(item, EditRequest) else parse_request(item, start + i)
+            for i, item in enumerate(items)]

@@ -131,6 +131,21 @@ def test_undo_of_an_unknown_or_undone_id_is_refused(pristine, state):
     _unchanged(world, state, before, after_undo)
 
 
+def test_an_undone_edit_submitted_again_is_applied_again(pristine, state, tmp_path):
+    world, _, before_status = pristine
+    assert cli(["undo", "--state", str(state), "--edit", "e3", "--cache-dir", str(world.cache)])[0] == 0
+    again = write_jsonl(tmp_path / "again.jsonl", [edit_records(N_EDITS)[3]])
+    code, out, err = cli(world.edit_args(state, again, "--json"))
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["applied"] == 1 and report["already_applied"] == 0, report
+    after = cli_status(world, state)
+    assert after["edits_applied"] == before_status["edits_applied"] and after["edits_undone"] == 0
+    # a second submission of the same file finds it live: nothing more is applied
+    code, out, err = cli(world.edit_args(state, again, "--json"))
+    assert code == 0 and json.loads(out)["already_applied"] == 1, (out, err)
+
+
 def test_a_new_state_with_an_unknown_method_or_bad_hparams_is_not_created(pristine, tmp_path):
     """(Before the fix, hyperparameters that failed their own checks, e.g. descending
     layers, ended the CLI with a ValueError traceback.)"""

@@ -32,7 +32,7 @@ from ..errors import InvalidRequestError, NumericalError, StateMismatchError, Un
 from ..model.arch import resolve
 from ..model.device import synchronize
 from ..model.weights import block, get_bias, get_W, set_W
-from ..requests import EditRequest, check_unique_ids
+from ..requests import EditRequest, as_requests, check_unique_ids
 from .config import EditConfig
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class Proposal:
         self.editor._commit_state(self.new_state)
         self.editor.n_edits_ += len(self.record.ids)
         self.editor.n_batches_ += 1
+        self.editor._remember(self.record)
         self.done = True
         return self.record
 
@@ -98,17 +99,30 @@ def _check_finite(name: str, tensor: torch.Tensor, ids: Sequence[str]) -> None:
 class Editor:
     """Base of every editor. Subclasses set ``config_class`` and implement ``_init_state`` and ``_solve``.
 
+    The constructor only stores its arguments (scikit-learn's rule); the first call that needs
+    the editor's state (:meth:`partial_fit`, :meth:`state_dict`, or reading a learned
+    attribute) prepares it: the corpus statistics ``E[kkᵀ]`` (computed once and cached on
+    disk), ``W_0``, the context prefixes and the method's initial state.
+
     Parameters:
         lm: the :class:`~rlsedit.model.load.LoadedModel` to edit (its weights change in place).
         config: the method's hyperparameters (defaults when None).
+        corpus: where ``E[kkᵀ]`` comes from when ``moments`` is not given: a corpus file, a list
+            of texts, or None for the corpus bundled with the package.
         moments: ``{layer: E[kkᵀ] (d_k, d_k)}`` for the edited layers, for methods that use
-            the corpus anchor (all but FT).
+            the corpus anchor (all but FT); given, it replaces ``corpus``.
+        prefixes: the context prefixes (a resumed editor passes the ones it was made with).
         progress: show progress bars.
         targets: ``"batched"`` (:func:`~rlsedit.locate.targets.compute_targets`, the default) or
             ``"reference"`` (:func:`~rlsedit.locate.targets.compute_targets_reference`, one request
             at a time through the whole model; the same objective, for the speed benchmark).
+        cache_dir: cache of the corpus statistics (default ``~/.cache/rlsedit``).
+        keep_history: keep every batch's keys and targets in memory, so :meth:`undo` and
+            :meth:`save_pretrained` have them (a :class:`~rlsedit.session.session.Session`
+            keeps them in its journal instead and turns this off).
 
-    Attributes (learned state ends in ``_``): ``n_edits_``, ``n_batches_``.
+    Attributes (learned state ends in ``_``): ``n_edits_``, ``n_batches_``, ``prefixes_``,
+    ``history_`` (the accepted :class:`EditRecord` s) and ``live_`` (edit id → (batch, column)).
     """
 
     config_class: ClassVar[type[EditConfig]] = EditConfig
@@ -116,8 +130,9 @@ class Editor:
     supports_undo: ClassVar[bool] = False
     needs_moments: ClassVar[bool] = True
 
-    def __init__(self, lm, config: EditConfig | None = None, *, moments: dict[int, torch.Tensor] | None = None,
-                 prefixes: Sequence[str] | None = None, progress: bool = False, targets: str = "batched") -> None:
+    def __init__(self, lm, config: EditConfig | None = None, *, corpus=None,
+                 moments: dict[int, torch.Tensor] | None = None, prefixes: Sequence[str] | None = None,
+                 progress: bool = False, targets: str = "batched", cache_dir=None, keep_history: bool = True) -> None:
         config = self.config_class() if config is None else config
         if not isinstance(config, self.config_class):
             raise InvalidRequestError(
@@ -128,24 +143,75 @@ class Editor:
         self.config = config
         self.targets = targets
         self.progress = progress
+        self.corpus = corpus
+        self.cache_dir = cache_dir
+        self.keep_history = keep_history
         self.layers: tuple[int, ...] = self.layers_for(lm, config)
-        if self.needs_moments:
-            if moments is None or any(l not in moments for l in self.layers):
-                missing = [l for l in self.layers if moments is None or l not in moments]
-                raise InvalidRequestError(f"{self.name}: key second moments missing for layers {missing}")
-            for l in self.layers:
-                if tuple(moments[l].shape) != (lm.d_k, lm.d_k):
-                    raise StateMismatchError(
-                        f"layer {l}: second moment of shape {tuple(moments[l].shape)}, model has d_k={lm.d_k}")
+        if moments is not None:
+            self._check_moments(moments)
+        self._given_moments = moments
+        self._given_prefixes = None if prefixes is None else list(prefixes)
+        self._prepared = False
+
+    def __getattr__(self, name: str):
+        # Only reached when normal look-up fails: a learned attribute read before the first
+        # partial_fit prepares the editor, then is looked up again.
+        if name.startswith("__") or self.__dict__.get("_prepared", True) or self.__dict__.get("_preparing"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        self._prepare()
+        return getattr(self, name)
+
+    def _check_moments(self, moments: dict[int, torch.Tensor]) -> None:
+        missing = [l for l in self.layers if l not in moments]
+        if missing:
+            raise InvalidRequestError(f"{self.name}: key second moments missing for layers {missing}")
+        for l in self.layers:
+            if tuple(moments[l].shape) != (self.lm.d_k, self.lm.d_k):
+                raise StateMismatchError(
+                    f"layer {l}: second moment of shape {tuple(moments[l].shape)}, model has d_k={self.lm.d_k}")
+
+    def _corpus_moments(self) -> dict[int, torch.Tensor]:
+        from ..locate.corpus import resolve_corpus
+        from ..locate.stats import second_moments
+
+        corpus = self.corpus if isinstance(self.corpus, (list, tuple)) else resolve_corpus(self.corpus)
+        stats = second_moments(self.lm, list(self.layers), corpus, max_tokens=self.config.mom2_n_samples,
+                               cache_dir=self.cache_dir, progress=self.progress)
+        return {l: stats[l].mom for l in self.layers}
+
+    def _prepare(self) -> None:
+        """Build what the constructor deferred: E[kkᵀ], W_0, prefixes, the initial state."""
+        if self._prepared:
+            return
+        self._preparing = True
+        try:
+            self._build()
+        finally:
+            self._preparing = False
+        self._prepared = True
+
+    def _build(self) -> None:
+        moments = self._given_moments
+        if self.needs_moments and moments is None:
+            moments = self._corpus_moments()
+            self._check_moments(moments)
         # E[kkᵀ] lives where the weights live, so every solve runs on the model's device
-        self.moments = {l: m.to(lm.device) for l, m in (moments or {}).items() if l in self.layers}
-        self.W0 = {l: get_W(lm, l) for l in self.layers}
+        self.moments = {l: m.to(self.lm.device) for l, m in (moments or {}).items() if l in self.layers}
+        self.W0 = {l: get_W(self.lm, l) for l in self.layers}
         # Context prefixes come from the *unedited* model, once: a resumed session must use the
         # same prefixes as the run it continues, whatever the weights are now.
-        self.prefixes_: list[str] = list(prefixes) if prefixes is not None else self._make_prefixes()
+        self.prefixes_: list[str] = (list(self._given_prefixes) if self._given_prefixes is not None
+                                     else self._make_prefixes())
+        self._reset_counters()
+        self._init_state()
+        self._given_moments = None  # held as self.moments from here on
+
+    def _reset_counters(self) -> None:
         self.n_edits_ = 0
         self.n_batches_ = 0
-        self._init_state()
+        self.n_submitted_ = 0  # requests ever accepted: the default id of the next one
+        self.history_: list[EditRecord] = []
+        self.live_: dict[str, tuple[int, int]] = {}
 
     @property
     def anchor_weight(self) -> float:
@@ -196,38 +262,74 @@ class Editor:
         return tuple(layers)
 
     # ---- streaming API ------------------------------------------------------------------------
-    def partial_fit(self, requests: Sequence[EditRequest]) -> "Editor":
-        """Apply one batch of edits (one lifelong step). Returns self."""
+    def partial_fit(self, requests) -> "Editor":
+        """Apply one batch of edits (one lifelong step). Returns self.
+
+        ``requests``: :class:`~rlsedit.requests.EditRequest` s, dicts in any layout
+        :func:`~rlsedit.requests.parse_request` reads, or one of either. A dict without an id
+        gets its position in the editor's stream (``"0"``, ``"1"``, …).
+        """
         self.propose(requests).commit()
         return self
 
-    def fit(self, requests: Sequence[EditRequest], batch_size: int = 1) -> "Editor":
+    def fit(self, requests, batch_size: int = 1) -> "Editor":
         """Reset to the unedited weights, then stream ``requests`` in batches of ``batch_size``."""
-        if batch_size <= 0:
-            raise InvalidRequestError(f"batch_size must be positive, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise InvalidRequestError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.reset()
+        requests = as_requests(requests)
         for start in range(0, len(requests), batch_size):
             self.partial_fit(requests[start:start + batch_size])
         return self
 
     def reset(self) -> "Editor":
         """Restore the unedited weights and the initial method state."""
+        if not self._prepared:
+            self._prepare()  # nothing was edited yet: that is the initial state
+            return self
         for l in self.layers:
             set_W(self.lm, l, self.W0[l])
-        self.n_edits_ = 0
-        self.n_batches_ = 0
+        self._reset_counters()
         self._init_state()
         return self
 
-    def propose(self, requests: Sequence[EditRequest]) -> Proposal:
+    def undo(self, edit_id) -> "Editor":
+        """Remove the live edit ``edit_id`` exactly (methods with ``supports_undo``). Returns self."""
+        if not self.supports_undo:
+            return self.propose_undo(None, 0)  # raises the method's UnsupportedError
+        if not self.keep_history:
+            raise UnsupportedError("this editor keeps no edit history (keep_history=False); undo through the "
+                                   "Session that journals its edits")
+        edit_id = str(edit_id)
+        if edit_id not in self.live_:
+            raise InvalidRequestError(f"no live edit with id {edit_id!r} ({len(self.live_)} live edits)")
+        batch, column = self.live_[edit_id]
+        self.propose_undo(self.history_[batch], column).commit()
+        del self.live_[edit_id]
+        return self
+
+    def _remember(self, record: EditRecord) -> None:
+        """Book-keeping of an accepted batch (called by :meth:`Proposal.commit`)."""
+        self.n_submitted_ += len(record.ids)
+        if self.keep_history:
+            self.history_.append(record)
+            for column, edit_id in enumerate(record.ids):
+                self.live_[edit_id] = (len(self.history_) - 1, column)
+
+    def propose(self, requests) -> Proposal:
         """Compute one batch; the weights are written, the state is not yet committed.
 
         Any error restores the weights and re-raises; nothing is left half-applied.
         """
-        requests = list(requests)
+        self._prepare()
+        requests = as_requests(requests, start=self.n_submitted_)
         if not requests:
             raise InvalidRequestError("an edit batch must hold at least one request")
         check_unique_ids(requests)
+        live = [r.id for r in requests if r.id in self.live_]
+        if live:
+            raise InvalidRequestError(f"edit ids {live} are already live in this editor; undo them first or "
+                                      "give new ids")
         old = {l: get_W(self.lm, l) for l in self.layers}
         try:
             record, new_state = self._compute_batch(requests)
@@ -238,6 +340,7 @@ class Editor:
 
     def apply_record(self, record: EditRecord) -> None:
         """Re-apply a journaled batch with its stored keys and targets (no model passes)."""
+        self._prepare()
         old = {l: get_W(self.lm, l) for l in self.layers}
         try:
             new_state = {}
@@ -350,6 +453,22 @@ class Editor:
         out.update(self.method_state_dict())
         return out
 
+    def save_pretrained(self, directory) -> None:
+        """Write config, state and edit history to ``directory`` (safetensors + JSON); see
+        :mod:`rlsedit.editors.pretrained`."""
+        from .pretrained import save_editor
+
+        save_editor(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, lm, directory, *, progress: bool = False) -> "Editor":
+        """The editor saved in ``directory``, on ``lm`` (the unedited base model it was made on;
+        its edited weights are written back into ``lm``). A folder made for another model or
+        another method is refused."""
+        from .pretrained import load_editor
+
+        return load_editor(lm, directory, expected_class=cls, progress=progress)
+
     def held_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors this editor keeps in memory beside the model: what it saves, plus what a
         method rebuilds on load instead of saving (it overrides this to add them)."""
@@ -363,6 +482,7 @@ class Editor:
         return out
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], *, n_edits: int = 0, n_batches: int = 0) -> None:
+        self._prepare()
         for l in self.layers:
             for key in (f"layers.{l}.W0", f"layers.{l}.W"):
                 if key not in tensors:
@@ -377,6 +497,7 @@ class Editor:
         self.load_method_state_dict(tensors)
         self.n_edits_ = n_edits
         self.n_batches_ = n_batches
+        self.n_submitted_ = max(self.n_submitted_, n_edits)
 
 
 class _PhaseClock:

@@ -217,13 +217,49 @@ def _drop_build_copies(tokenizer) -> None:
             setattr(tokenizer, name, None)
 
 
-def load_model(spec: str = SMOLLM2, *, device: str | torch.device = "cpu",
+def wrap_model(model: torch.nn.Module, tokenizer, *, name: str | None = None) -> LoadedModel:
+    """A transformers causal LM already in memory, ready for editing (it is edited in place).
+
+    The model stays where it is; it is put in eval mode with gradients off. Its fingerprint is
+    the sha256 of its weights now, so a saved editor can tell it from another model.
+    """
+    from .weights import weights_sha256
+
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise ModelLoadError(f"expected a transformers causal LM (a torch Module with .config), got {type(model).__name__}")
+    if tokenizer is None or not callable(tokenizer):
+        raise ModelLoadError("a model given in memory needs its tokenizer: load_model(model, tokenizer)")
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes != {torch.float32}:
+        raise ModelLoadError(
+            f"the model's parameters are {sorted(map(str, dtypes))}; rlsedit edits float32 weights: "
+            "pass model.float()")
+    if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    model.requires_grad_(False)
+    arch = get_architecture(model.config)  # an unknown architecture is refused here
+    label = name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    device = next(model.parameters()).device
+    lm = LoadedModel(model=model, tokenizer=tokenizer, spec=label, name=label.rstrip("/").rsplit("/", 1)[-1],
+                     fingerprint="", arch=arch, device=device)
+    lm.fingerprint = weights_sha256(lm)
+    return lm
+
+
+def load_model(spec: "str | torch.nn.Module" = SMOLLM2, tokenizer=None, *, device: str | torch.device = "cpu",
                cache_dir: str | Path | None = None) -> LoadedModel:
     """Load ``spec`` as a float32 model in eval mode with gradients off.
 
     ``spec`` is ``smollm2`` (default), ``gemma3-270m``, a path to a ``.gguf`` file, a local
-    Hugging Face directory, or a hub name already present in the local HF cache.
+    Hugging Face directory, or a hub name already present in the local HF cache. A
+    transformers model already in memory is wrapped as it is: ``load_model(model, tokenizer)``
+    (see :func:`wrap_model`; ``device`` and ``cache_dir`` do not apply).
     """
+    if isinstance(spec, torch.nn.Module):
+        return wrap_model(spec, tokenizer)
+    if tokenizer is not None:
+        raise ModelLoadError("a tokenizer goes with a model object, not with a model spec string")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     spec = str(spec)
     path = Path(spec).expanduser()

@@ -30,7 +30,7 @@ from ..errors import (InvalidRequestError, NumericalError, RLSEditError, StateCo
 from ..locate.corpus import corpus_label, resolve_corpus
 from ..model.load import EMBEDDED, load_model
 from ..model.weights import down_proj, get_W, weights_sha256
-from ..requests import EditRequest, target_text
+from ..requests import EditRequest, as_requests, target_text
 from .store import StateStore, is_state_dir
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class Session:
         lm = load_model(_model_spec(model), device=runtime.device, cache_dir=runtime.cache_dir)
         layers = editor_cls.layers_for(lm, config)
         moments = _moments(lm, layers, config, runtime) if editor_cls.needs_moments else None
-        editor = editor_cls(lm, config, moments=moments, progress=runtime.progress)
+        editor = editor_cls(lm, config, moments=moments, progress=runtime.progress, keep_history=False)
         meta = {
             "rlsedit_version": __version__,
             "model": {"spec": lm.spec, "name": lm.name, "fingerprint": lm.fingerprint,
@@ -150,7 +150,8 @@ class Session:
             tensors, snap_meta, covers_seq = snapshot
             _check_snapshot_meta(snap_meta, store)
             moments = {l: tensors[f"layers.{l}.mom2"] for l in layers} if editor_cls.needs_moments else None
-            editor = editor_cls(lm, config, moments=moments, prefixes=meta["prefixes"], progress=runtime.progress)
+            editor = editor_cls(lm, config, moments=moments, prefixes=meta["prefixes"], progress=runtime.progress,
+                                keep_history=False)
             editor.load_state_dict(tensors, n_edits=snap_meta["n_edits"], n_batches=snap_meta["n_batches"])
             index = {k: list(v) for k, v in snap_meta["index"].items()}
             undone = set(snap_meta["undone"])
@@ -204,8 +205,9 @@ class Session:
         """
         from tqdm.auto import tqdm
 
-        if batch_size <= 0:
-            raise InvalidRequestError(f"batch size must be positive, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise InvalidRequestError(f"batch size must be a positive integer, got {batch_size!r}")
+        requests = as_requests(requests)  # EditRequests or records in any layout; all parsed first
         report = EditReport()
         start = time.perf_counter()
         valid: list[EditRequest] = []
@@ -214,7 +216,7 @@ class Session:
             if r.id in seen:
                 raise InvalidRequestError(f"edit id {r.id!r} occurs twice in this stream")
             seen.add(r.id)
-            if r.id in self.index or r.id in self.undone:
+            if r.id in self.index:  # an undone edit submitted again is applied again
                 valid.append(r)
                 continue
             try:
@@ -232,7 +234,7 @@ class Session:
         for b in range(0, len(valid), batch_size):
             batch = []
             for r in valid[b:b + batch_size]:
-                if r.id in self.index or r.id in self.undone:
+                if r.id in self.index:
                     report.already_applied.append(r.id)
                 else:
                     batch.append(r)
@@ -278,6 +280,7 @@ class Session:
         proposal.commit()
         for column, edit_id in enumerate(proposal.record.ids):
             self.index[edit_id] = [seq, column]
+            self.undone.discard(edit_id)
         self._s_spectrum.update(_s_spectra(proposal.new_state))
         self._since_snapshot += 1
         if self._since_snapshot >= self.runtime.snapshot_every:
@@ -524,7 +527,8 @@ def _finish_create(store: StateStore, lm, editor_cls, config, meta: dict, runtim
     moments = None
     if editor_cls.needs_moments:
         moments = _moments(lm, meta["layers"], config, dataclasses.replace(runtime, corpus=meta.get("corpus")))
-    editor = editor_cls(lm, config, moments=moments, prefixes=meta["prefixes"], progress=runtime.progress)
+    editor = editor_cls(lm, config, moments=moments, prefixes=meta["prefixes"], progress=runtime.progress,
+                        keep_history=False)
     store.write_snapshot(editor.state_dict(), _snapshot_meta(editor, {}, set(), {}), covers_seq=0)
 
 
@@ -537,6 +541,7 @@ def _replay(editor, store: StateStore, entry, index: dict, undone: set) -> None:
         editor.apply_record(_record(entry))
         for column, edit_id in enumerate(entry.meta["ids"]):
             index[edit_id] = [entry.seq, column]
+            undone.discard(edit_id)
     elif entry.kind == "undo":
         seq, column = entry.meta["seq"], entry.meta["column"]
         editor.propose_undo(_record(store.read_entry(seq)), column).commit()
