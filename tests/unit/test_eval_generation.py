@@ -197,3 +197,10 @@ def test_ask_chat_and_the_demo_verdict():
     assert _demo_verdict("Rome", said, {"completion": " Paris"}).startswith("does NOT say")
     assert _demo_verdict(None, said, said) == "unchanged"
     assert _demo_verdict(None, said, {"completion": " x"}).startswith("CHANGED")
+
+
+def test_a_target_holding_a_stop_string_is_noted():
+    dotted = EditRequest(id="d", prompt="{} is in", subject="The Eiffel Tower", target_new="St . Louis")
+    out = evaluate_generation(scripted_lm({"The Eiffel Tower is in": "St . Louis"}), [dotted], GenerationConfig(chat=False))
+    assert out["summary"]["edit_begins"] == 0.0  # decoding stopped at "."
+    assert any("cannot be said in full" in note and "St . Louis" in note for note in out["notes"])

@@ -59,7 +59,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import InvalidRequestError, StateMismatchError
 from ..requests import EditRequest, read_requests
-from ..session.lock import StateLock
+from ..filelock import StateLock
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ def _append_progress(path: Path, record: dict[str, Any]) -> None:
 # ---- evaluation pieces ---------------------------------------------------------------------
 
 def _evaluate(lm, requests: Sequence[EditRequest], config: MethodBenchConfig, general: Sequence[str],
-              plan: "_GenerationPlan | None" = None) -> dict[str, Any]:
+              plan: _GenerationPlan | None = None) -> dict[str, Any]:
     from ..eval.runner import run_eval
 
     out = run_eval(lm, counterfact=list(requests), general=tuple(general), data_dir=config.data_dir,

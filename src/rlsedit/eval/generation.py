@@ -36,7 +36,7 @@ import random
 import re
 import statistics
 import string
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -85,9 +85,6 @@ class GenerationConfig:
             raise EvalDataError(f"samples must be a non-negative integer, got {self.samples!r}")
         if self.paraphrase_kind not in PARAPHRASE_KINDS:
             raise EvalDataError(f"paraphrase_kind must be one of {PARAPHRASE_KINDS}, got {self.paraphrase_kind!r}")
-
-    def replace(self, **changes) -> "GenerationConfig":
-        return replace(self, **changes)
 
 
 # ---- scoring text ------------------------------------------------------------------------------
@@ -287,6 +284,10 @@ def evaluate_generation(
         "chat: the edit prompt as the user turn of the tokenizer's chat template" if chat else
         "chat: not measured (" + ("turned off" if config.chat is False else "the tokenizer has no chat template") + ")",
     ]
+    cut = sorted({t for rec in records for t in (rec["target_new"], rec["target_true"])
+                  if t is not None and any(stop in t for stop in STOP_STRINGS)})
+    if cut:  # decoding stops inside such a target, so its begins-with can never hold
+        notes.append(f"targets containing a stop string cannot be said in full: {cut[:5]}")
     return {
         "summary": summary,
         "counts": {"edits": len(records), "edits_total": len(requests), "paraphrases": len(para),
