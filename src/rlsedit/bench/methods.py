@@ -59,7 +59,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import InvalidRequestError, StateMismatchError
 from ..requests import EditRequest, read_requests
-from ..filelock import StateLock
+from ..session.lock import StateLock
 
 log = logging.getLogger(__name__)
 
