@@ -141,7 +141,7 @@ class TargetConfig:
         "help": "how δ is found: 'adam' (the loop above), 'onestep' (one gradient at δ = 0 and a line "
                 "search along it, locate/fasttargets.py) or 'verify' (onestep, then Adam only for the "
                 "requests it leaves short of accept_nll, starting from its δ)"})
-    step_sizes: tuple[float, ...] = field(default=(0.05, 0.1, 0.15, 0.2, 0.3, 0.45, 0.6, 0.75), metadata={
+    step_sizes: tuple[float, ...] = field(default=(0.15, 0.3, 0.45, 0.6, 0.75), metadata={
         "help": "onestep/verify: the candidate ‖δ‖/‖h‖ of the line search (capped at clamp_norm_factor)"})
     accept_nll: float = field(default=0.05, metadata={
         "help": "onestep/verify: the line search takes the smallest step whose mean target NLL is below "
