@@ -12,13 +12,13 @@ import pytest
 
 import rlsedit
 from rlsedit.errors import StateLockedError
-from rlsedit.session.lock import StateLock
+from rlsedit.filelock import StateLock
 from rlsedit.session.store import StateStore
 
 # Takes the lock, says so, and holds it until its stdin closes. Imports no torch: fast.
 HOLDER_CODE = """
 import sys
-from rlsedit.session.lock import StateLock
+from rlsedit.filelock import StateLock
 
 with StateLock(sys.argv[1]):
     print("locked", flush=True)
@@ -29,7 +29,7 @@ with StateLock(sys.argv[1]):
 TRY_CODE = """
 import sys
 from rlsedit.errors import StateLockedError
-from rlsedit.session.lock import StateLock
+from rlsedit.filelock import StateLock
 
 try:
     with StateLock(sys.argv[1]):

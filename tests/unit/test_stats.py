@@ -235,7 +235,7 @@ def test_spectrum_summary():
 
 
 def stats_files(cache_dir):
-    from rlsedit.session.lock import LOCK_FILE_NAME
+    from rlsedit.filelock import LOCK_FILE_NAME
 
     return sorted(p.name for p in (cache_dir / "stats").iterdir() if p.name != LOCK_FILE_NAME)
 

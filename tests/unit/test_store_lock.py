@@ -7,7 +7,7 @@ import os
 import pytest
 
 from rlsedit.errors import StateError, StateLockedError
-from rlsedit.session.lock import LOCK_FILE_NAME, StateLock
+from rlsedit.filelock import LOCK_FILE_NAME, StateLock
 
 
 def test_second_lock_is_refused_naming_directory_and_pid(tmp_path):

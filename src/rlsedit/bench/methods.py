@@ -59,7 +59,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import InvalidRequestError, StateMismatchError
 from ..requests import EditRequest, read_requests
-from ..session.lock import StateLock
+from ..filelock import StateLock
 
 log = logging.getLogger(__name__)
 

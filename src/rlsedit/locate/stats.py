@@ -52,7 +52,7 @@ from ..model.arch import resolve
 from ..model.hooks import capture
 from ..model.load import default_cache_dir
 from ..model.weights import down_proj
-from ..session.lock import StateLock
+from ..filelock import StateLock
 from .corpus import corpus_digest, iter_corpus_texts
 
 log = logging.getLogger(__name__)

@@ -69,7 +69,7 @@ from .journal import (
     read_entry_header,
 )
 from .jsonio import dumps_json, to_json_value
-from .lock import LOCK_FILE_NAME, StateLock
+from ..filelock import LOCK_FILE_NAME, StateLock
 from .manifest import (
     MANIFEST_NAME,
     SNAPSHOT_NAME_RE,

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from ..errors import StateError, StateLockedError
+from .errors import StateError, StateLockedError
 
 LOCK_FILE_NAME = ".lock"
 _BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # flock's "someone else holds it"
