@@ -16,10 +16,8 @@ state, so the next ``partial_fit`` gives the same result as it would have withou
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import InvalidRequestError, StateCorruptError, StateMismatchError
+from ..files import atomic_replace, file_sha256
 from .base import EditRecord, Editor
 
 FORMAT = "rlsedit-editor"
@@ -37,19 +36,13 @@ HISTORY_FILE = "editor_history.safetensors"
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)[0]
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     # safetensors wants dense, contiguous, unshared CPU tensors
     plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(plain, str(tmp))
-    os.replace(tmp, path)
+    atomic_replace(path, lambda tmp: save_file(plain, str(tmp)))
 
 
 def save_editor(editor: Editor, directory: str | os.PathLike) -> Path:
@@ -80,9 +73,7 @@ def save_editor(editor: Editor, directory: str | os.PathLike) -> Path:
         "live": {edit_id: list(place) for edit_id, place in editor.live_.items()},
         "sha256": {STATE_FILE: _sha256(directory / STATE_FILE), HISTORY_FILE: _sha256(directory / HISTORY_FILE)},
     }
-    tmp = directory / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-    os.replace(tmp, directory / CONFIG_FILE)
+    atomic_replace(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True)))
     return directory
 
 

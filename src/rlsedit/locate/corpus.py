@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..errors import InvalidRequestError
+from ..files import file_sha256
 
 BUNDLED_CORPUS = "bundled:enwiki_pages_2MB.jsonl"
 _BUNDLED_FILE = "enwiki_pages_2MB.jsonl"
@@ -56,15 +57,12 @@ def corpus_label(corpus: str | Path | None) -> str:
 
 def corpus_digest(corpus: str | Path | Sequence[str]) -> tuple[str, str]:
     """``(sha256, label)`` of a corpus file (its bytes) or a list of texts (their JSON)."""
-    digest = hashlib.sha256()
     if isinstance(corpus, (str, Path)):
         path = Path(corpus).expanduser()
         if not path.is_file():
             raise InvalidRequestError(f"corpus file {str(path)!r} does not exist")
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-        return digest.hexdigest(), str(path.resolve())
+        return file_sha256(path)[0], str(path.resolve())
+    digest = hashlib.sha256()
     texts = list(corpus)
     if not all(isinstance(t, str) for t in texts):
         raise InvalidRequestError("a corpus given as a sequence must hold strings only")

@@ -34,8 +34,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 import zipfile
 from contextlib import ExitStack
@@ -52,6 +50,7 @@ from ..model.arch import resolve
 from ..model.hooks import capture
 from ..model.load import default_cache_dir
 from ..model.weights import down_proj
+from ..files import atomic_replace, file_sha256
 from ..filelock import StateLock
 from .corpus import corpus_digest, iter_corpus_texts
 
@@ -201,26 +200,6 @@ def _cache_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:40]
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename (readers never see half)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_into(results: dict, layer: int, entry: tuple[Path, Path, dict], d_k: int) -> None:
     """Put ``layer``'s cache entry into ``results`` if there is a valid one."""
     tensor_path, meta_path, fields = entry
@@ -242,7 +221,7 @@ def _read_cached(tensor_path: Path, meta_path: Path, fields: dict, d_k: int) -> 
         if any(meta.get(k) != v for k, v in fields.items()):
             log.warning("stats cache entry %s does not match its request; recomputing", meta_path)
             return None
-        if meta.get("sha256") != _file_sha256(tensor_path):
+        if meta.get("sha256") != file_sha256(tensor_path)[0]:
             log.warning("stats cache file %s fails its checksum; recomputing", tensor_path)
             return None
         mom = load_file(str(tensor_path))["mom"]
@@ -261,12 +240,12 @@ def _write_cached(tensor_path: Path, meta_path: Path, fields: dict, moment: Seco
 
     tensor_path.parent.mkdir(parents=True, exist_ok=True)
     mom = moment.mom.detach().to("cpu").contiguous()
-    _atomic_write(tensor_path, lambda tmp: save_file({"mom": mom}, str(tmp),
+    atomic_replace(tensor_path, lambda tmp: save_file({"mom": mom}, str(tmp),
                                                      metadata={"key": tensor_path.stem}))
     meta = dict(fields)
     meta.update(extra)
-    meta.update(count=moment.count, shape=list(mom.shape), sha256=_file_sha256(tensor_path))
-    _atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1, sort_keys=True)))
+    meta.update(count=moment.count, shape=list(mom.shape), sha256=file_sha256(tensor_path)[0])
+    atomic_replace(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1, sort_keys=True)))
 
 
 # --------------------------------------------------------------------------------------------

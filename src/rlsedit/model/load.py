@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
+from ..files import atomic_replace, file_sha256
 from ..heap import release_free_memory
 from .arch import DEFAULT_LAYERS, Architecture, get_architecture, resolve
 
@@ -114,15 +115,9 @@ def _file_sha256(path: Path, cache_dir: Path) -> str:
         memo = {}
     if key in memo:
         return memo[key]
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    memo[key] = digest.hexdigest()
+    memo[key] = file_sha256(path)[0]
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = memo_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(memo, indent=1, sort_keys=True))
-    os.replace(tmp, memo_path)
+    atomic_replace(memo_path, lambda tmp: tmp.write_text(json.dumps(memo, indent=1, sort_keys=True)))
     return memo[key]
 
 

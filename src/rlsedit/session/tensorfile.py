@@ -41,6 +41,7 @@ import safetensors.torch
 import torch
 
 from ..errors import NumericalError, StateCorruptError, StateError
+from ..files import file_sha256 as plain_file_sha256
 
 _HEADER_LENGTH_BYTES = 8  # safetensors: u64 little-endian header length, then JSON header
 _HEADER_ALIGNMENT = 8     # the header is padded so the data section starts 8-byte aligned
@@ -79,14 +80,8 @@ def read_file_bytes(path: Path, *, what: str) -> bytes:
 
 def file_sha256(path: Path, *, what: str) -> tuple[str, int]:
     """``(sha256 hex digest, size in bytes)`` of ``path``, read a few MiB at a time."""
-    digest = hashlib.sha256()
-    size = 0
-    buffer = memoryview(bytearray(_READ_CHUNK_BYTES))
-    with _reading(path, what=what), open(path, "rb", buffering=0) as file:
-        while count := file.readinto(buffer):
-            digest.update(buffer[:count])
-            size += count
-    return digest.hexdigest(), size
+    with _reading(path, what=what):
+        return plain_file_sha256(path)
 
 
 def check_digest(found: str, expected: str, path: Path, *, what: str) -> None:
