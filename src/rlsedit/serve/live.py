@@ -39,6 +39,7 @@ class LiveModel:
         self.lock = ReadWriteLock()
         # the tokenizer is used by request handlers (encode) and the decode thread (decode)
         self.tokenizer_lock = threading.Lock()
+        self.on_publish: list = []  # callables(version), run after each publish on the publishing thread
 
     @property
     def context(self) -> int | None:
@@ -65,6 +66,8 @@ class LiveModel:
             for l, W in weights.items():
                 set_W(self.lm, l, W)
             self.version = version
+        for listener in self.on_publish:
+            listener(version)
 
     def weights_equal(self, source_lm, layers) -> bool:
         """Whether the served copy holds exactly the session's edited weights (a self-check)."""
