@@ -10,6 +10,7 @@ Routes (scope in brackets; see :mod:`.auth`):
 * ``GET /v1/edits`` [query]: ``?status=live|undone|all&offset=&limit=&q=``;
   ``GET /v1/edits/{id}`` [query]; ``DELETE /v1/edits/{id}`` [edit]: exact undo.
 * ``GET /v1/state`` [query]: the session's status at the served weight version, and queues.
+* ``/`` and ``/v1/console/...``: the curators' web console (:mod:`.console`).
 
 Every error is OpenAI's error object with a 4xx/5xx status; nothing of a refused request is
 applied.

@@ -296,44 +296,51 @@ function emptyChart(host, message) {
   host.replaceChildren(f.root);
 }
 
-// bars per layer; log: log10 axis (for condition numbers)
-function barChart(host, labels, values, { log = false, unit = "" } = {}) {
-  const known = values.filter((v) => v !== null && v !== undefined && isFinite(v) && (!log || v > 0));
+// bars per layer, one per series side by side; log: log10 axis (for S's eigenvalues and condition)
+function barChart(host, labels, series, { log = false } = {}) {
+  const ok = (v) => v !== null && v !== undefined && isFinite(v) && (!log || v > 0);
+  const known = series.flatMap((s) => s.values.filter(ok));
   if (!known.length) return emptyChart(host, "no value yet");
-  const f = frame(520, 210, { l: 56, r: 12, t: 12, b: 34 });
+  const f = frame(520, 210, { l: 56, r: 12, t: 16, b: 34 });
   const t = (v) => (log ? Math.log10(v) : v);
-  let lo = log ? Math.floor(Math.min(0, ...known.map(t))) : 0;
-  let hi = log ? Math.ceil(Math.max(...known.map(t), lo + 1)) : Math.max(...known) * 1.15 || 1;
+  const lo = log ? Math.floor(Math.min(0, ...known.map(t))) : 0;
+  const hi = log ? Math.ceil(Math.max(...known.map(t), lo + 1)) : Math.max(...known) * 1.15 || 1;
   const y = (v) => f.y0 - ((t(v) - lo) / (hi - lo)) * (f.y0 - f.y1);
-  for (const tv of ticks(lo, hi, 4)) {
+  for (const tv of ticks(lo, hi, log ? Math.min(4, hi - lo) : 4)) {
     const yy = f.y0 - ((tv - lo) / (hi - lo)) * (f.y0 - f.y1);
     f.root.append(svg("line", { x1: f.x0, x2: f.x1, y1: yy, y2: yy, class: "grid" }),
-      svg("text", { x: f.x0 - 6, y: yy + 4, "text-anchor": "end" }, log ? "1e" + tv : fmt(tv)));
+      svg("text", { x: f.x0 - 6, y: yy + 4, "text-anchor": "end" }, log ? fmt(10 ** tv) : fmt(tv)));
   }
   const slot = (f.x1 - f.x0) / labels.length;
+  const w = Math.min(60 / series.length, (slot * 0.7) / series.length);
   labels.forEach((label, i) => {
-    const v = values[i];
     const cx = f.x0 + slot * (i + 0.5);
-    const w = Math.min(60, slot * 0.6);
-    if (v !== null && v !== undefined && isFinite(v) && (!log || v > 0)) {
-      const top = Math.min(y(v), f.y0 - 1);
-      const bar = svg("rect", { x: cx - w / 2, y: top, width: w, height: Math.max(1, f.y0 - top), class: "bar" });
-      bar.append(svg("title", {}, `layer ${label}: ${v}${unit}`));
-      f.root.append(bar, svg("text", { x: cx, y: top - 4, "text-anchor": "middle", class: "label" }, fmt(v)));
-    } else {
-      f.root.append(svg("text", { x: cx, y: f.y0 - 6, "text-anchor": "middle" }, "n/a"));
-    }
+    series.forEach((s, k) => {
+      const v = s.values[i];
+      const bx = cx - (w * series.length) / 2 + k * w;
+      if (ok(v)) {
+        const top = Math.min(y(v), f.y0 - 1);
+        const bar = svg("rect", { x: bx + 1, y: top, width: w - 2, height: Math.max(1, f.y0 - top),
+                                  fill: s.color || SERIES[0], class: "bar" });
+        bar.append(svg("title", {}, `layer ${label}, ${s.name}: ${v}`));
+        f.root.append(bar);
+        if (w >= 34) f.root.append(svg("text", { x: bx + w / 2, y: top - 4, "text-anchor": "middle", class: "label" }, fmt(v)));
+      } else {
+        f.root.append(svg("text", { x: bx + w / 2, y: f.y0 - 6, "text-anchor": "middle" }, "n/a"));
+      }
+    });
     f.root.append(svg("text", { x: cx, y: f.y0 + 16, "text-anchor": "middle" }, "layer " + label));
   });
   f.root.append(svg("line", { x1: f.x0, x2: f.x1, y1: f.y0, y2: f.y0, class: "axis" }));
   host.replaceChildren(f.root);
+  if (series.length > 1) legend(host, series.map((s) => s.name), series.map((s) => s.color));
 }
 
-function legend(host, names) {
+function legend(host, names, colors) {
   const box = el("div", { class: "legend" });
   names.forEach((name, i) => {
     const sw = svg("svg", { width: 12, height: 10, viewBox: "0 0 12 10" });
-    sw.append(svg("rect", { width: 12, height: 10, rx: 2, fill: SERIES[i % SERIES.length] }));
+    sw.append(svg("rect", { width: 12, height: 10, rx: 2, fill: (colors || SERIES)[i % SERIES.length] }));
     box.append(sw, " " + name + "  ");
   });
   host.append(box);
@@ -345,9 +352,10 @@ function axes(f, xmax, ymax, xlabel, yfmt) {
     f.root.append(svg("line", { x1: f.x0, x2: f.x1, y1: yy, y2: yy, class: "grid" }),
       svg("text", { x: f.x0 - 6, y: yy + 4, "text-anchor": "end" }, yfmt(tv)));
   }
-  for (const tv of ticks(0, xmax, Math.min(5, Math.max(1, xmax)))) {
+  const step = Math.max(1, Math.ceil(xmax / 8));  // whole numbers of edits
+  for (let tv = 0; tv <= xmax; tv += step) {
     const xx = f.x0 + (tv / xmax) * (f.x1 - f.x0);
-    f.root.append(svg("text", { x: xx, y: f.y0 + 16, "text-anchor": "middle" }, Math.round(tv)));
+    f.root.append(svg("text", { x: xx, y: f.y0 + 16, "text-anchor": "middle" }, tv));
   }
   f.root.append(svg("line", { x1: f.x0, x2: f.x1, y1: f.y0, y2: f.y0, class: "axis" }),
     svg("line", { x1: f.x0, x2: f.x0, y1: f.y0, y2: f.y1, class: "axis" }),
@@ -418,9 +426,12 @@ async function loadHealth() {
     const diag = status.layer_diagnostics || {};
     const layers = Object.keys(diag);
     const pick = (k) => layers.map((l) => (diag[l][k] === undefined ? null : diag[l][k]));
-    barChart($("chart-drift"), layers, pick("drift_fro"));
-    barChart($("chart-anchor"), layers, pick("anchor_residual"));
-    barChart($("chart-cond"), layers, pick("S_condition_last"), { log: true });
+    barChart($("chart-drift"), layers, [{ name: "drift", values: pick("drift_fro") }]);
+    barChart($("chart-anchor"), layers, [{ name: "anchor residual", values: pick("anchor_residual") }]);
+    barChart($("chart-cond"), layers, [
+      { name: "λmin(S)", values: pick("S_eig_min_last"), color: SERIES[5] },
+      { name: "λmax(S)", values: pick("S_eig_max_last"), color: SERIES[4] },
+      { name: "cond(S) = λmax/λmin", values: pick("S_condition_last"), color: SERIES[0] }], { log: true });
     historyChart($("chart-history"), drift.layers, drift.points);
     setVersion(status.weight_version);
     $("health-note").textContent = `${status.edits_applied} live, ${status.edits_undone} undone; computing the forgetting curve…`;
