@@ -110,7 +110,7 @@ def test_a_missing_edit_file_and_a_bad_batch_size_are_refused(pristine, state, t
     assert_one_line_error(code, err, "does not exist")
     edits = write_jsonl(tmp_path / "edits.jsonl", GOOD)
     code, _, err = cli(world.edit_args(state, edits, batch_size=0))
-    assert_one_line_error(code, err, "batch size must be positive")
+    assert_one_line_error(code, err, "batch size must be a positive integer")
     _unchanged(world, state, before, before_status)
 
 

@@ -225,7 +225,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.state is not None:
         from ..session.session import Runtime, Session
 
-        session = Session.open(args.state, runtime=Runtime(device=args.device, cache_dir=args.cache_dir))
+        session = Session.open(args.state, runtime=Runtime(device=args.device, cache_dir=args.cache_dir),
+                               read_only=True)
         try:
             unedited = None
             edit, _ = split_suites(args.suites)

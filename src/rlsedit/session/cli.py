@@ -137,7 +137,7 @@ def cmd_ask(args) -> int:
     prompt = " ".join(args.prompt)
     if not prompt.strip():
         raise InvalidRequestError("the prompt is empty")
-    with Session.open(args.state, runtime=_runtime(args)) as session:
+    with Session.open(args.state, runtime=_runtime(args), read_only=True) as session:
         out = _ask(session.lm, prompt, args.max_new_tokens, chat=args.chat)
     if args.json:
         print(json.dumps(out, indent=2))
@@ -153,7 +153,7 @@ def cmd_ask(args) -> int:
 
 
 def cmd_status(args) -> int:
-    with Session.open(args.state, runtime=_runtime(args)) as session:
+    with Session.open(args.state, runtime=_runtime(args), read_only=True) as session:
         _print(session.status(), args.json)
     return 0
 
@@ -170,7 +170,7 @@ def cmd_export(args) -> int:
         return _export_lora(args)
     if args.out is None:
         raise InvalidRequestError("export needs --out DIR (a checkpoint or --delta-only) or --lora DIR")
-    with Session.open(args.state, runtime=_runtime(args)) as session:
+    with Session.open(args.state, runtime=_runtime(args), read_only=True) as session:
         path = session.export(args.out, delta_only=args.delta_only)
     print(f"wrote {path}")
     return 0
@@ -179,7 +179,7 @@ def cmd_export(args) -> int:
 def _export_lora(args) -> int:
     from .lora import export_lora
 
-    with Session.open(args.state, runtime=_runtime(args)) as session:
+    with Session.open(args.state, runtime=_runtime(args), read_only=True) as session:
         report = export_lora(session, args.lora, rank=args.rank)
     print(f"wrote a rank-{report.rank} LoRA adapter to {report.path}")
     for layer, d in report.layers.items():

@@ -118,14 +118,22 @@ class Session:
 
     @classmethod
     def open(cls, directory: str | Path, *, runtime: Runtime | None = None, model: str | None = None,
-             method: str | None = None) -> "Session":
-        """Open an existing state; ``model``/``method``, when given, must match what it was made with."""
+             method: str | None = None, read_only: bool = False) -> "Session":
+        """Open an existing state; ``model``/``method``, when given, must match what it was made with.
+
+        ``read_only``: take no lock and write nothing (``status``, ``ask``, ``export``, ``eval``);
+        it sees the acknowledged state as of opening, also while another process edits, and
+        refuses :meth:`edit` and :meth:`undo`.
+        """
         runtime = runtime or Runtime()
         directory = Path(directory)
         if not is_state_dir(directory):
             raise StateError(f"{directory} is not a state directory (no manifest.json)")
-        # takes the lock and verifies every file first, reading the snapshot in its verifying pass
-        store, snapshot = StateStore.open_reading_snapshot(directory)
+        # verifies every file first, reading the snapshot in its verifying pass; a writer locks
+        if read_only:
+            store, snapshot = StateStore.open_read_only(directory)
+        else:
+            store, snapshot = StateStore.open_reading_snapshot(directory)
         try:
             meta = store.meta
             _check_meta(meta, store)
@@ -144,6 +152,9 @@ class Session:
             layers = tuple(meta["layers"])
             if editor_cls.layers_for(lm, config) != layers:
                 raise StateMismatchError(f"state layers {list(layers)} differ from its config's layers")
+            if snapshot is None and read_only:
+                raise StateError(f"{directory} has no snapshot yet (its creation was interrupted or is under way); "
+                                 "open it for writing (e.g. rlsedit edit) to finish it")
             if snapshot is None:
                 _finish_create(store, lm, editor_cls, config, meta, runtime)
                 snapshot = store.read_snapshot()
@@ -205,6 +216,7 @@ class Session:
         """
         from tqdm.auto import tqdm
 
+        self._refuse_if_read_only("edit")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise InvalidRequestError(f"batch size must be a positive integer, got {batch_size!r}")
         requests = as_requests(requests)  # EditRequests or records in any layout; all parsed first
@@ -288,6 +300,7 @@ class Session:
 
     def undo(self, edit_id: str) -> None:
         """Remove an earlier edit exactly (RLSEdit); other methods raise UnsupportedError."""
+        self._refuse_if_read_only("undo")
         edit_id = str(edit_id)
         if edit_id not in self.index:
             known = "it was already undone" if edit_id in self.undone else "no such edit in the journal"
@@ -301,6 +314,10 @@ class Session:
         del self.index[edit_id]
         self.undone.add(edit_id)
         self._since_snapshot += 1
+
+    def _refuse_if_read_only(self, verb: str) -> None:
+        if self.store.read_only:
+            raise StateError(f"cannot {verb}: {self.directory} was opened read-only; open it for writing")
 
     def snapshot(self) -> None:
         """Write the editor's full state so reopening need not replay the journal."""
@@ -375,7 +392,7 @@ class Session:
         if self.store.closed:
             return
         try:
-            if snapshot and self._since_snapshot:
+            if snapshot and self._since_snapshot and not self.store.read_only:
                 self.snapshot()
         finally:
             self.store.close()

@@ -40,6 +40,13 @@ decoded copy.
 
 If writing the manifest fails (disk full, I/O error) the on-disk state is still consistent,
 but this object may no longer match it: it refuses further use; reopen the directory.
+
+``open_read_only`` is for readers (``status``, ``ask``, ``export``, ``eval``, a second process
+looking at a state while an edit runs): it takes no lock, writes nothing and recovers nothing.
+It reads the state as of one manifest — every file that manifest names is immutable once
+written, so the reader sees exactly the acknowledged state at that moment. The one race is a
+writer replacing the snapshot (and removing the old file) between the reader's manifest read
+and its snapshot read: the reader then finds the manifest changed and reads again.
 """
 
 from __future__ import annotations
@@ -110,11 +117,12 @@ class StateStore:
     """
 
     def __init__(
-        self, directory: Path, lock: StateLock, manifest: Manifest, entry_sha256s: list[str]
+        self, directory: Path, lock: "StateLock | _NoLock", manifest: Manifest, entry_sha256s: list[str]
     ) -> None:
         # private: use create() / open(), which verify and lock
         self._directory = directory
         self._lock = lock
+        self.read_only = isinstance(lock, _NoLock)
         self._manifest = manifest
         self._entry_sha256s = entry_sha256s  # sha256 of entry i, from the verified chain; O(1) per append
         self._broken: str | None = None
@@ -182,6 +190,29 @@ class StateStore:
         return cls._open(directory, read_snapshot=True)
 
     @classmethod
+    def open_read_only(
+        cls, directory: str | os.PathLike[str], *, attempts: int = 5
+    ) -> tuple[StateStore, tuple[dict[str, torch.Tensor], dict[str, Any], int] | None]:
+        """A verified, read-only view of the acknowledged state, with its snapshot (see the module
+        docstring): no lock is taken, so it works while a writer holds the directory, and every
+        writing method refuses. ``attempts`` bounds the re-reads when a writer replaces the
+        snapshot meanwhile."""
+        directory = Path(directory)
+        if not is_state_dir(directory):
+            raise StateError(f"{directory} is not a state directory (it has no {MANIFEST_NAME})")
+        for attempt in range(attempts):
+            manifest = _read_manifest(directory)
+            try:
+                entry_sha256s = _verify_journal(directory, manifest)
+                snapshot = None if manifest.snapshot is None else _read_snapshot_file(directory, manifest.snapshot)
+            except StateCorruptError:
+                if _read_manifest(directory) == manifest or attempt == attempts - 1:
+                    raise  # nothing moved under us: the damage is real
+                continue  # a writer committed meanwhile: read the new state
+            return cls(directory, _NoLock(), manifest, entry_sha256s), snapshot
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    @classmethod
     def _open(cls, directory, *, read_snapshot: bool):
         directory = Path(directory)
         if not directory.is_dir():
@@ -241,7 +272,7 @@ class StateStore:
     # ------------------------------------------------------------------ metadata
     def update_meta(self, changes: Mapping[str, Any]) -> None:
         """Set the top-level keys of ``changes`` in the stored meta (like ``dict.update``)."""
-        self._check_usable()
+        self._check_writable()
         if not isinstance(changes, Mapping):
             raise StateError(f"meta changes must be a dict, got {type(changes).__name__}")
         meta = {**self._manifest.meta, **to_json_value(dict(changes), what="state meta")}
@@ -277,7 +308,7 @@ class StateStore:
 
         ``0 <= covers_seq <= journal_count``. Older snapshot files are removed afterwards.
         """
-        self._check_usable()
+        self._check_writable()
         count = self._manifest.journal_count
         if not isinstance(covers_seq, int) or isinstance(covers_seq, bool) or not 0 <= covers_seq <= count:
             raise StateError(
@@ -309,7 +340,7 @@ class StateStore:
 
         Cost is independent of the journal's length: one new file and one manifest write.
         """
-        self._check_usable()
+        self._check_writable()
         seq = self._manifest.journal_count
         prev = self._manifest.journal_head_sha256 or ""
         data = encode_entry(seq, check_kind(kind), meta, tensors, prev)
@@ -386,6 +417,11 @@ class StateStore:
                 f"close it and open the directory again to recover"
             )
 
+    def _check_writable(self) -> None:
+        self._check_usable()
+        if self.read_only:
+            raise StateError(f"the state {self._directory} was opened read-only; open it for writing to change it")
+
     def _commit_manifest(self, manifest: Manifest) -> None:
         try:
             atomic_write_json(self._directory / MANIFEST_NAME, manifest.to_json_obj())
@@ -394,6 +430,15 @@ class StateStore:
             self._broken = f"{type(exc).__name__}: {exc}"
             raise
         self._manifest = manifest
+
+
+class _NoLock:
+    """What a read-only store holds in place of the writer's lock: nothing, released on close."""
+
+    held = True
+
+    def release(self) -> None:
+        self.held = False
 
 
 # ---------------------------------------------------------------------- verification & recovery
