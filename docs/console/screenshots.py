@@ -92,8 +92,8 @@ def shoot(driver, site: str, out: Path, prompt: str, template: str, subject: str
 
     fill_edit(driver, template, subject, target, "console-demo")
     by_id(driver, "edit-go").click()
-    wait(driver, lambda d: by_id(d, "edit-progress").is_displayed() and by_id(d, "edit-progress-text").text,
-         EDIT_WAIT_S)
+    wait(driver, lambda d: by_id(d, "edit-progress").is_displayed()
+         and "computing" in by_id(d, "edit-progress-text").text, EDIT_WAIT_S)
     driver.save_screenshot(str(out / "edit-progress.png"))
     print(f"wrote {out / 'edit-progress'}.png", flush=True)
     shown_text(driver, "edit-result", EDIT_WAIT_S * 5)
