@@ -13,6 +13,7 @@ import contextlib
 import json
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -59,6 +60,28 @@ def chromium_driver(width: int = 1280, height: int = 900) -> Iterator[object]:
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def edit_held_in_propose(service, timeout: float = EDIT_WAIT_S) -> Iterator[threading.Event]:
+    """Inside: an edit batch, once computed, waits in ``propose`` (so it stays the running batch)
+    until the block ends; yields the event set when one is held."""
+    editor = service.session.editor
+    real, inside, release = editor.propose, threading.Event(), threading.Event()
+
+    def held(requests):
+        try:
+            return real(requests)
+        finally:
+            inside.set()
+            release.wait(timeout)
+
+    editor.propose = held
+    try:
+        yield inside
+    finally:
+        release.set()
+        del editor.propose  # the instance attribute: the class's method again
 
 
 # ---- page steps (used by the tests and by docs/console/screenshots.py) ---------------------------
@@ -250,3 +273,17 @@ def test_health_draws_the_charts(server, driver):
     drift_points = http("GET", root + "/v1/console/drift", token=QUERY_TOKEN)[1]["points"]
     dots = driver.find_elements("css selector", "#chart-history svg circle.drift-point")
     assert len(dots) == len(drift_points) * layers
+
+
+def test_progress_of_a_running_batch_is_shown(server, driver):
+    root, service = server
+    use_token(driver, root, EDIT_TOKEN, "curator")
+    fill_edit(driver, "{} plays the", "Rome 6", "piano", "held1")
+    with edit_held_in_propose(service) as inside:
+        by_id(driver, "edit-go").click()
+        assert inside.wait(timeout=EDIT_WAIT_S)
+        wait(driver, lambda d: "computing 1 edit(s)" in by_id(d, "edit-progress-text").text)
+        assert not by_id(driver, "edit-go").is_enabled()  # no second submit while one runs
+    assert "held1" in shown_text(driver, "edit-result", EDIT_WAIT_S)
+    assert not by_id(driver, "edit-progress").is_displayed()
+    assert http("DELETE", root + "/v1/edits/held1", token=EDIT_TOKEN)[0] == 200

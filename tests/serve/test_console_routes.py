@@ -134,3 +134,43 @@ def test_edit_then_undo_moves_checks_curve_and_drift(server):
     assert points[-1]["drift"] == pytest.approx(drift0["points"][-1]["drift"], rel=1e-4, abs=1e-6)  # exact undo
     status, body = http("POST", root + "/v1/console/check", {"ids": ["nope"]}, token=QUERY_TOKEN)
     assert status == 404 and body["error"]["param"] == "ids[0]"
+
+
+def test_unedited_model_shares_every_tensor_but_the_edited_weights(server):
+    import torch
+
+    from rlsedit.model.weights import down_proj, get_W
+    from rlsedit.serve.console.unedited import UneditedModel
+
+    live, editor = server[1].live, server[1].session.editor
+    unedited = UneditedModel(live, {l: editor.W0[l] for l in editor.layers}).model()
+    edited = {id(down_proj(live.lm, l).weight) for l in editor.layers}
+    theirs = dict(unedited.model.named_parameters())
+    assert theirs.keys() == dict(live.lm.model.named_parameters()).keys()
+    for name, mine in live.lm.model.named_parameters():
+        assert (theirs[name] is mine) == (id(mine) not in edited), name
+    for l in editor.layers:
+        assert torch.equal(get_W(unedited, l), editor.W0[l].float()) and not torch.equal(get_W(live.lm, l), editor.W0[l])
+
+
+def test_progress_shows_the_batch_being_computed(server):
+    import concurrent.futures
+
+    from test_console_browser import edit_held_in_propose
+
+    root, service = server
+    idle = http("GET", root + "/v1/console/progress", token=QUERY_TOKEN)[1]
+    assert idle["running"] is None and idle["queued_edits"] == 0
+    v0 = service.live.version
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with edit_held_in_propose(service) as inside:
+            posted = pool.submit(http, "POST", root + "/v1/edits", NEW_EDIT | {"id": "p1"}, token=EDIT_TOKEN)
+            assert inside.wait(timeout=120)
+            during = http("GET", root + "/v1/console/progress", token=QUERY_TOKEN)[1]
+            answer = http("POST", root + "/v1/console/ask", {"prompt": PROMPT, "max_tokens": 4}, token=QUERY_TOKEN)[1]
+        status, done = posted.result(timeout=120)
+    assert during["running"]["ids"] == ["p1"] and during["weight_version"] == v0
+    assert answer["weight_version"] == v0  # answered while the edit was held, from the old weights
+    assert status == 200 and done["weight_version"] == v0 + 1
+    assert http("GET", root + "/v1/console/progress", token=QUERY_TOKEN)[1]["running"] is None
+    assert http("DELETE", root + "/v1/edits/p1", token=EDIT_TOKEN)[0] == 200

@@ -8,6 +8,7 @@
 * ``GET /v1/console/edits`` [query]: ``/v1/edits``'s page, each edit with when its batch was
   accepted (the journal entry's file time) and its cached check at the served version.
 * ``POST /v1/console/check`` [query]: "does the model say it now?" for edits (:mod:`.checks`).
+* ``GET /v1/console/progress`` [query]: the edit batch being computed and the edits queued.
 * ``GET /v1/console/forgetting`` [query]: the forgetting curve; ``GET /v1/console/drift``
   [query]: drift per weight version (:mod:`.drift`).
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from importlib import resources
 from typing import Any, Literal
 
@@ -155,6 +157,14 @@ def register_console(app: FastAPI, service) -> None:
             items.append(item)
         version, results = await checks.check(items)
         return {"object": "console.checks", "weight_version": version, "data": [results[i["id"]] for i in items]}
+
+    @app.get("/v1/console/progress", dependencies=[query])
+    async def progress() -> dict[str, Any]:
+        # read without the edit worker's queue (GET /v1/state may wait behind the running batch)
+        running, worker = service.worker.running, service.worker
+        return {"object": "console.progress", "weight_version": live.version, "queued_edits": worker.queued_edits,
+                "running": None if running is None else {"ids": list(running["ids"]), "started": running["started"],
+                                                         "seconds": round(time.time() - running["started"], 3)}}
 
     @app.get("/v1/console/forgetting", dependencies=[query])
     async def forgetting(n: int = Query(48, ge=1, le=MAX_CHECK_IDS), seed: int = Query(0, ge=0)) -> dict[str, Any]:

@@ -24,23 +24,28 @@ class UneditedModel:
         self._live = live
         self._W0 = W0  # layer -> W0 (d_k, d_v); the editor's, never written after the state opened
         self._lm = None
-        self._lock = threading.Lock()  # one decode at a time on this copy, and its tokenizer
+        self._lock = threading.RLock()  # one build, and one decode at a time on this copy and its tokenizer
 
-    def _model(self):
-        if self._lm is None:
-            live = self._live
-            with live.lock.read():
-                edited = {id(down_proj(live.lm, l).weight) for l in self._W0}
-                shared = {id(t): t for t in (*live.lm.model.parameters(), *live.lm.model.buffers())
-                          if id(t) not in edited}
-                lm = copy.deepcopy(live.lm, memo=dict(shared))
-            for layer, W0 in self._W0.items():
-                set_W(lm, layer, W0)
-            self._lm = lm
-        return self._lm
+    def model(self):
+        """The unedited model (built on the first call)."""
+        with self._lock:
+            if self._lm is None:
+                self._lm = self._build()
+            return self._lm
+
+    def _build(self):
+        live = self._live
+        with live.lock.read():
+            edited = {id(down_proj(live.lm, l).weight) for l in self._W0}
+            shared = {id(t): t for t in (*live.lm.model.parameters(), *live.lm.model.buffers())
+                      if id(t) not in edited}
+            lm = copy.deepcopy(live.lm, memo=dict(shared))  # memo: these tensors are reused, not copied
+        for layer, W0 in self._W0.items():
+            set_W(lm, layer, W0)
+        return lm
 
     def decode(self, rows: Sequence[Row]) -> None:
         """Decode ``rows`` on the unedited weights (blocking; call it off the event loop)."""
         with self._lock:
-            lm = self._model()
+            lm = self.model()
             decode_rows(lm, rows, lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True))

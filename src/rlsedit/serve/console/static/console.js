@@ -130,11 +130,11 @@ async function pollProgress(until) {
   const box = $("edit-progress");
   while (!until.done) {
     try {
-      const s = await api("GET", "/v1/state");
-      const run = s.server.running_edit_batch;
-      const queued = s.server.queued_edits;
+      const p = await api("GET", "/v1/console/progress");
+      const run = p.running;
+      const queued = p.queued_edits;
       const text = run
-        ? `computing ${run.ids.length} edit(s) for ${Math.max(0, Date.now() / 1000 - run.started).toFixed(1)} s` +
+        ? `computing ${run.ids.length} edit(s) for ${run.seconds.toFixed(1)} s` +
           (queued ? `, ${queued} queued` : "")
         : queued ? `${queued} edit(s) queued` : "waiting for the edit worker";
       if (!until.done) { $("edit-progress-text").textContent = text; box.hidden = false; }
