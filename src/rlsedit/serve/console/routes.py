@@ -75,7 +75,7 @@ def register_console(app: FastAPI, service) -> None:
     drift = DriftHistory(live, W0, lambda: len(session.index))
     drift.record(live.version)
     live.on_publish.append(drift.record)
-    accepted_at: dict[int, float | None] = {}  # journal seq -> its file's time (entries never change)
+    accepted_at: dict[int, float] = {}  # journal seq -> its file's time (entries never change)
     query = Depends(require("query"))
 
     def when(seq: int | None) -> float | None:
