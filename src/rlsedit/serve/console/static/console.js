@@ -75,6 +75,9 @@ async function whoami() {
     who.replaceChildren(document.createTextNode(me.auth ? me.name : "no tokens required"),
       ...me.scopes.map((s) => el("span", { class: "scope " + s }, s)));
     setVersion(me.weight_version);
+    const chat = document.querySelector("input[name=ask-mode][value=chat]");
+    chat.disabled = !me.chat;  // the model has no chat template: raw prompts only
+    if (!me.chat) document.querySelector("input[name=ask-mode][value=raw]").checked = true;
   } catch (e) {
     state.scopes = [];
     $("who").textContent = "";
