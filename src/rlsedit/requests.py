@@ -215,6 +215,15 @@ def parse_request(record: Any, index: int = 0) -> EditRequest:
 
 def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
     """Yield ``(index, record)`` from a ``.jsonl`` file or a ``.json`` list/object."""
+    for index, record in _iter_lines(path):
+        if isinstance(record, InvalidRequestError):
+            raise record
+        yield index, record
+
+
+def _iter_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """:func:`iter_records`, with an unparsable line of a ``.jsonl`` file yielded as its
+    :class:`InvalidRequestError` instead of raised (a whole unreadable file still raises)."""
     path = Path(path)
     if not path.is_file():
         raise InvalidRequestError(f"edit file {str(path)!r} does not exist")
@@ -234,9 +243,10 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield lineno - 1, json.loads(line)
+            record = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as exc:
-            raise InvalidRequestError(f"edit file {str(path)!r} line {lineno}: invalid JSON: {exc}") from None
+            record = InvalidRequestError(f"edit file {str(path)!r} line {lineno}: invalid JSON: {exc}")
+        yield lineno - 1, record
 
 
 def read_requests(path: str | Path, *, limit: int | None = None) -> list[EditRequest]:
@@ -248,6 +258,32 @@ def read_requests(path: str | Path, *, limit: int | None = None) -> list[EditReq
         out.append(parse_request(record, index))
     check_unique_ids(out)
     return out
+
+
+def read_requests_skipping_bad(path: str | Path, *, limit: int | None = None
+                               ) -> tuple[list[EditRequest], list[dict[str, str]]]:
+    """:func:`read_requests` that leaves out each record it cannot use (invalid JSON line,
+    missing or empty field, an id seen before) and reports it: ``(requests, skipped)`` with
+    ``skipped = [{"id", "error"}]`` (the id is the record's position when it has none)."""
+    out: list[EditRequest] = []
+    skipped: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for index, record in _iter_lines(path):
+        if limit is not None and len(out) + len(skipped) >= limit:
+            break
+        try:
+            if isinstance(record, InvalidRequestError):
+                raise record
+            request = parse_request(record, index)
+            if request.id in seen:
+                raise InvalidRequestError(f"edit id {request.id!r} occurs twice; ids must be unique")
+        except InvalidRequestError as exc:
+            rec_id = record.get("id", record.get("case_id", index)) if isinstance(record, dict) else index
+            skipped.append({"id": str(rec_id), "error": str(exc)})
+            continue
+        seen.add(request.id)
+        out.append(request)
+    return out, skipped
 
 
 def check_unique_ids(requests: Iterable[EditRequest]) -> None:

@@ -132,8 +132,9 @@ def cli_status(world: TinyWorld, state: Path) -> dict:
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> str:
-    """The CLI refused with exit code 2 and one ``rlsedit: error:`` line (the last) holding ``needles``."""
-    assert code == 2, (code, err)
+    """The CLI refused with an error's exit code (3-10, see rlsedit.errors) and one
+    ``rlsedit: error:`` line (the last) holding ``needles``."""
+    assert 3 <= code <= 10, (code, err)
     assert "Traceback" not in err, err
     # other stderr lines can only be progress bars of transformers' weight loading
     errors = [line for line in err.splitlines() if line.startswith("rlsedit: error: ")]

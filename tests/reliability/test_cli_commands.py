@@ -37,7 +37,7 @@ def test_ask_prints_a_completion_and_five_probabilities(world, state):
 
 def test_ask_refuses_an_empty_prompt(world, state):
     code, _, err = cli(["ask", "--state", str(state), "--cache-dir", str(world.cache), " "])
-    assert code == 2 and "prompt is empty" in err
+    assert code == 3 and "prompt is empty" in err  # invalid input
 
 
 def test_export_full_and_delta_only(world, state, tmp_path):
@@ -58,7 +58,7 @@ def test_export_full_and_delta_only(world, state, tmp_path):
     untouched = [n for n in base if n not in delta]
     assert all(torch.equal(base[n], edited[n]) for n in untouched if "lm_head" not in n)
     code, _, err = cli(["export", "--state", str(state), "--cache-dir", str(world.cache), "--out", str(tmp_path / "full")])
-    assert code == 2 and "not empty" in err  # never overwrites
+    assert code == 3 and "not empty" in err  # never overwrites
 
 
 def test_demo_runs_end_to_end_on_a_given_model(world, tmp_path):

@@ -16,8 +16,8 @@ import torch
 from session_tiny import (MAX_POSITIONS, assert_one_line_error, build_world, cli, cli_status, edit_records,
                           make_state, one_thread, state_files, tiny_runtime, write_jsonl)
 
+import rlsedit.locate.fasttargets as fasttargets_module
 import rlsedit.locate.keys as keys_module
-import rlsedit.locate.targets as targets_module
 from rlsedit.errors import NumericalError
 from rlsedit.requests import parse_request
 from rlsedit.session.session import Session
@@ -182,8 +182,8 @@ def poison_keys(monkeypatch, bad_id: str, *, value: float | None = None, scale: 
 
 
 def poison_targets(monkeypatch, bad_id: str) -> None:
-    """compute_targets returns an infinite value target z for ``bad_id``."""
-    real = targets_module.compute_targets
+    """The editors' value-target entry point returns an infinite target z for ``bad_id``."""
+    real = fasttargets_module.compute_value_targets
 
     def poisoned(lm, layer, requests, prefixes, config=None, **kwargs):
         result = real(lm, layer, requests, prefixes, config, **kwargs)
@@ -192,7 +192,7 @@ def poison_targets(monkeypatch, bad_id: str) -> None:
                 result.z[row, 0] = float("inf")  # z: (u, d_model)
         return result
 
-    monkeypatch.setattr(targets_module, "compute_targets", poisoned)
+    monkeypatch.setattr(fasttargets_module, "compute_value_targets", poisoned)
 
 
 POISONS = {

@@ -86,11 +86,11 @@ def test_state_retention_follows_the_journal_and_leaves_the_state_alone(setup, c
 
 def test_bad_requests_are_refused(setup, capsys):
     assert cli.main(["eval", "--model", str(setup["model"]), "--suites", "retention", "--data",
-                     str(setup["data"])]) == 2
+                     str(setup["data"])]) == 3  # invalid input
     assert "needs --state" in capsys.readouterr().err
-    assert cli.main(["eval", "--model", str(setup["model"]), "--suites", "counterfact"]) == 2
+    assert cli.main(["eval", "--model", str(setup["model"]), "--suites", "counterfact"]) == 3  # invalid input
     assert "needs --data" in capsys.readouterr().err
-    assert cli.main(["eval", "--model", str(setup["model"]), "--suites", "hellaswag"]) == 2
+    assert cli.main(["eval", "--model", str(setup["model"]), "--suites", "hellaswag"]) == 3  # invalid input
     assert "unknown general suite" in capsys.readouterr().err
-    assert cli.main(["eval", "--model", str(setup["model"]), "--data", str(setup["data"]), "--n", "0"]) == 2
+    assert cli.main(["eval", "--model", str(setup["model"]), "--data", str(setup["data"]), "--n", "0"]) == 3  # invalid input
     assert "--n must be positive" in capsys.readouterr().err

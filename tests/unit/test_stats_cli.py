@@ -56,13 +56,13 @@ def test_table_output(model_dir, corpus, tmp_path, capsys):
     assert not (tmp_path / "cache").exists()
 
 
-def test_errors_exit_2_with_one_line(model_dir, corpus, tmp_path, capsys):
+def test_errors_exit_3_with_one_line(model_dir, corpus, tmp_path, capsys):
     assert main(["stats", "--model", str(model_dir), "--corpus", str(corpus), "--layers", "7",
-                 "--no-cache"]) == 2
+                 "--no-cache"]) == 3
     err = capsys.readouterr().err.splitlines()  # transformers' loading bar may come first
     assert err[-1] == "rlsedit: error: layer 7 is not a block index of this model (0..2)"
     assert main(["stats", "--model", str(model_dir), "--corpus", str(tmp_path / "none.jsonl"),
-                 "--layers", "0", "--no-cache"]) == 2
+                 "--layers", "0", "--no-cache"]) == 3
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, UsageError
 from . import BENCH_COMMAND, get_bench_subparsers
 from .methods import (MethodBenchConfig, format_results_markdown, parse_sweep, run_method_bench, sweep_run_name,
                       write_report)
@@ -127,7 +127,7 @@ def _run_from_methods(args: argparse.Namespace) -> int:
 def _run_from_group(args: argparse.Namespace) -> int:
     given = {dest: getattr(args, _DEST_PREFIX + dest, None) for _, dest, _ in _OPTIONS}
     if all(given[name] is None for name in _REQUIRED) and not given["report_only"]:
-        raise InvalidRequestError(
+        raise UsageError(
             "bench: name a benchmark (`rlsedit bench solver …`, `rlsedit bench methods …`) or give the method "
             "benchmark's --model, --data and --out")
     return _run(given)
@@ -142,7 +142,7 @@ def build_config(values: dict) -> MethodBenchConfig:
 def _run(values: dict) -> int:
     if values.get("report_only"):
         if values.get("out") is None:
-            raise InvalidRequestError("bench methods --report-only: missing --out")
+            raise UsageError("bench methods --report-only: missing --out")
         names = None
         if values.get("methods") is not None:
             names = list(values["methods"]) + [sweep_run_name(p) for p in parse_sweep(values.get("sweep"))]
@@ -151,7 +151,7 @@ def _run(values: dict) -> int:
         return 0
     missing = [f"--{name}" for name in _REQUIRED if values.get(name) is None]
     if missing:
-        raise InvalidRequestError(f"bench methods: missing {', '.join(missing)}")
+        raise UsageError(f"bench methods: missing {', '.join(missing)}")
     if values.get("threads") is not None:
         if values["threads"] < 1:
             raise InvalidRequestError(f"--threads must be >= 1, got {values['threads']}")

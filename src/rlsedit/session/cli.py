@@ -51,39 +51,42 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("ask", help="greedy completion and top-5 next tokens of the edited model")
-    p.add_argument("--state", required=True)
+    p.add_argument("--state", required=True, help="state directory (opened read-only)")
     p.add_argument("prompt", nargs="+", help="prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--max-new-tokens", type=int, default=12, help="generation cap in tokens (default 12)")
     p.add_argument("--chat", action="store_true",
                    help="ask the prompt as the user turn of the model's chat template (an error if it has none)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     _runtime_args(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("status", help="model, method, edits applied, drift per layer, weights sha256")
-    p.add_argument("--state", required=True)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--state", required=True, help="state directory (opened read-only)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     _runtime_args(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("undo", help="remove one earlier edit exactly (rlsedit only)")
-    p.add_argument("--state", required=True)
+    p.add_argument("--state", required=True, help="state directory")
     p.add_argument("--edit", required=True, help="edit id")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     _runtime_args(p)
     p.set_defaults(func=cmd_undo)
 
     p = sub.add_parser("export", help="write the edited model (HF checkpoint) or only the weight deltas")
-    p.add_argument("--state", required=True)
+    p.add_argument("--state", required=True, help="state directory (opened read-only)")
     p.add_argument("--out", default=None, help="new output directory")
     p.add_argument("--delta-only", action="store_true", help="only W − W_0 of the edited layers (safetensors)")
     p.add_argument("--lora", default=None, metavar="DIR", help="instead: the edits as a peft LoRA adapter in DIR")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: exact, the largest rank of ΔW)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     _runtime_args(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="edit a few well-known facts on the embedded model; print before/after")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--method", default="rlsedit")
+    p.add_argument("--model", default="smollm2", help="model spec (default smollm2)")
+    p.add_argument("--method", default="rlsedit", help="editor (default rlsedit)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--state", default=None, help="keep the state here (default: a temporary directory)")
     p.add_argument("--corpus", default=None, help="text/JSONL corpus for E[kkᵀ] (default: the bundled Wikipedia sample)")
     _runtime_args(p)
@@ -104,13 +107,21 @@ def _load_config(args):
 
 
 def cmd_edit(args) -> int:
-    from ..requests import read_requests
+    from ..requests import read_requests, read_requests_skipping_bad
 
-    requests = read_requests(args.edits, limit=args.limit)  # parse all first: a bad file changes nothing
+    if args.batch_size <= 0:  # before the model loads
+        raise InvalidRequestError(f"batch size must be a positive integer, got {args.batch_size}")
+    # parse all first: a bad file changes nothing (with --skip-bad, bad records are reported)
+    unreadable: list[dict[str, str]] = []
+    if args.skip_bad:
+        requests, unreadable = read_requests_skipping_bad(args.edits, limit=args.limit)
+    else:
+        requests = read_requests(args.edits, limit=args.limit)
     runtime = _runtime(args, corpus=args.corpus)
     with Session.open_or_create(args.state, model=args.model, method=args.method, config=_load_config(args),
                                 runtime=runtime) as session:
         report = session.edit(requests, batch_size=args.batch_size, skip_bad=args.skip_bad)
+        report.skipped[:0] = unreadable
         out = report.to_dict() | {"edits_total": len(session.index)}
     if args.json:
         print(json.dumps(out, indent=2, sort_keys=True))
@@ -119,6 +130,9 @@ def cmd_edit(args) -> int:
               f"in {out['seconds']} s; {out['edits_total']} edits in {args.state}")
         for item in out["skipped"]:
             print(f"skipped {item['id']}: {item['error']}", file=sys.stderr)
+    if out["skipped"] and not report.applied and not report.already_applied:
+        print("rlsedit: error: every edit was skipped; nothing was applied", file=sys.stderr)
+        return InvalidRequestError.exit_code
     return 0
 
 
@@ -161,7 +175,11 @@ def cmd_status(args) -> int:
 def cmd_undo(args) -> int:
     with Session.open(args.state, runtime=_runtime(args)) as session:
         session.undo(args.edit)
-        print(f"undid edit {args.edit}; {len(session.index)} edits remain")
+        out = {"undone": args.edit, "edits_total": len(session.index)}
+    if args.json:
+        print(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        print(f"undid edit {args.edit}; {out['edits_total']} edits remain")
     return 0
 
 
@@ -172,7 +190,7 @@ def cmd_export(args) -> int:
         raise InvalidRequestError("export needs --out DIR (a checkpoint or --delta-only) or --lora DIR")
     with Session.open(args.state, runtime=_runtime(args), read_only=True) as session:
         path = session.export(args.out, delta_only=args.delta_only)
-    print(f"wrote {path}")
+    print(json.dumps({"wrote": str(path)}, indent=2) if args.json else f"wrote {path}")
     return 0
 
 
@@ -181,6 +199,10 @@ def _export_lora(args) -> int:
 
     with Session.open(args.state, runtime=_runtime(args), read_only=True) as session:
         report = export_lora(session, args.lora, rank=args.rank)
+    if args.json:
+        print(json.dumps({"wrote": str(report.path), "rank": report.rank, "layers": report.layers},
+                         indent=2, sort_keys=True, default=str))
+        return 0
     print(f"wrote a rank-{report.rank} LoRA adapter to {report.path}")
     for layer, d in report.layers.items():
         print(f"  layer {layer}: rank(ΔW) {d['rank_delta']}, relative error {d['relative_error']:.3g}")
@@ -226,28 +248,37 @@ def cmd_demo(args) -> int:
     if state is None:
         tmp = tempfile.TemporaryDirectory(prefix="rlsedit-demo-")
         state = tmp.name
+    say = (lambda *a, **k: None) if args.json else print  # --json: one object at the end, nothing else
     try:
-        print(f"loading {args.model} and preparing the editor ({args.method}) ...", flush=True)
+        say(f"loading {args.model} and preparing the editor ({args.method}) ...", flush=True)
         with Session.create(state, model=args.model, method=args.method, config=config,
                             runtime=_runtime(args, corpus=args.corpus)) as session:
             prompts = [r.text for r in requests] + DEMO_UNRELATED
             before = [_ask(session.lm, p, 8) for p in prompts]
             report = session.edit(requests, batch_size=len(requests))
             after = [_ask(session.lm, p, 8) for p in prompts]
-            print(f"applied {len(report.applied)} edits in {report.seconds:.1f} s "
-                  f"(layers {list(session.editor.layers)})\n")
+            say(f"applied {len(report.applied)} edits in {report.seconds:.1f} s "
+                f"(layers {list(session.editor.layers)})\n")
+            rows = []
             for i, (b, a) in enumerate(zip(before, after)):
-                tag = f"edit -> {requests[i].target_new!r}" if i < len(requests) else "unrelated (should stay)"
-                print(f"[{tag}] {b['prompt']}")
-                print(f"    before: {b['completion'].strip()!r}")
-                print(f"    after:  {a['completion'].strip()!r}")
-                print(f"    {_demo_verdict(requests[i].target_new if i < len(requests) else None, b, a)}")
+                target = requests[i].target_new if i < len(requests) else None
+                tag = f"edit -> {target!r}" if target is not None else "unrelated (should stay)"
+                verdict = _demo_verdict(target, b, a)
+                rows.append({"prompt": b["prompt"], "target_new": target, "before": b["completion"],
+                             "after": a["completion"], "verdict": verdict})
+                say(f"[{tag}] {b['prompt']}")
+                say(f"    before: {b['completion'].strip()!r}")
+                say(f"    after:  {a['completion'].strip()!r}")
+                say(f"    {verdict}")
             from ..eval.generation import begins_with
 
             said = sum(begins_with(a["completion"], r.target_new) for r, a in zip(requests, after))
-            print(f"\nsaid {said} of {len(requests)} edits (the greedy completion begins with the new object)")
+            say(f"\nsaid {said} of {len(requests)} edits (the greedy completion begins with the new object)")
             status = session.status()
-            print(f"weights_sha256 {status['weights_sha256'][:16]}…, edits applied: {status['edits_applied']}")
+            say(f"weights_sha256 {status['weights_sha256'][:16]}…, edits applied: {status['edits_applied']}")
+        if args.json:
+            print(json.dumps({"applied": len(report.applied), "said": said, "prompts": rows,
+                              "weights_sha256": status["weights_sha256"]}, indent=2))
     finally:
         if tmp is not None:
             tmp.cleanup()

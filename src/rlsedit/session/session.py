@@ -366,7 +366,7 @@ class Session:
         """A full Hugging Face checkpoint, or (``delta_only``) a safetensors file of W − W_0."""
         out = Path(out)
         if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():
-            raise StateError(f"export target {out} exists and is not empty; choose a new path")
+            raise InvalidRequestError(f"export target {out} exists and is not empty; choose a new path")
         out.mkdir(parents=True, exist_ok=True)
         if not delta_only:
             self.lm.model.save_pretrained(out)
