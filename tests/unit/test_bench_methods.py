@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from locate_tiny import SENTENCES, make_lm
-from rlsedit.bench.methods import (MethodBenchConfig, checkpoint_batches, format_results_markdown,
-                                   general_suite_names, parse_sweep, plan_runs, run_dir_name, run_method_bench,
-                                   select_edits, sweep_run_name)
+from rlsedit.bench.methods import (MethodBenchConfig, checkpoint_batches, format_results_markdown, parse_sweep,
+                                   plan_runs, run_dir_name, run_method_bench, select_edits, sweep_run_name)
+from rlsedit.eval.runner import general_suite_names
 from rlsedit.errors import InvalidRequestError, StateMismatchError
 from tiny_models import save
 

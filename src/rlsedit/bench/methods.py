@@ -135,30 +135,6 @@ class MethodBenchConfig:
 
 # ---- pieces ----------------------------------------------------------------------------------
 
-GENERAL_ALIASES = {"ppl": "wikitext"}
-
-
-def general_suite_names(names: Sequence[str]) -> tuple[str, ...]:
-    """Map the CLI's short names (``ppl`` → ``wikitext``, ``glue`` → every GLUE subset) to
-    :data:`rlsedit.eval.runner.GENERAL_SUITES` names; unknown names raise."""
-    from ..eval.runner import GENERAL_SUITES
-
-    glue = ("sst2", "mrpc", "cola", "rte", "nli", "sentiment_analysis", "dialogue")
-    out: list[str] = []
-    for raw in names:
-        name = raw.strip()
-        if not name:
-            continue
-        expanded = glue if name == "glue" else (GENERAL_ALIASES.get(name, name),)
-        for item in expanded:
-            if item not in GENERAL_SUITES:
-                raise InvalidRequestError(
-                    f"unknown general suite {name!r}; choose from ppl, glue, {', '.join(GENERAL_SUITES)}")
-            if item not in out:
-                out.append(item)
-    return tuple(out)
-
-
 def parse_sweep(text: str | None) -> list[dict[str, float | tuple[int, ...]]]:
     """``'lambda=0,0.1;mu=0.5,1'`` → the grid ``[{lambda_reg: 0, mu_reg: 0.5}, …]`` (product, in order).
 
@@ -542,6 +518,8 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
 
     if not config.data:
         raise InvalidRequestError("data: pass the edit file (e.g. ../shared/data/counterfact/counterfact-train.json)")
+    from ..eval.runner import general_suite_names
+
     general = general_suite_names(config.general)
     runs = plan_runs(config)  # checks methods, hparams files and the sweep before anything is written
     out = Path(out)

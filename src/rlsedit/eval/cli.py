@@ -44,7 +44,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 def split_suites(suites) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``(edit suites, general suite names as run_eval knows them)``; unknown names raise."""
-    from ..bench.methods import general_suite_names
+    from .runner import general_suite_names
 
     edit = tuple(s for s in suites if s in EDIT_SUITES)
     general = general_suite_names([s for s in suites if s not in EDIT_SUITES])

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..errors import InvalidRequestError
 from ..requests import EditRequest
 from .consistency import ConsistencyReference
 from .counterfact import evaluate_counterfact
@@ -78,6 +79,29 @@ PUBLIC_SOURCES: dict[str, str] = {
 }
 DATA_DIR_ENV = "RLSEDIT_DATA_DIR"
 GENERAL_SUITES: tuple[str, ...] = ("wikitext", "knowns", *CHOICE_TASKS, "gsm8k", "humaneval")
+
+
+# the command line's short names of general suites (``ppl``) -> GENERAL_SUITES names
+GENERAL_ALIASES = {"ppl": "wikitext"}
+GLUE_SUITES: tuple[str, ...] = ("sst2", "mrpc", "cola", "rte", "nli", "sentiment_analysis", "dialogue")
+
+
+def general_suite_names(names: Sequence[str]) -> tuple[str, ...]:
+    """Map the CLI's short names (``ppl`` → ``wikitext``, ``glue`` → every GLUE subset) to
+    :data:`GENERAL_SUITES` names; unknown names raise."""
+    out: list[str] = []
+    for raw in names:
+        name = raw.strip()
+        if not name:
+            continue
+        expanded = GLUE_SUITES if name == "glue" else (GENERAL_ALIASES.get(name, name),)
+        for item in expanded:
+            if item not in GENERAL_SUITES:
+                raise InvalidRequestError(
+                    f"unknown general suite {name!r}; choose from ppl, glue, {', '.join(GENERAL_SUITES)}")
+            if item not in out:
+                out.append(item)
+    return tuple(out)
 
 
 def default_data_dir() -> str | None:
