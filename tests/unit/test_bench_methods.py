@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from locate_tiny import SENTENCES, make_lm
-from rlsedit.bench.methods import (MethodBenchConfig, checkpoint_batches, format_results_markdown, parse_sweep,
-                                   plan_runs, run_dir_name, run_method_bench, select_edits, sweep_run_name)
+from rlsedit.bench.edit_stream import checkpoint_batches, select_edits
+from rlsedit.bench.methods import run_method_bench
+from rlsedit.bench.methods_config import MethodBenchConfig, plan_runs
+from rlsedit.bench.methods_report import format_results_markdown
+from rlsedit.bench.sweep import parse_sweep, run_dir_name, sweep_run_name
 from rlsedit.eval.runner import general_suite_names
 from rlsedit.errors import InvalidRequestError, StateMismatchError
 from tiny_models import save
@@ -367,14 +370,14 @@ def test_report_only_gathers_finished_runs(finished, tiny_setup, capsys):
     assert "| rome | not run" in md
     assert json.loads((out / "results.json").read_text())["runs"] == ["ft", "rlsedit", "rome"]
     with pytest.raises(InvalidRequestError, match="no benchmark"):
-        from rlsedit.bench.methods import write_report
+        from rlsedit.bench.methods_report import write_report
         write_report(tiny_setup["root"] / "nothing-here")
 
 
 def test_processes_sharing_an_out_score_the_unedited_model_once(tmp_path):
     # two runs of the bench on one out (e.g. one method per process): the second waits for
     # the first's unedited scores and reads them instead of scoring the base model again
-    from rlsedit.bench import methods
+    from rlsedit.bench import resume
     from two_processes import Gate, race
 
     gate, got = Gate(), {}
@@ -384,7 +387,7 @@ def test_processes_sharing_an_out_score_the_unedited_model_once(tmp_path):
         return {"weights_sha256": "a" * 64, "evaluation": {}}
 
     def run(name):
-        got[name] = methods._unedited_once(tmp_path, score)
+        got[name] = resume.unedited_once(tmp_path, score)
 
     race(run, gate)
     assert gate.entries == ["first"]

@@ -16,8 +16,10 @@ import torch
 
 from ..errors import InvalidRequestError, UsageError
 from . import BENCH_COMMAND, get_bench_subparsers
-from .methods import (MethodBenchConfig, format_results_markdown, parse_sweep, run_method_bench, sweep_run_name,
-                      write_report)
+from .methods import run_method_bench
+from .methods_config import MethodBenchConfig
+from .methods_report import format_results_markdown, write_report
+from .sweep import parse_sweep, sweep_run_name
 
 _FIELDS = MethodBenchConfig.__dataclass_fields__
 _DEFAULTS = MethodBenchConfig()

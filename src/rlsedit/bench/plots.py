@@ -1,4 +1,4 @@
-"""PNG plots of a method benchmark (``results.json`` of :mod:`rlsedit.bench.methods`).
+"""PNG plots of a method benchmark (``results.json`` of :mod:`rlsedit.bench.methods_report`).
 
 * ``metrics_vs_edits.png`` — efficacy, generalization, specificity at each checkpoint (teacher
   forced, top row) and, when the run has them, the generation metrics below them: says it (edit
@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any
+
+from .sweep import sweep_value_text  # the run names' own spelling of a setting
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +196,6 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
 def _sweep_figure(plt, sweep: dict[str, dict[str, Any]]):
     """Final efficacy and specificity of the sweep points: the first swept setting on the x axis
     (in the order run), one line per combination of the others."""
-    from .methods import sweep_value_text  # the run names' own spelling of a setting
-
     configs = {name: result["config"] for name, result in sweep.items()}
     keys = [k for k in next(iter(configs.values())) if len({sweep_value_text(c.get(k)) for c in configs.values()}) > 1]
     x_key, line_keys = (keys[0], keys[1:]) if keys else (None, [])

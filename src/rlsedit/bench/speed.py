@@ -50,7 +50,7 @@ from ..editors import get_editor_class
 from ..editors.base import iter_batches
 from ..errors import InvalidRequestError
 from ..requests import EditRequest
-from .methods import select_edits
+from .edit_stream import select_edits
 from ..model.device import synchronize
 
 log = logging.getLogger(__name__)

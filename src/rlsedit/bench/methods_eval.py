@@ -1,0 +1,128 @@
+"""What the method benchmark measures on a model: the checkpoint evaluation (CounterFact,
+general suites, generation on a fixed sample of the edits), the end-of-stream extras
+(forgetting curve, fluency, consistency) and the per-layer diagnostics totals."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..requests import EditRequest
+from .methods_config import GEN_CHAT, MethodBenchConfig
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_checkpoint(lm, requests: Sequence[EditRequest], config: MethodBenchConfig, general: Sequence[str],
+                        plan: GenerationPlan | None = None) -> dict[str, Any]:
+    """The evaluation at a checkpoint: CounterFact on ``requests`` (the edits applied so far),
+    the general suites, and the generation metrics of ``plan``'s sample among them."""
+    from ..eval.runner import run_eval
+
+    out = run_eval(lm, counterfact=list(requests), general=tuple(general), data_dir=config.data_dir,
+                   n=config.general_n, limit=config.gsm8k_limit, ppl_tokens=config.ppl_tokens,
+                   batch_size=config.eval_batch_size, seed=config.seed, max_new_tokens=config.max_new_tokens)
+    if plan is not None:
+        generation = evaluate_generation_sample(lm, requests, plan, config.retention_bins)
+        if generation is not None:
+            out["generation"] = generation
+    return out
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """Which edits the generation metrics score and how: a seeded sample of stream positions,
+    fixed for the whole run so every checkpoint and every method scores the same edits (those
+    applied so far), and the unedited model's neighbourhood continuations (``pre_edit``)."""
+
+    positions: tuple[int, ...]
+    config: Any  # rlsedit.eval.generation.GenerationConfig
+    pre_edit: dict[str, str] | None = None
+
+
+def generation_plan(config: MethodBenchConfig, requests: Sequence[EditRequest]) -> GenerationPlan | None:
+    """The run's generation sample and settings (``None`` when ``gen_n`` is 0); ``pre_edit`` is
+    filled in once the unedited model has been scored."""
+    if not config.gen_n:
+        return None
+    from ..eval.generation import GenerationConfig, paraphrase_kind_of_file, sample_positions
+
+    gen = GenerationConfig(max_new_tokens=config.gen_max_new_tokens, seed=config.seed,
+                           paraphrase_kind=paraphrase_kind_of_file(config.data), chat=GEN_CHAT[config.gen_chat],
+                           batch_size=config.eval_batch_size)
+    return GenerationPlan(tuple(sample_positions(len(requests), config.gen_n, config.seed)), gen)
+
+
+def evaluate_generation_sample(lm, applied: Sequence[EditRequest], plan: GenerationPlan,
+                               n_bins: int) -> dict[str, Any] | None:
+    """Generation metrics of the sampled edits among ``applied`` (``None`` when none is), with
+    the edit prompt's *begins with* binned by stream position (the generation forgetting curve)."""
+    from ..eval.generation import evaluate_generation
+    from ..eval.retention import bin_by_position
+
+    chosen = [p for p in plan.positions if p < len(applied)]
+    if not chosen:
+        return None
+    start = time.perf_counter()
+    result = evaluate_generation(lm, [applied[p] for p in chosen], plan.config, pre_edit=plan.pre_edit)
+    said: list[bool | None] = [None] * len(applied)
+    for rec in result["records"]:
+        said[chosen[rec["position"]]] = rec["edit"]["new_begins"]
+    out = {k: v for k, v in result.items() if k != "records"}
+    out["bins"] = {"edit_begins": bin_by_position(said, n_bins)}
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def final_extras(lm, requests: Sequence[EditRequest], config: MethodBenchConfig, consistency_ref) -> dict[str, Any]:
+    """Forgetting curve over the whole stream, and fluency/consistency on the first ``fluency_n`` edits."""
+    from ..eval.counterfact import evaluate_counterfact
+    from ..eval.retention import forgetting_curve
+
+    start = time.perf_counter()
+    curve = forgetting_curve(lm, requests, n_bins=config.retention_bins, batch_size=config.eval_batch_size)
+    out: dict[str, Any] = {"retention": {"bins": curve["bins"], "chance": curve["chance"]}}
+    out["retention_seconds"] = time.perf_counter() - start
+    if config.fluency_n:
+        start = time.perf_counter()
+        subset = list(requests[:config.fluency_n])
+        gen = evaluate_counterfact(lm, subset, batch_size=config.eval_batch_size, fluency=True,
+                                   consistency=consistency_ref, seed=config.seed)
+        summary = gen["summary"]
+        out["generation"] = {
+            "edits": len(subset),
+            "fluency": summary.get("fluency"),
+            "consistency": summary.get("consistency"),
+            "notes": gen["notes"],
+        }
+        out["generation_seconds"] = time.perf_counter() - start
+    return out
+
+
+def consistency_reference(config: MethodBenchConfig, requests: Sequence[EditRequest]):
+    """The reference texts consistency is scored against (``None`` when there is no corpus file)."""
+    if not config.fluency_n or config.data_dir is None:
+        return None
+    from ..eval.consistency import ConsistencyReference
+    from ..eval.runner import DATA_FILES
+
+    path = Path(config.data_dir) / DATA_FILES["corpus"]
+    if not path.is_file():
+        log.warning("no consistency reference corpus at %s; consistency is skipped", path)
+        return None
+    return ConsistencyReference.from_corpus(path, [r.target_new for r in requests[:config.fluency_n]])
+
+
+def diagnostics_summary(per_layer: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Per-layer diagnostics plus totals over layers (root of the sum of squares)."""
+    drift = [d["drift_fro"] for d in per_layer.values() if d.get("drift_fro") is not None]
+    anchor = [d["anchor_residual"] for d in per_layer.values() if d.get("anchor_residual") is not None]
+    return {
+        "layers": per_layer,
+        "drift_fro": math.sqrt(sum(x * x for x in drift)) if drift else None,
+        "anchor_residual": math.sqrt(sum(x * x for x in anchor)) if anchor else None,
+    }
