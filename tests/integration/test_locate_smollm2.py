@@ -82,7 +82,7 @@ def _argmax_with_z(lm, requests, z):
 
 
 def test_targets_make_the_new_object_the_argmax(lm, records, prefixes):
-    result = compute_targets(lm, LAYER, records, prefixes, TargetConfig())
+    result = compute_targets(lm, LAYER, records, prefixes, TargetConfig(early_stop_nll=0.0))
     wanted = [lm.tokenizer(target_text(r.target_new), add_special_tokens=False)["input_ids"][0] for r in records]
     assert _argmax_with_z(lm, records, result.initial) != wanted  # not already true before the edit
     assert _argmax_with_z(lm, records, result.z) == wanted
@@ -92,7 +92,7 @@ def test_targets_make_the_new_object_the_argmax(lm, records, prefixes):
 
 
 def test_batched_agrees_with_reference(lm, records, prefixes):
-    config = TargetConfig(steps=8, early_stop_loss=0.0)
+    config = TargetConfig(steps=8, early_stop_loss=0.0, early_stop_nll=0.0)
     batched = compute_targets(lm, LAYER, records[:2], prefixes, config)
     reference = compute_targets_reference(lm, LAYER, records[:2], prefixes, config)
     assert batched.steps.tolist() == reference.steps.tolist() == [7, 7]

@@ -155,8 +155,8 @@ def test_a_new_state_with_an_unknown_method_or_bad_hparams_is_not_created(pristi
     assert_one_line_error(code, err, "unknown method 'nonsense'")
     bad = tmp_path / "bad.json"
     for hparams, needle in (({"layers": [2, 1]}, "layers must be distinct non-negative ascending"),
-                            ({"mom2_n_samples": -5}, "mom2_n_samples must be positive"),
-                            ({"v_lr": "fast"}, "must be real number")):
+                            ({"mom2_n_samples": -5}, "mom2_n_samples must be an integer >= 1, got -5"),
+                            ({"v_lr": "fast"}, "v_lr must be a finite number > 0 or None, got 'fast'")):
         bad.write_text(json.dumps(hparams))
         args = world.edit_args(tmp_path / "s2", edits)
         args[args.index("--hparams") + 1] = str(bad)

@@ -140,7 +140,7 @@ def test_verify_never_returns_a_target_worse_than_its_cheap_start(lm):
     # an Adam step far too large: the refinement overshoots, and must keep the cheap δ where
     # no step of it was better
     config = TargetConfig(method="verify", step_sizes=(0.25, 0.5), clamp_norm_factor=4.0, accept_nll=1e-9,
-                          lr=50.0, steps=4)
+                          early_stop_nll=0.0, lr=50.0, steps=4)
     cheap = compute_fast_targets(lm, LAYER, requests(), PREFIXES, replace(config, method="onestep"))
     verified = compute_fast_targets(lm, LAYER, requests(), PREFIXES, config)
     assert (verified.steps == 3).all()           # every request fell short of the bar and was refined
@@ -156,7 +156,8 @@ def test_verify_never_returns_a_target_worse_than_its_cheap_start(lm):
 
 
 def test_verify_refines_only_the_requests_short_of_the_bar(lm):
-    base = TargetConfig(method="verify", step_sizes=(0.25, 0.5, 1.0, 2.0), clamp_norm_factor=4.0, steps=3, lr=0.05)
+    base = TargetConfig(method="verify", step_sizes=(0.25, 0.5, 1.0, 2.0), clamp_norm_factor=4.0, steps=3, lr=0.05,
+                        early_stop_nll=0.0)
     for bar, refined_expected in ((1e6, False), (1e-9, True), (2.0, None)):
         config = replace(base, accept_nll=bar)
         onestep = compute_fast_targets(lm, LAYER, requests(), PREFIXES, replace(config, method="onestep"))
@@ -170,7 +171,7 @@ def test_verify_refines_only_the_requests_short_of_the_bar(lm):
 
 
 def test_adam_method_is_the_loop_unchanged(lm):
-    config = TargetConfig(steps=5, early_stop_loss=0.0, clamp_norm_factor=4.0)
+    config = TargetConfig(lr=0.5, steps=5, early_stop_loss=0.0, early_stop_nll=0.0, clamp_norm_factor=4.0)
     a = compute_targets(lm, LAYER, requests(), PREFIXES, config)
     b = compute_value_targets(lm, LAYER, requests(), PREFIXES, config)
     assert torch.equal(a.z, b.z) and torch.equal(a.losses, b.losses) and torch.equal(a.steps, b.steps)

@@ -104,7 +104,7 @@ def test_soft_capped_head_batched_equals_reference():
     # reads the capped logits from the model's own forward.
     lm = make_lm("gemma3_text")
     lm.model.config.final_logit_softcapping = 0.5  # small enough that tanh bends every logit
-    config = TargetConfig(steps=6, early_stop_loss=0.0, clamp_norm_factor=4.0)
+    config = TargetConfig(lr=0.5, steps=6, early_stop_loss=0.0, early_stop_nll=0.0, clamp_norm_factor=4.0)
     prefixes = ["{}", "The city is far away. {}"]
     batched = compute_targets(lm, 2, requests(), prefixes, config)
     reference = compute_targets_reference(lm, 2, requests(), prefixes, config)

@@ -28,7 +28,7 @@ from rlsedit.requests import EditRequest
 PREFIXES = ["{}", "The city is far away. {}", "Because I said so. {}"]
 LAYER = 2
 # A small random model cannot reach MEMIT's loss threshold; a wide clamp lets δ move.
-NO_STOP = TargetConfig(steps=10, early_stop_loss=0.0, clamp_norm_factor=4.0)
+NO_STOP = TargetConfig(lr=0.5, steps=10, early_stop_loss=0.0, early_stop_nll=0.0, clamp_norm_factor=4.0)
 TOL = dict(rtol=1e-4, atol=1e-4)  # for losses and probabilities
 REL = 1e-4                         # for z, per request (see module docstring)
 
@@ -70,7 +70,8 @@ def test_batched_equals_reference_with_early_stop_at_different_steps(lm):
     # Pick the threshold from an uninterrupted run so two requests stop early and one never.
     free = compute_targets(lm, LAYER, requests(), PREFIXES, NO_STOP)
     low, mid, high = sorted(free.losses.tolist())
-    config = TargetConfig(steps=10, early_stop_loss=(mid + high) / 2, clamp_norm_factor=4.0)
+    config = TargetConfig(lr=0.5, steps=10, early_stop_loss=(mid + high) / 2, early_stop_nll=0.0,
+                          clamp_norm_factor=4.0)
     batched = compute_targets(lm, LAYER, requests(), PREFIXES, config)
     reference = compute_targets_reference(lm, LAYER, requests(), PREFIXES, config)
     assert batched.steps.tolist() == reference.steps.tolist()
@@ -140,7 +141,7 @@ def test_replay_cache_holds_only_the_blocks_above(lm):
 
 
 def test_optimisation_lowers_the_loss_within_the_clamp(lm):
-    before = compute_targets(lm, LAYER, requests(), PREFIXES, TargetConfig(steps=1, clamp_norm_factor=4.0))
+    before = compute_targets(lm, LAYER, requests(), PREFIXES, TargetConfig(lr=0.5, steps=1, clamp_norm_factor=4.0))
     assert before.steps.tolist() == [0, 0, 0]
     torch.testing.assert_close(before.z, before.initial)  # no step: z = h
     after = compute_targets(lm, LAYER, requests(), PREFIXES, NO_STOP)
@@ -155,7 +156,7 @@ def test_optimisation_lowers_the_loss_within_the_clamp(lm):
 
 def test_clamp_binds():
     lm = make_lm("llama")
-    tight = TargetConfig(steps=6, early_stop_loss=0.0, clamp_norm_factor=0.05)
+    tight = TargetConfig(lr=0.5, steps=6, early_stop_loss=0.0, early_stop_nll=0.0, clamp_norm_factor=0.05)
     result = compute_targets(lm, LAYER, requests(), PREFIXES, tight)
     ratio = result.delta.norm(dim=1) / result.initial.norm(dim=1)
     torch.testing.assert_close(ratio, torch.full_like(ratio, 0.05), rtol=1e-4, atol=0)
@@ -180,14 +181,14 @@ def test_last_layer_has_no_blocks_to_replay(family):
     reference = compute_targets_reference(lm, last, requests()[1:], PREFIXES, NO_STOP)
     assert_rows_close(batched.z, reference.z)
     assert (batched.target_prob > compute_targets(lm, last, requests()[1:], PREFIXES,
-                                                  TargetConfig(steps=1)).target_prob).all()
+                                                  TargetConfig(lr=0.5, steps=1)).target_prob).all()
 
 
 def test_float32_targets_within_bound_of_float64():
     lm = make_lm("llama")
     lm64 = copy.copy(lm)
     lm64.model = copy.deepcopy(lm.model).double()
-    config = TargetConfig(steps=5, early_stop_loss=0.0, clamp_norm_factor=4.0)
+    config = TargetConfig(lr=0.5, steps=5, early_stop_loss=0.0, early_stop_nll=0.0, clamp_norm_factor=4.0)
     z32 = compute_targets(lm, LAYER, requests(), PREFIXES, config).z.double()
     z64 = compute_targets(lm64, LAYER, requests(), PREFIXES, config).z.double()
     assert ((z32 - z64).norm() / z64.norm()).item() < 1e-4
@@ -238,8 +239,8 @@ def test_config_rejects_bad_values(field, value):
 
 def test_config_defaults_documented():
     config = TargetConfig()
-    assert config.to_dict() == {"steps": 25, "lr": 0.5, "weight_decay": 0.5, "kl_factor": 0.0625,
-                                "clamp_norm_factor": 0.75, "early_stop_loss": 0.05, "early_stop_nll": 0.0,
+    assert config.to_dict() == {"steps": 25, "lr": None, "weight_decay": 0.5, "kl_factor": 0.0625,
+                                "clamp_norm_factor": 0.75, "early_stop_loss": 0.05, "early_stop_nll": 0.05,
                                 "kl_prompt": "{} is a", "dtype": "float32", "method": "adam",
                                 "step_sizes": (0.15, 0.3, 0.45, 0.6, 0.75), "accept_nll": 0.05}
     assert all(TargetConfig.field_help().values())
@@ -249,7 +250,7 @@ def test_nll_early_stop_fires_and_batched_matches_reference(lm):
     # Threshold on the target NLL alone, between the requests' NLLs after an uninterrupted run.
     free = compute_targets(lm, LAYER, requests(), PREFIXES, NO_STOP)
     nll = sorted((-free.target_prob.log()).tolist())
-    config = TargetConfig(steps=10, early_stop_loss=0.0, early_stop_nll=(nll[1] + nll[2]) / 2,
+    config = TargetConfig(lr=0.5, steps=10, early_stop_loss=0.0, early_stop_nll=(nll[1] + nll[2]) / 2,
                           clamp_norm_factor=4.0)
     batched = compute_targets(lm, LAYER, requests(), PREFIXES, config)
     reference = compute_targets_reference(lm, LAYER, requests(), PREFIXES, config)

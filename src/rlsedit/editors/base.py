@@ -362,16 +362,8 @@ class Editor:
 
     # ---- shared batch procedure ---------------------------------------------------------------
     def _target_config(self):
-        from ..locate.targets import TargetConfig
-
-        c = self.config
-        return TargetConfig(
-            steps=c.v_num_grad_steps, lr=c.v_lr if c.v_lr is not None else self.lm.arch.target_lr,
-            weight_decay=c.v_weight_decay, kl_factor=c.kl_factor,
-            clamp_norm_factor=c.clamp_norm_factor, early_stop_loss=c.v_early_stop_loss,
-            early_stop_nll=c.v_early_stop_nll, dtype=c.v_dtype,
-            method=c.v_method, accept_nll=c.v_accept_nll,
-        )
+        """The config's value-target settings, an unset ``v_lr`` resolved for this model."""
+        return self.config.target_config().for_model(self.lm)
 
     def _make_prefixes(self) -> list[str]:
         from ..locate.prefixes import context_prefixes

@@ -4,6 +4,11 @@ Configs are plain data: never mutated by an editor, saved as JSON (sorted keys) 
 directory, and loadable from the official MEMIT/AlphaEdit/RLSEdit ``hparams/*.json`` files
 (:meth:`EditConfig.from_dict` maps their keys; module-path keys are dropped because our
 architecture table knows the modules).
+
+The value-target settings (``v_num_grad_steps``, ``v_lr``, ``kl_factor``, …) are defined once,
+in :class:`~rlsedit.locate.target_config.TargetConfig`: the fields here take their defaults,
+help and checks from it, and :meth:`EditConfig.target_config` builds the ``TargetConfig``.
+Invalid values raise :class:`~rlsedit.errors.InvalidRequestError` naming the field and value.
 """
 
 from __future__ import annotations
@@ -11,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..config_checks import check_choice, check_int, check_number
 from ..errors import InvalidRequestError
+from ..locate.target_config import HPARAMS_NAMES, TargetConfig, check_setting
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +32,17 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kw) -> Any:
     if default is dataclasses.MISSING:
         return field(metadata={"help": text}, **kw)
     return field(default=default, metadata={"help": text}, **kw)
+
+
+_TARGET_FIELDS = {f.name: f for f in dataclasses.fields(TargetConfig)}
+
+
+def _target(name: str, *, default: Any = dataclasses.MISSING, text: str | None = None) -> Any:
+    """The field of value-target setting ``name`` (an official hparams key, e.g. ``v_lr``): the
+    default and help of its :class:`TargetConfig` field unless a method overrides them."""
+    source = _TARGET_FIELDS[HPARAMS_NAMES[name]]
+    return _help("target optimization: " + (text or source.metadata["help"]),
+                 source.default if default is dataclasses.MISSING else default)
 
 
 OFFICIAL_ANCHOR_WEIGHT = 15_000.0  # mom2_update_weight of the official Llama-3-8B configs
@@ -46,27 +64,16 @@ class EditConfig:
 
     layers: tuple[int, ...] | None = _help(
         "edited layers (ascending); None = the model's default layers", None)
-    v_num_grad_steps: int = _help("target optimization: max Adam steps per batch", 25)
-    v_lr: float | None = _help(
-        "target optimization: Adam learning rate on the residual delta; None = the model family's "
-        "default (0.5; 2.0 for Gemma 3, whose hidden states are ~30x larger: docs/TUNING.md)", None)
-    v_weight_decay: float = _help("target optimization: weight of ||delta||/||h||^2 (the norm, not squared)", 0.5)
-    kl_factor: float = _help("target optimization: weight of the KL term on '{subject} is a'", 0.0625)
-    clamp_norm_factor: float = _help("target optimization: clamp ||delta|| to this times ||h||", 0.75)
-    v_early_stop_loss: float = _help("target optimization: stop a request once its whole loss is below this", 0.05)
-    v_early_stop_nll: float = _help(
-        "target optimization: stop a request once its target NLL is below this (p(target) ≈ 0.95); "
-        "0 restores MEMIT's rule, which on small models rarely fires because of the KL term", 0.05)
-    v_dtype: str = _help(
-        "target optimization: precision of the model's weights while delta is optimised, 'float32' or "
-        "'bfloat16' (several times faster where the processor has bf16 matrix units; see benchmarks/SPEED.md)",
-        "float32")
-    v_method: str = _help(
-        "target optimization: 'adam' (the Adam loop), 'onestep' (one gradient at delta = 0 and a line search "
-        "along it) or 'verify' (onestep, then Adam only where it falls short); locate/fasttargets.py", "adam")
-    v_accept_nll: float = _help(
-        "target optimization, onestep/verify: the line search takes the smallest step whose target NLL is "
-        "below this; verify refines the rest with Adam", 0.05)
+    v_num_grad_steps: int = _target("v_num_grad_steps")
+    v_lr: float | None = _target("v_lr")
+    v_weight_decay: float = _target("v_weight_decay")
+    kl_factor: float = _target("kl_factor")
+    clamp_norm_factor: float = _target("clamp_norm_factor")
+    v_early_stop_loss: float = _target("v_early_stop_loss")
+    v_early_stop_nll: float = _target("v_early_stop_nll")
+    v_dtype: str = _target("v_dtype")
+    v_method: str = _target("v_method")
+    v_accept_nll: float = _target("v_accept_nll")
     context_count: int = _help("number of generated context prefixes (plus the empty one)", 5)
     context_length: int = _help("length in tokens of each generated context prefix", 10)
     key_average: str = _help(
@@ -80,28 +87,28 @@ class EditConfig:
 
     def __post_init__(self) -> None:
         if self.layers is not None:
-            layers = tuple(int(x) for x in self.layers)
-            if not layers or any(x < 0 for x in layers) or list(layers) != sorted(set(layers)):
-                raise ValueError(f"layers must be distinct non-negative ascending ints, got {self.layers!r}")
+            try:
+                layers = tuple(operator.index(x) for x in self.layers if not isinstance(x, bool))
+            except TypeError:
+                layers = ()
+            if not layers or len(layers) != len(self.layers) or any(x < 0 for x in layers) \
+                    or list(layers) != sorted(set(layers)):
+                raise InvalidRequestError(
+                    f"layers must be distinct non-negative ascending ints, got {self.layers!r}")
             object.__setattr__(self, "layers", layers)
-        for name in ("v_num_grad_steps", "context_count", "context_length", "mom2_n_samples"):
-            if getattr(self, name) < 0 or (name != "context_count" and getattr(self, name) == 0):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.key_average not in ("per_type", "uniform"):
-            raise ValueError(f"key_average must be 'per_type' or 'uniform', got {self.key_average!r}")
-        if self.v_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"v_dtype must be 'float32' or 'bfloat16', got {self.v_dtype!r}")
-        if self.v_method not in ("adam", "onestep", "verify"):
-            raise ValueError(f"v_method must be 'adam', 'onestep' or 'verify', got {self.v_method!r}")
-        if not math.isfinite(self.v_accept_nll) or self.v_accept_nll <= 0:
-            raise ValueError(f"v_accept_nll must be finite and > 0, got {self.v_accept_nll!r}")
-        for name in ("v_lr", "v_weight_decay", "kl_factor", "clamp_norm_factor", "v_early_stop_loss", "v_early_stop_nll",
-                     "mom2_update_weight"):
-            value = getattr(self, name)
-            if value is None and name in ("mom2_update_weight", "v_lr"):
-                continue
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        for name, target_name in HPARAMS_NAMES.items():
+            object.__setattr__(self, name, check_setting(target_name, getattr(self, name), label=name))
+        check_int("context_count", self.context_count, at_least=0)
+        check_int("context_length", self.context_length, at_least=1)
+        check_int("mom2_n_samples", self.mom2_n_samples, at_least=1)
+        check_choice("key_average", self.key_average, ("per_type", "uniform"))
+        object.__setattr__(self, "mom2_update_weight",
+                           check_number("mom2_update_weight", self.mom2_update_weight, optional=True))
+
+    def target_config(self) -> TargetConfig:
+        """The value-target settings as the :class:`TargetConfig` the optimisation takes (an
+        unset ``v_lr`` stays None: :meth:`TargetConfig.for_model` picks the model family's)."""
+        return TargetConfig(**{target_name: getattr(self, name) for name, target_name in HPARAMS_NAMES.items()})
 
     def anchor_weight(self, d_k: int) -> float:
         """``n`` of the anchor ``n·E[kkᵀ]`` for a model with key width ``d_k``.
@@ -149,7 +156,10 @@ class EditConfig:
             raise InvalidRequestError(f"hparams file {str(path)!r}: {exc}") from None
         if not isinstance(data, dict):
             raise InvalidRequestError(f"hparams file {str(path)!r}: expected a JSON object")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"hparams file {str(path)!r}: {exc}") from None
 
     def replace(self, **changes) -> "EditConfig":
         return dataclasses.replace(self, **changes)
@@ -167,11 +177,8 @@ class RLSEditConfig(EditConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("lambda_reg", "mu_reg"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-        if self.state_dtype not in ("float32", "float64"):
-            raise ValueError(f"state_dtype must be 'float32' or 'float64', got {self.state_dtype!r}")
+            object.__setattr__(self, name, check_number(name, getattr(self, name)))
+        check_choice("state_dtype", self.state_dtype, ("float32", "float64"))
 
 
 @dataclass(frozen=True)
@@ -210,13 +217,11 @@ class AlphaEditConfig(EditConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.nullspace_threshold is not None and not (math.isfinite(self.nullspace_threshold)
-                                                         and self.nullspace_threshold >= 0):
-            raise ValueError(f"nullspace_threshold must be finite and >= 0 or None, got {self.nullspace_threshold!r}")
-        if not (0 <= self.nullspace_energy < 1):
-            raise ValueError(f"nullspace_energy must be in [0, 1), got {self.nullspace_energy!r}")
-        if not (math.isfinite(self.L2) and self.L2 > 0):
-            raise ValueError(f"L2 must be finite and > 0, got {self.L2!r}")
+        object.__setattr__(self, "nullspace_threshold",
+                           check_number("nullspace_threshold", self.nullspace_threshold, optional=True))
+        if not check_number("nullspace_energy", self.nullspace_energy) < 1:
+            raise InvalidRequestError(f"nullspace_energy must be in [0, 1), got {self.nullspace_energy!r}")
+        check_number("L2", self.L2, positive=True)
 
 
 @dataclass(frozen=True)
@@ -225,11 +230,12 @@ class ROMEConfig(EditConfig):
 
     method: ClassVar[str] = "rome"
     layers: tuple[int, ...] | None = _help("the single edited layer; None = the middle default layer", None)
-    v_weight_decay: float = _help(
-        "target optimization: weight of ||delta||/||m||^2, m the edited MLP's output at the subject (ROME compute_v)", 0.5)
-    clamp_norm_factor: float = _help(
-        "target optimization: clamp ||delta|| to this times ||m||, the edited MLP's output norm at the subject "
-        "(ROME's clamp_norm_factor)", 4.0)
+    v_weight_decay: float = _target(
+        "v_weight_decay", text="weight of ‖δ‖/‖m‖², m the edited MLP's output at the subject (ROME compute_v)")
+    clamp_norm_factor: float = _target(
+        "clamp_norm_factor", default=4.0,
+        text="δ is kept within clamp_norm_factor·‖m‖, m the edited MLP's output at the subject (ROME's "
+             "clamp_norm_factor)")
     context_template_length_params: tuple[tuple[int, int], ...] = _help(
         "ROME's context prefixes: (length in tokens, count) pairs sampled from the end-of-text token, after the "
         "bare prompt ([[5,10],[10,10]]: 21 prefixes); context_count and context_length are not used", ((5, 10), (10, 10)))
@@ -239,15 +245,15 @@ class ROMEConfig(EditConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.layers is not None and len(self.layers) != 1:
-            raise ValueError(f"ROME edits exactly one layer, got layers={self.layers!r}")
+            raise InvalidRequestError(f"ROME edits exactly one layer, got layers={self.layers!r}")
         try:
             pairs = tuple((int(length), int(count)) for length, count in self.context_template_length_params)
         except (TypeError, ValueError):
-            raise ValueError("context_template_length_params must be (length, count) pairs, got "
-                             f"{self.context_template_length_params!r}") from None
+            raise InvalidRequestError("context_template_length_params must be (length, count) pairs, got "
+                                      f"{self.context_template_length_params!r}") from None
         if not pairs or any(length < 2 or count < 1 for length, count in pairs):
-            raise ValueError("context_template_length_params needs lengths >= 2 and counts >= 1, got "
-                             f"{self.context_template_length_params!r}")
+            raise InvalidRequestError("context_template_length_params needs lengths >= 2 and counts >= 1, got "
+                                      f"{self.context_template_length_params!r}")
         object.__setattr__(self, "context_template_length_params", pairs)
 
 
@@ -262,5 +268,6 @@ class FTConfig(EditConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_steps <= 0 or not (self.lr > 0) or not (self.norm_constraint > 0):
-            raise ValueError("FT: num_steps, lr and norm_constraint must be positive")
+        check_int("num_steps", self.num_steps, at_least=1)
+        for name in ("lr", "norm_constraint"):
+            object.__setattr__(self, name, check_number(name, getattr(self, name), positive=True))

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -44,6 +44,7 @@ from ..model.weights import block
 from ..requests import SUBJECT_SLOT, EditRequest, target_text
 from .forward import BlockCalls, capture_above, read_module, run_above, select_rows
 from .headloss import head_losses
+from .target_config import TARGET_DTYPES, TARGET_METHODS, TargetConfig  # noqa: F401  (TARGET_METHODS: re-export)
 from .tokens import (check_layer, check_length, check_prefixes, encode_at_subject, encode_through_subject,
                      fill_subject, length_sorted_chunks, pad_id, pad_right, prompt_texts, request_template)
 
@@ -62,11 +63,7 @@ requests × 7 rows) the optimisation's own peak was +934 MiB at 64 rows, +561 at
 against 34.7 s per batch at 64). Stream figures: benchmarks/SPEED.md."""
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-TARGET_METHODS = ("adam", "onestep", "verify")
-"""Ways to find δ: :func:`compute_targets`'s Adam loop, or the cheap paths of
-:mod:`rlsedit.locate.fasttargets`."""
+DTYPES = {name: getattr(torch, name) for name in TARGET_DTYPES}
 
 
 @contextmanager
@@ -108,78 +105,6 @@ def _attention_for(lm, dtype: str):
 
         return sdpa_kernel([SDPBackend.MATH])
     return nullcontext()
-
-
-@dataclass
-class TargetConfig:
-    """Hyperparameters of the target (``z``) optimisation.
-
-    Defaults follow the official MEMIT/AlphaEdit configurations (``v_num_grad_steps`` 25,
-    ``v_weight_decay`` 0.5, ``kl_factor`` 0.0625, ``clamp_norm_factor`` 0.75, early stop at
-    loss 5e-2). The step size is MEMIT's GPT-J and AlphaEdit's GPT-2 XL ``v_lr = 0.5``
-    (AlphaEdit's Llama-3 uses 0.1). Measured on SmolLM2-135M, layer 7, 20 CounterFact
-    records: lr 0.5 makes the new object the argmax for 20/20 (mean p(target) 0.98), lr 0.1
-    for 4/20 (mean 0.19) within 25 steps — its subject states have norms ~100-150 and the
-    per-coordinate Adam step bounds how fast ``δ`` can grow.
-    """
-
-    steps: int = field(default=25, metadata={"help": "maximum Adam steps on δ per request (MEMIT v_num_grad_steps)"})
-    lr: float = field(default=0.5, metadata={"help": "Adam learning rate on δ (MEMIT v_lr)"})
-    weight_decay: float = field(default=0.5, metadata={"help": "weight of ‖δ‖/‖h‖² in the loss (MEMIT v_weight_decay)"})
-    kl_factor: float = field(default=0.0625, metadata={"help": "weight of the KL term on the '{subject} is a' prompt"})
-    clamp_norm_factor: float = field(default=0.75, metadata={"help": "δ is kept within clamp_norm_factor·‖h‖ after each step"})
-    early_stop_loss: float = field(default=5e-2, metadata={"help": "a request stops once its loss is below this (0 disables)"})
-    early_stop_nll: float = field(default=0.0, metadata={
-        "help": "a request also stops once its mean target NLL alone is below this (0 disables). MEMIT's "
-                "test on the whole loss rarely fires on small models: the KL term alone stays near 0.05"})
-    kl_prompt: str = field(default="{} is a", metadata={"help": "prompt with '{}' for the subject on which the KL term is measured"})
-    dtype: str = field(default="float32", metadata={
-        "help": "precision of the model's weights during the optimisation ('float32' or 'bfloat16'); δ, the "
-                "loss and h stay float32. bfloat16 runs the matrix products several times faster where the "
-                "processor has bf16 units (AMX, recent GPUs); the batched path only"})
-    method: str = field(default="adam", metadata={
-        "help": "how δ is found: 'adam' (the loop above), 'onestep' (one gradient at δ = 0 and a line "
-                "search along it, locate/fasttargets.py) or 'verify' (onestep, then Adam only for the "
-                "requests it leaves short of accept_nll, starting from its δ)"})
-    step_sizes: tuple[float, ...] = field(default=(0.15, 0.3, 0.45, 0.6, 0.75), metadata={
-        "help": "onestep/verify: the candidate ‖δ‖/‖h‖ of the line search (capped at clamp_norm_factor)"})
-    accept_nll: float = field(default=0.05, metadata={
-        "help": "onestep/verify: the line search takes the smallest step whose mean target NLL is below "
-                "this; verify refines with Adam the requests no step brings below it"})
-
-    def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        for name, positive in (("lr", True), ("weight_decay", False), ("kl_factor", False),
-                               ("clamp_norm_factor", True), ("early_stop_loss", False), ("early_stop_nll", False)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0 or (positive and value == 0):
-                bound = "> 0" if positive else ">= 0"
-                raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-            setattr(self, name, float(value))
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.method not in TARGET_METHODS:
-            raise ValueError(f"method must be one of {list(TARGET_METHODS)}, got {self.method!r}")
-        sizes = tuple(self.step_sizes) if isinstance(self.step_sizes, (tuple, list)) else ()
-        if not sizes or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
-                            for v in sizes):
-            raise ValueError(f"step_sizes must be a non-empty sequence of finite numbers > 0, got {self.step_sizes!r}")
-        self.step_sizes = tuple(sorted(float(v) for v in sizes))
-        if isinstance(self.accept_nll, bool) or not isinstance(self.accept_nll, (int, float)) \
-                or not math.isfinite(self.accept_nll) or self.accept_nll <= 0:
-            raise ValueError(f"accept_nll must be a finite number > 0, got {self.accept_nll!r}")
-        self.accept_nll = float(self.accept_nll)
-        if not isinstance(self.kl_prompt, str) or self.kl_prompt.count(SUBJECT_SLOT) != 1:
-            raise ValueError(f"kl_prompt must be a string with exactly one '{{}}', got {self.kl_prompt!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def field_help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
 
 
 @dataclass
@@ -322,6 +247,7 @@ def _prepare(lm, layer, requests, prefixes, config, batch_size):
     config = TargetConfig() if config is None else config
     if not isinstance(config, TargetConfig):
         raise TypeError(f"config must be a TargetConfig, got {type(config).__name__}")
+    config = config.for_model(lm)  # an unset lr: the model family's
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     return layer, list(requests), prefixes, config
