@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cache-dir", default=None, help=_help("cache_dir"))
     parser.add_argument("--device", default="cpu", help=_help("device"))
     parser.add_argument("--threads", type=int, default=None, help=_help("threads"))
-    parser.add_argument("--state-dir", default=None, help=_help("state_dir"))
+    parser.add_argument("--state", "--state-dir", dest="state_dir", default=None, help=_help("state_dir"))
     parser.add_argument("--targets", default="", help=_help("targets") + "; comma-separated, e.g. adam,onestep,verify")
     parser.add_argument("--gen-n", type=int, default=0, help=_help("gen_n"))
     parser.add_argument("--out", type=Path, default=None, help="write result.json, result.md and speed.png here")

@@ -68,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated: counterfact, zsre, retention, ppl, knowns, glue, mmlu, gsm8k, humaneval, … "
                         "(default counterfact)")
     p.add_argument("--general-n", type=int, default=200, help="items per scored-choice suite (seeded sample; default 200)")
-    p.add_argument("--limit", type=int, default=None, help="GSM8K/HumanEval: the first N problems (default all)")
+    p.add_argument("--gsm8k-limit", "--limit", dest="limit", type=int, default=None,
+                   help="GSM8K/HumanEval: the first N problems (default all; --limit is the old name)")
     p.add_argument("--ppl-tokens", type=int, default=20_000, help="WikiText-2 tokens for perplexity (default 20000)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation cap for GSM8K/HumanEval")
     p.add_argument("--fluency", action="store_true", help="counterfact: fluency (generates text)")
@@ -77,7 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None,
                    help="folder of the general suites' data files (default: $RLSEDIT_DATA_DIR); "
                         "an error names each missing file and where its public copy lives")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
+    p.add_argument("--eval-batch-size", "--batch-size", dest="batch_size", type=int, default=16,
+                   help="prompts per forward pass (default 16; --batch-size is the old name)")
     p.add_argument("--seed", type=int, default=0, help="seed of samples and sampled generations")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--cache-dir", default=None, help="model cache (default ~/.cache/rlsedit)")

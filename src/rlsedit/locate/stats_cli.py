@@ -53,8 +53,8 @@ def register(subparsers) -> None:
                              '(default: the Wikipedia sample bundled with the package)')
     parser.add_argument("--layers", default=None,
                         help="layers, e.g. 3,4,5 or 3-7 (default: the model's edit layers)")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                        help=f"token budget (default {DEFAULT_MAX_TOKENS})")
+    parser.add_argument("--mom2-tokens", "--max-tokens", dest="max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help=f"corpus tokens for E[kkᵀ] (default {DEFAULT_MAX_TOKENS}; --max-tokens is the old name)")
     parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
                         help=f"padded tokens per forward pass (default {DEFAULT_BATCH_TOKENS})")
     parser.add_argument("--seq-len", type=int, default=None,

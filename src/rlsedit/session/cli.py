@@ -44,7 +44,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="edits per batch")
     p.add_argument("--hparams", default=None, help="hyperparameters JSON (ours or an official hparams file)")
     p.add_argument("--corpus", default=None, help="text/JSONL corpus for E[kkᵀ] (new state only)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N records of the file")
+    p.add_argument("--n", "--limit", dest="limit", type=int, default=None,
+                   help="use only the first N records of the file (--limit is the old name)")
     p.add_argument("--skip-bad", action="store_true", help="skip and report bad edits instead of stopping")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _runtime_args(p)
