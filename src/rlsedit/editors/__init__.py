@@ -31,6 +31,8 @@ for _cls in (RLSEdit, RLSEditOfficial, MEMIT, MEMITSeq, AlphaEdit, ROME, FT):
 
 
 def get_editor_class(name: str) -> type[Editor]:
+    """The editor class registered as ``name`` (``--method``); an unknown name raises
+    :class:`~rlsedit.errors.InvalidRequestError` listing the known ones."""
     try:
         return EDITORS[name]
     except KeyError:

@@ -474,6 +474,9 @@ class Editor:
         return out
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], *, n_edits: int = 0, n_batches: int = 0) -> None:
+        """Inverse of :meth:`state_dict`: restore ``W_0``, the method's state and each edited
+        layer's ``W`` (written into the model); a state made for other layers or shapes raises
+        :class:`~rlsedit.errors.StateMismatchError`."""
         self._prepare()
         for l in self.layers:
             for key in (f"layers.{l}.W0", f"layers.{l}.W"):

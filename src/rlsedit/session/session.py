@@ -54,6 +54,7 @@ class EditReport:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """Counts, the skipped edits with their reasons, and the seconds (what ``edit --json`` prints)."""
         return {"applied": len(self.applied), "already_applied": len(self.already_applied),
                 "skipped": self.skipped, "seconds": round(self.seconds, 3)}
 
@@ -328,6 +329,8 @@ class Session:
 
     # ---- inspection and export ----------------------------------------------------------------
     def status(self) -> dict[str, Any]:
+        """What the state holds now: model, method, layers, edit and journal counts, the weights'
+        sha256, per-layer diagnostics (drift, anchor residual, conditioning) and the config."""
         meta = self.store.meta
         return {
             "state_dir": str(self.directory),
