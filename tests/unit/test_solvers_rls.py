@@ -238,6 +238,26 @@ def test_an_update_that_would_overflow_W_is_refused_and_changes_nothing():
     assert bool(torch.isfinite(state.W_).all())
 
 
+def test_an_update_with_s_over_one_over_eps_is_refused_and_changes_nothing():
+    """λ_max(S) above 1/eps of the state dtype loses C's definiteness to rounding: refused,
+    with nothing changed (last_S included); just below the limit it is applied."""
+    limit = 1.0 / torch.finfo(F64).eps
+    state = RLSState.from_anchor(torch.zeros(3, 2, dtype=F64), None, 1.0, 0.0, dtype=F64)  # C_0 = I
+    state.update(torch.eye(3, 1, dtype=F64), torch.ones(1, 2, dtype=F64))
+    before, last_S = _snapshot(state), state.last_S.clone()
+    # C = I except C_00 = 1/2: S = 1 + 2·limit·C_11 = 1 + 2·limit
+    K_far = math.sqrt(2.0 * limit) * torch.eye(3, dtype=F64)[:, 1:2]
+    with pytest.raises(NumericalError, match=r"^update: S = I \+ K\^T C K has largest eigenvalue 9\.01e\+15 "
+                                             r"\(condition number 1\), over 1/eps of torch\.float64 \(4\.5e\+15\)"):
+        state.update(K_far, torch.zeros(1, 2, dtype=F64))
+    _assert_unchanged(state, before)
+    assert torch.equal(state.last_S, last_S)
+    # two keys at 0.6·limit each, orthogonal under C: tr(S) is over the limit, λ_max(S) is not
+    K_near = math.sqrt(0.6 * limit) * torch.eye(3, dtype=F64)[:, 1:]
+    state.update(K_near, torch.zeros(2, 2, dtype=F64))
+    assert state.n_updates_ == before[3] + 1 and float(torch.linalg.eigvalsh(state.last_S)[-1]) < limit
+
+
 def test_non_pd_downdate_is_refused_and_changes_nothing():
     state, _, _ = _fresh_state()
     before = _snapshot(state)

@@ -398,7 +398,10 @@ class Editor:
                 W = get_W(self.lm, l)
                 V = self._absolute_targets(l, K, W, R)  # (u, d_v)
                 _check_finite(f"layers.{l}.V", V, ids)
-                W_new, new_state[l] = self._solve(l, K, V, W)
+                try:
+                    W_new, new_state[l] = self._solve(l, K, V, W)
+                except NumericalError as exc:  # the solver's refusal (rlsedit.solvers.rls); say where
+                    raise NumericalError(f"layer {l}: {exc}") from exc
                 _check_finite(f"layers.{l}.W", W_new, ids)
                 set_W(self.lm, l, W_new)
             tensors[f"layers.{l}.K"] = K.contiguous()

@@ -110,10 +110,12 @@ class RLSState:
       reports it.
     * A call is refused with :class:`~rlsedit.errors.NumericalError` — leaving ``C_``, ``W_``
       and the counters bitwise unchanged — if ``K`` or ``V`` holds NaN/inf, if ``S`` is not
-      positive definite, if the new ``C`` would get a non-positive diagonal, or if a new
-      entry of ``C`` or ``W`` could overflow. The last two are decided from ``O(d_k u)``
-      bounds, not from passes over the results; all checks are read back in one host
-      synchronisation per call (see ``_verify``).
+      positive definite, if an update's ``S`` has ``λ_max(S)`` over ``1/eps`` of the state
+      dtype (:func:`_refuse_ill_conditioned`), if the new ``C`` would get a non-positive
+      diagonal, or if a new entry of ``C`` or ``W`` could overflow. The last two are decided
+      from ``O(d_k u)`` bounds, not from passes over the results; all checks are read back in
+      one host synchronisation per call (see ``_verify``), the eigenvalues of ``S`` only when
+      ``tr(S) ≥ λ_max(S)`` exceeds that limit.
     * Singular anchor rule (``from_anchor`` with ``jitter=None``): ``M = λ²I + μ²A`` is
       factored in float64. If the factorisation fails, or its smallest pivot is below
       ``δ · tr(M)/d_k`` (``δ =`` :data:`RELATIVE_JITTER`), ``jitter = δ · tr(M)/d_k`` is added to
@@ -386,8 +388,9 @@ class RLSState:
             diag.max(),
             h_sq.max(),
             torch.linalg.vector_norm(Y, dim=0).max(),
+            S.diagonal().sum(),
         ]
-        (k_finite, v_finite, s_finite, info, l_min, new_min, new_max, diag_max, h_sq_max, y_max) = torch.stack(
+        (k_finite, v_finite, s_finite, info, l_min, new_min, new_max, diag_max, h_sq_max, y_max, s_trace) = torch.stack(
             [value.double() for value in reductions]
         ).tolist()
         if not k_finite:
@@ -401,6 +404,8 @@ class RLSState:
             raise NumericalError(
                 f"{what} is not positive definite (leading minor {int(info)} of {S.shape[0]}); nothing was applied"
             )
+        if sign > 0:
+            _refuse_ill_conditioned(what, S, s_trace, self.dtype)
         if sign < 0 and l_min**2 < DOWNDATE_WARN_PIVOT:
             # S's eigenvalues lie in (0, 1]; a tiny one means the removed keys were almost the
             # only information in some direction, and the result inherits ~ eps / pivot error
@@ -524,6 +529,31 @@ class RLSState:
 
 
 # ---------------------------------------------------------------------- helpers
+def _refuse_ill_conditioned(what: str, S: torch.Tensor, trace: float, dtype: torch.dtype) -> None:
+    """Refuse an update whose ``S = I + KᵀCK`` (PD, float64) has ``λ_max(S)`` over ``1/eps`` of
+    the state ``dtype``.
+
+    ``C_new = C − F S⁻¹ Fᵀ`` shrinks ``C`` by ``1/λ(S)`` along the directions ``CK``; beyond
+    ``1/eps`` what remains there is below the rounding of ``C``'s other entries, so ``C`` can
+    silently become indefinite (a float32 state fed one key 1e5 times the anchor's scale,
+    ``λ_max(S)`` ≈ 3e8, gets a negative eigenvalue and no other check fires). Since
+    ``λ_min(S) ≥ 1`` for an update, this also bounds ``cond(S)``. Real keys are far from it:
+    on SmolLM2-135M (layers 3-7, CounterFact subjects, ``A = 15000·E[kkᵀ]``) ``kᵀC₀k`` is
+    0.2-0.9, so a rank-one ``λ_max(S)`` is below 2, against a float32 limit of 8.4e6.
+    ``trace`` (``tr(S) ≥ λ_max(S)``, already read back) spares the eigenvalues below the limit.
+    """
+    limit = 1.0 / torch.finfo(dtype).eps
+    if trace <= limit:
+        return
+    eigenvalues = torch.linalg.eigvalsh(S)
+    low, high = float(eigenvalues[0]), float(eigenvalues[-1])
+    if not high <= limit:
+        raise NumericalError(
+            f"{what} has largest eigenvalue {high:.3g} (condition number {high / low:.3g}), over 1/eps of "
+            f"{dtype} ({limit:.3g}): the keys lie far outside the scale or span of the anchor, and the update "
+            "would lose C's positive definiteness to rounding; nothing was applied")
+
+
 def _factor_anchor(M: torch.Tensor, jitter: float | None) -> tuple[torch.Tensor, float]:
     """Cholesky factor of ``M + jitter·I`` (float64), applying the singular-anchor rule."""
     d_k = M.shape[0]
