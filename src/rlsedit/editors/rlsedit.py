@@ -97,12 +97,27 @@ class RLSEdit(Editor):
         return out
 
 
-class RLSEditOfficial(RLSEdit):
-    """The public RLSEdit code's update, kept only so benchmarks can show the difference."""
+class RLSEditOfficial(Editor):
+    """The public RLSEdit code's update, kept only so benchmarks can show the difference.
+
+    Learned state ``C0_[layer]``: ``C_0 = (λ²I + μ²A)⁻¹`` (d_k, d_k) in the config's state dtype,
+    which every batch starts from again (the official code keeps no ``C`` across batches;
+    :mod:`rlsedit.solvers.official`, point 1). It is rebuilt from ``E[kkᵀ]`` when the editor is
+    prepared, so nothing beyond the base class's tensors is saved.
+    """
 
     config_class = RLSEditOfficialConfig
     name = "rlsedit-official"
-    supports_undo = False
+
+    def _init_state(self) -> None:
+        c = self.config
+        dtype = getattr(torch, c.state_dtype)
+        # the C_0 RLSEdit starts its recursion from: same anchor, jitter rule and dtype
+        self.C0_ = {
+            l: RLSState.from_anchor(self.W0[l], self.anchor_weight * self.moments[l].double(),
+                                    c.lambda_reg, c.mu_reg, dtype=dtype).C_
+            for l in self.layers
+        }
 
     def _solve(self, layer, K, V, W):
         i = self.layers.index(layer)
@@ -110,15 +125,13 @@ class RLSEditOfficial(RLSEdit):
         # The official code feeds V_t = z − h (the undivided residual) and then divides
         # (V_t − K_tᵀW_prev) by the remaining layer count; our V is KᵀW + (z − h)/share.
         residual = (V - K.T @ W) * share
-        C0 = self.states_[layer].C_
+        C0 = self.C0_[layer]
         return official_update(C0, W.to(C0.dtype), K.to(C0.dtype), residual.to(C0.dtype),
                                layers_left=share).to(W.dtype), None
 
-    def _commit_state(self, new_state) -> None:
-        """C is deliberately not carried across batches (the official behaviour)."""
-
-    def propose_undo(self, record, column):
-        return Editor.propose_undo(self, record, column)
+    def held_tensors(self):
+        # C_0 is rebuilt from E[kkᵀ] on load, so it is held but never saved
+        return super().held_tensors() | {f"layers.{l}.C0": C for l, C in self.C0_.items()}
 
 
 class UndoProposal:
