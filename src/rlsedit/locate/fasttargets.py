@@ -30,8 +30,9 @@ from dataclasses import replace
 
 import torch
 
-from .targets import (TARGET_BATCH_SIZE, TargetConfig, TargetResult, _adam, _groups, _initial_states,
-                      _replay, _run_prepared, _size, compute_targets)
+from .target_config import TargetConfig
+from .targets import (TARGET_BATCH_SIZE, TargetResult, _adam, _groups, _initial_states, _replay, _run_prepared,
+                      _size, compute_targets)
 
 CANDIDATE_ROWS = 128
 """Most rows per line-search forward (a group's rows times the candidates riding together).
