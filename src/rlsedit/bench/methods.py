@@ -42,6 +42,7 @@ lost keeps its edits; its timings are recorded as ``None``).
 """
 
 from __future__ import annotations
+
 import dataclasses
 import json
 import logging
@@ -106,6 +107,7 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
                      on_method_done: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the benchmark into ``out``; returns the full results dict (also in
     ``out/results.json``, with ``results.md`` and PNG plots beside it)."""
+    from ..eval.runner import general_suite_names
     from ..session.session import Runtime
     from .solver import machine_description
 
@@ -113,8 +115,6 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
 
     if not config.data:
         raise InvalidRequestError("data: pass the edit file (e.g. ../shared/data/counterfact/counterfact-train.json)")
-    from ..eval.runner import general_suite_names
-
     general = general_suite_names(config.general)
     runs = plan_runs(config)  # checks methods, hparams files and the sweep before anything is written
     out = Path(out)
