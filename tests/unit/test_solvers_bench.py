@@ -41,7 +41,7 @@ def test_cli_prints_json(capsys):
 
 
 def test_cli_refuses_bad_arguments(capsys):
-    assert main(["bench", "solver", "--dk", "100", "--repeats", "1"]) == 2  # no default d_v
+    assert main(["bench", "solver", "--dk", "100", "--repeats", "1"]) == 3  # invalid input: no default d_v
     assert "no default d_v" in capsys.readouterr().err
     with pytest.raises(InvalidRequestError, match="histories"):
         SolverBenchConfig(histories=(100, 10))
