@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlsedit.locate.stats import collect_second_moments, iter_token_pieces, load_stats_file
+from rlsedit.locate.stats import collect_second_moments, iter_token_pieces
+from rlsedit.locate.stats_files import load_stats_file
 from rlsedit.model.hooks import capture
 from rlsedit.model.load import load_model
 from rlsedit.model.weights import down_proj

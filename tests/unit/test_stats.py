@@ -11,14 +11,9 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from rlsedit.errors import InvalidRequestError, NumericalError
-from rlsedit.locate.stats import (
-    SecondMoment,
-    collect_second_moments,
-    iter_token_pieces,
-    second_moments,
-    spectrum_summary,
-)
 from rlsedit.locate.corpus import iter_corpus_texts
+from rlsedit.locate.moment import SecondMoment, spectrum_summary
+from rlsedit.locate.stats import collect_second_moments, iter_token_pieces, second_moments
 from rlsedit.model.hooks import capture
 from rlsedit.model.load import LoadedModel
 from rlsedit.model.weights import block, down_proj, get_W, set_W

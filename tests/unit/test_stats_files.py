@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlsedit.errors import InvalidRequestError, NumericalError, StateCorruptError, StateMismatchError
-from rlsedit.locate.stats import load_stats_file
+from rlsedit.locate.stats_files import load_stats_file
 
 D_K = 6
 

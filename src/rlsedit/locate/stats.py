@@ -30,29 +30,24 @@ missing entries wait for it and then read what it wrote.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import time
-import zipfile
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import InvalidRequestError, NumericalError, StateCorruptError, StateMismatchError
-from ..model.arch import resolve
+from ..errors import InvalidRequestError, NumericalError
 from ..model.hooks import capture
 from ..model.load import default_cache_dir
 from ..model.weights import down_proj
-from ..files import atomic_replace, file_sha256
 from ..filelock import StateLock
 from .corpus import corpus_digest, iter_corpus_texts
+from .moment import SecondMoment
+from .stats_cache import cache_key, read_cached, upstream_sha256, write_cached
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +63,6 @@ DEFAULT_SEQ_LEN = 512
 # larger models' keys are far worse conditioned. The float64 GEMM costs ~0.06 s more per layer
 # per 4096 tokens on 2 CPU cores (~20 % of the pass), once: the result is cached.
 ACCUMULATION = "float64 GEMM of float32 keys, float64 sum"
-
-
-@dataclass(frozen=True)
-class SecondMoment:
-    """``mom = E[k kᵀ] (d_k, d_k)`` float64 (uncentered) over ``count`` tokens."""
-
-    mom: torch.Tensor
-    count: int
-
-    @property
-    def d_k(self) -> int:
-        return int(self.mom.shape[0])
-
-    def gram(self) -> torch.Tensor:
-        """The anchor Gram ``A = K_0 K_0ᵀ = count · E[k kᵀ]`` (float64)."""
-        return self.mom * self.count
 
 
 @dataclass(frozen=True)
@@ -158,94 +137,14 @@ def _batches(pieces: Iterator[list[int]], batch_tokens: int) -> Iterator[list[li
         yield batch
 
 
-# --------------------------------------------------------------------------------------------
-# cache
-
-
-def _upstream_sha256(lm, layers: Sequence[int]) -> dict[int, str]:
-    """Per layer, sha256 of every weight that can change its keys.
-
-    Keys at layer ``l`` depend on everything outside the block stack (embeddings, positions;
-    the final norm and head come along, editors never touch them) and on blocks ``0..l``
-    except block ``l``'s own down projection, which only sees the key.
-    """
-    stack = resolve(lm.model, lm.arch.layers)
-    in_stack = {id(p) for p in stack.parameters()}
-    digest = hashlib.sha256()
-
-    def feed(name: str, tensor: torch.Tensor) -> None:
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy())
-
-    for name, param in lm.model.named_parameters():
-        if id(param) not in in_stack:
-            feed(name, param)
-    wanted = set(layers)
-    out: dict[int, str] = {}
-    for index in range(max(layers) + 1):
-        blk = stack[index]
-        down = {id(p) for p in down_proj(lm, index).parameters()}
-        for name, param in blk.named_parameters():
-            if id(param) not in down:
-                feed(f"{index}.{name}", param)
-        if index in wanted:
-            out[index] = digest.copy().hexdigest()
-        for name, param in down_proj(lm, index).named_parameters():
-            feed(f"{index}.down.{name}", param)
-    return out
-
-
-def _cache_key(fields: dict) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:40]
-
-
 def _read_into(results: dict, layer: int, entry: tuple[Path, Path, dict], d_k: int) -> None:
     """Put ``layer``'s cache entry into ``results`` if there is a valid one."""
     tensor_path, meta_path, fields = entry
     start = time.perf_counter()
-    hit = _read_cached(tensor_path, meta_path, fields, d_k)
+    hit = read_cached(tensor_path, meta_path, fields, d_k)
     if hit is not None:
         log.info("layer %d: second moment read from %s", layer, tensor_path)
         results[layer] = MomentResult(hit, True, time.perf_counter() - start, tensor_path)
-
-
-def _read_cached(tensor_path: Path, meta_path: Path, fields: dict, d_k: int) -> SecondMoment | None:
-    """The cached statistic if both files exist and agree with the request, else None."""
-    from safetensors.torch import load_file
-
-    if not (tensor_path.is_file() and meta_path.is_file()):
-        return None
-    try:
-        meta = json.loads(meta_path.read_text())
-        if any(meta.get(k) != v for k, v in fields.items()):
-            log.warning("stats cache entry %s does not match its request; recomputing", meta_path)
-            return None
-        if meta.get("sha256") != file_sha256(tensor_path)[0]:
-            log.warning("stats cache file %s fails its checksum; recomputing", tensor_path)
-            return None
-        mom = load_file(str(tensor_path))["mom"]
-    except (OSError, ValueError, KeyError) as exc:
-        log.warning("unreadable stats cache entry %s (%s); recomputing", tensor_path, exc)
-        return None
-    if mom.shape != (d_k, d_k) or mom.dtype != torch.float64 or not torch.isfinite(mom).all():
-        log.warning("stats cache entry %s has a wrong shape, dtype or values; recomputing", tensor_path)
-        return None
-    return SecondMoment(mom=mom, count=int(meta["count"]))
-
-
-def _write_cached(tensor_path: Path, meta_path: Path, fields: dict, moment: SecondMoment,
-                  extra: dict) -> None:
-    from safetensors.torch import save_file
-
-    tensor_path.parent.mkdir(parents=True, exist_ok=True)
-    mom = moment.mom.detach().to("cpu").contiguous()
-    atomic_replace(tensor_path, lambda tmp: save_file({"mom": mom}, str(tmp),
-                                                     metadata={"key": tensor_path.stem}))
-    meta = dict(fields)
-    meta.update(extra)
-    meta.update(count=moment.count, shape=list(mom.shape), sha256=file_sha256(tensor_path)[0])
-    atomic_replace(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1, sort_keys=True)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +276,7 @@ def collect_second_moments(
     paths: dict[int, tuple[Path, Path, dict]] = {}
     if use_cache:
         root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "stats"
-        upstream = _upstream_sha256(lm, wanted)
+        upstream = upstream_sha256(lm, wanted)
         for layer in wanted:
             fields = {
                 "version": STATS_FORMAT_VERSION,
@@ -390,7 +289,7 @@ def collect_second_moments(
                 "dtype": "float64",
                 "accumulation": ACCUMULATION,
             }
-            key = _cache_key(fields)
+            key = cache_key(fields)
             tensor_path, meta_path = root / f"{key}.safetensors", root / f"{key}.json"
             paths[layer] = (tensor_path, meta_path, fields)
             _read_into(results, layer, paths[layer], lm.d_k)
@@ -411,7 +310,7 @@ def collect_second_moments(
                 extra = {"model_spec": lm.spec, "model_name": lm.name, "corpus": corpus_label,
                          "batch_tokens": batch_tokens, "seconds": round(seconds, 3),
                          "rlsedit_version": __version__}
-                _write_cached(tensor_path, meta_path, fields, computed[layer], extra)
+                write_cached(tensor_path, meta_path, fields, computed[layer], extra)
                 path = tensor_path
             results[layer] = MomentResult(computed[layer], False, seconds, path)
 
@@ -465,113 +364,3 @@ def second_moments(
                                    batch_tokens=batch_tokens, seq_len=seq_len,
                                    cache_dir=cache_dir, use_cache=use_cache, progress=progress)
     return {layer: result.moment for layer, result in found.items()}
-
-
-# --------------------------------------------------------------------------------------------
-# summaries and foreign files
-
-
-def spectrum_summary(moment: SecondMoment) -> dict:
-    """Trace, numerical rank and condition number of ``E[k kᵀ]`` (eigenvalues in float64).
-
-    Rank counts eigenvalues above ``d_k · eps64 · λ_max`` (NumPy's ``matrix_rank`` rule);
-    the condition number is ``λ_max / λ_min`` and infinite when ``λ_min ≤ 0``.
-    """
-    eig = torch.linalg.eigvalsh(moment.mom.to(torch.float64))
-    top = float(eig[-1])
-    tol = moment.d_k * torch.finfo(torch.float64).eps * max(top, 0.0)
-    low = float(eig[0])
-    return {
-        "count": moment.count,
-        "trace": float(moment.mom.diagonal().sum()),
-        "rank": int((eig > tol).sum()),
-        "eig_max": top,
-        "eig_min": low,
-        "condition": top / low if low > 0 else math.inf,
-    }
-
-
-_MEMIT_KEYS = (("mom2.mom2", "mom2.count"), ("mom2", "count"))
-
-
-def _moment_from_mapping(data: dict, available: list[str], source: str) -> SecondMoment:
-    """MEMIT's ``SecondMoment`` state: ``mom2`` is the SUM ``Σ k kᵀ``, ``count`` the tokens."""
-    for sum_key, count_key in _MEMIT_KEYS:
-        if sum_key in data and count_key in data:
-            total, count = data[sum_key], data[count_key]
-            break
-    else:
-        raise StateCorruptError(
-            f"{source}: no MEMIT second-moment entries found (expected keys 'mom2.mom2' and "
-            f"'mom2.count', or 'mom2' and 'count'; found {sorted(available)})"
-        )
-    total = total if torch.is_tensor(total) else torch.from_numpy(np.asarray(total))
-    count_array = np.asarray(count.cpu() if torch.is_tensor(count) else count)
-    if count_array.size != 1 or not np.issubdtype(count_array.dtype, np.number):
-        raise StateCorruptError(f"{source}: count must be a single number, got {count_array!r}")
-    count = int(count_array.reshape(()))
-    if total.ndim != 2 or total.shape[0] != total.shape[1]:
-        raise StateCorruptError(f"{source}: mom2 must be a square matrix, got shape {tuple(total.shape)}")
-    if count <= 0:
-        raise StateCorruptError(f"{source}: count must be positive, got {count}")
-    total = total.to(torch.float64)
-    if not torch.isfinite(total).all():
-        raise NumericalError(f"{source}: mom2 holds non-finite values")
-    # E[kkᵀ] = mom2 / count   (MEMIT's SecondMoment.moment())
-    return SecondMoment(mom=(total / count).contiguous(), count=count)
-
-
-def load_stats_file(path: str | Path, *, d_k: int | None = None) -> SecondMoment:
-    """Read MEMIT/AlphaEdit/RLSEdit statistics (``layer_stats.py`` output) as a SecondMoment.
-
-    ``.npz`` files (``numpy.load(allow_pickle=False)``) and ``.pt`` files
-    (``torch.load(weights_only=True)``) holding MEMIT's ``CombinedStat`` state
-    (``mom2.mom2`` = ``Σ k kᵀ``, ``mom2.count`` = number of tokens) or a bare ``SecondMoment``
-    state (``mom2``, ``count``). Nothing is unpickled. ``d_k``, when given (``lm.d_k``), must
-    match the matrix, else :class:`~rlsedit.errors.StateMismatchError`.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise InvalidRequestError(f"statistics file {str(path)!r} does not exist")
-    source = str(path)
-    wanted = {key for pair in _MEMIT_KEYS for key in pair}
-    if path.suffix == ".npz":
-        # np.load falls back to unpickling for anything that is not a zip archive.
-        if not zipfile.is_zipfile(path):
-            raise StateCorruptError(f"{source}: not an .npz (zip) archive")
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                available = list(npz.files)
-                # Only the numeric entries we need are read; an object (pickled) array there
-                # raises ValueError under allow_pickle=False.
-                data = {key: npz[key] for key in available if key in wanted}
-        except ValueError as exc:
-            raise StateCorruptError(
-                f"{source}: cannot be read without unpickling ({exc}); only plain numeric arrays are accepted"
-            ) from None
-        except (OSError, EOFError) as exc:
-            raise StateCorruptError(f"{source}: not a readable .npz file ({exc})") from None
-    elif path.suffix == ".pt":
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for bad files
-            first_line = str(exc).splitlines()[0] if str(exc) else ""
-            raise StateCorruptError(
-                f"{source}: not loadable with torch.load(weights_only=True) "
-                f"({type(exc).__name__}: {first_line})"
-            ) from None
-        if not isinstance(loaded, dict):
-            raise StateCorruptError(
-                f"{source}: expected a dict with 'mom2' and 'count' entries, got {type(loaded).__name__}"
-            )
-        available = [str(key) for key in loaded]
-        data = {key: value for key, value in loaded.items() if key in wanted}
-    else:
-        raise InvalidRequestError(f"{source}: unknown statistics format {path.suffix!r}; expected .npz or .pt")
-    moment = _moment_from_mapping(data, available, source)
-    if d_k is not None and moment.d_k != d_k:
-        raise StateMismatchError(
-            f"{source}: statistics are {moment.d_k}x{moment.d_k} but the model's down projection "
-            f"has d_k = {d_k}; they belong to another model or layer type"
-        )
-    return moment

@@ -12,13 +12,8 @@ import math
 
 from ..errors import InvalidRequestError
 from .corpus import corpus_label, resolve_corpus
-from .stats import (
-    DEFAULT_BATCH_TOKENS,
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_SEQ_LEN,
-    collect_second_moments,
-    spectrum_summary,
-)
+from .moment import spectrum_summary
+from .stats import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, collect_second_moments
 
 
 def parse_layers(text: str) -> list[int]:
