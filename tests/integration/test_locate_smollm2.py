@@ -9,7 +9,8 @@ import torch
 
 from rlsedit.locate.keys import compute_keys
 from rlsedit.locate.prefixes import context_prefixes
-from rlsedit.locate.targets import TargetConfig, compute_targets, compute_targets_reference
+from rlsedit.locate.targets import TargetConfig, compute_targets
+from rlsedit.locate.targets_reference import compute_targets_reference
 from rlsedit.locate.tokens import encode_at_subject, prompt_texts
 from rlsedit.model.hooks import edit_output
 from rlsedit.model.load import load_model

@@ -20,7 +20,8 @@ import torch
 from locate_tiny import one_thread  # noqa: F401  (autouse fixture)
 from locate_tiny import FAMILIES, make_lm, requests
 from rlsedit.errors import InvalidRequestError, NumericalError
-from rlsedit.locate.targets import TargetConfig, compute_targets, compute_targets_reference, hidden_at_subject
+from rlsedit.locate.targets import TargetConfig, compute_targets, hidden_at_subject
+from rlsedit.locate.targets_reference import compute_targets_reference
 from rlsedit.model.hooks import capture
 from rlsedit.model.weights import block, weights_sha256
 from rlsedit.requests import EditRequest

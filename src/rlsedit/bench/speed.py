@@ -12,7 +12,7 @@ snapshots included):
    batches, and their ratio, for the total and for every phase.
 3. **Speedup over the reference**: the first ``reference_n`` edits again, in the same batches,
    from the unedited weights, with targets from the straightforward per-request loop
-   (:func:`~rlsedit.locate.targets.compute_targets_reference`) — same objective, same keys,
+   (:func:`~rlsedit.locate.targets_reference.compute_targets_reference`) — same objective, same keys,
    same solve — and the ratio of the two paths' seconds per edit on those edits.
 4. **Quality at that speed**: efficacy (ROME's ``p(new) > p(true)`` on the edit prompt, and
    top-1 of the new object) of those first edits right after them, on both paths; and of all
@@ -226,9 +226,7 @@ def history_check(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict[str, Any]:
-    from tqdm.auto import tqdm
 
-    from ..session.session import Runtime, Session
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)

@@ -114,7 +114,7 @@ class Editor:
         prefixes: the context prefixes (a resumed editor passes the ones it was made with).
         progress: show progress bars.
         targets: ``"batched"`` (:func:`~rlsedit.locate.targets.compute_targets`, the default) or
-            ``"reference"`` (:func:`~rlsedit.locate.targets.compute_targets_reference`, one request
+            ``"reference"`` (:func:`~rlsedit.locate.targets_reference.compute_targets_reference`, one request
             at a time through the whole model; the same objective, for the speed benchmark).
         cache_dir: cache of the corpus statistics (default ``~/.cache/rlsedit``).
         keep_history: keep every batch's keys and targets in memory, so :meth:`undo` and
@@ -374,7 +374,8 @@ class Editor:
     def _compute_batch(self, requests: list[EditRequest]) -> tuple[EditRecord, dict[int, Any]]:
         from ..locate.keys import compute_keys
         from ..locate.fasttargets import compute_value_targets
-        from ..locate.targets import compute_targets_reference, hidden_at_subject
+        from ..locate.targets import hidden_at_subject
+        from ..locate.targets_reference import compute_targets_reference
 
         ids = tuple(r.id for r in requests)
         prefixes = self.prefixes_

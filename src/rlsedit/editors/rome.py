@@ -84,7 +84,8 @@ class ROME(Editor):
     def _edit_one(self, request, clock) -> tuple[dict[str, torch.Tensor], dict]:
         """Compute and write one request's rank-one update; its record tensors and info."""
         from ..locate.keys import compute_keys
-        from ..locate.targets import compute_targets, compute_targets_reference, hidden_at_subject
+        from ..locate.targets import compute_targets, hidden_at_subject
+        from ..locate.targets_reference import compute_targets_reference
 
         c, lm, layer = self.config, self.lm, self.layers[0]
         ids = (request.id,)
