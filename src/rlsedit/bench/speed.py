@@ -226,8 +226,6 @@ def history_check(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict[str, Any]:
-
-
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     requests = select_edits(config.data, config.n)
