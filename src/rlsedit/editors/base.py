@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
@@ -34,24 +34,9 @@ from ..model.device import synchronize
 from ..model.weights import block, get_bias, get_W, set_W
 from ..requests import EditRequest, as_requests, check_unique_ids
 from .config import EditConfig
+from .record import EditRecord
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EditRecord:
-    """What one accepted batch contributed; enough to replay or undo it.
-
-    Attributes:
-        ids: the edit ids of the batch, in column order.
-        tensors: ``"layers.<l>.K"`` (d_k, u) and ``"layers.<l>.V"`` (u, d_v) per edited layer
-            (float32), or ``"layers.<l>.W"`` (d_k, d_v) for methods without keys (FT).
-        info: JSON-able diagnostics (target losses, steps).
-    """
-
-    ids: tuple[str, ...]
-    tensors: dict[str, torch.Tensor]
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -463,7 +448,7 @@ class Editor:
         another method is refused."""
         from .pretrained import load_editor
 
-        return load_editor(lm, directory, expected_class=cls, progress=progress)
+        return load_editor(lm, directory, expected_class=None if cls is Editor else cls, progress=progress)
 
     def held_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors this editor keeps in memory beside the model: what it saves, plus what a

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,7 +27,11 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..errors import InvalidRequestError, StateCorruptError, StateMismatchError
 from ..files import atomic_replace, file_sha256
-from .base import EditRecord, Editor
+from .record import EditRecord
+from .registry import get_editor_class
+
+if TYPE_CHECKING:
+    from .base import Editor
 
 FORMAT = "rlsedit-editor"
 FORMAT_VERSION = 1
@@ -45,7 +50,7 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     atomic_replace(path, lambda tmp: save_file(plain, str(tmp)))
 
 
-def save_editor(editor: Editor, directory: str | os.PathLike) -> Path:
+def save_editor(editor: "Editor", directory: str | os.PathLike) -> Path:
     """Write ``editor`` into ``directory`` (created if needed; its editor files are replaced)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -96,15 +101,13 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
-def load_editor(lm, directory: str | os.PathLike, *, expected_class: type[Editor] = Editor,
-                progress: bool = False) -> Editor:
+def load_editor(lm, directory: str | os.PathLike, *, expected_class: "type[Editor] | None" = None,
+                progress: bool = False) -> "Editor":
     """The editor saved in ``directory``, rebuilt on ``lm`` (see the module docstring)."""
-    from . import get_editor_class
-
     directory = Path(directory)
     config = _read_config(directory)
     editor_cls = get_editor_class(config["method"])
-    if expected_class is not Editor and editor_cls is not expected_class:
+    if expected_class is not None and editor_cls is not expected_class:
         raise StateMismatchError(f"{directory} holds a {config['method']!r} editor, not {expected_class.name!r}; "
                                  f"load it with {editor_cls.__name__}.from_pretrained")
     model = config["model"]
