@@ -56,12 +56,10 @@ DEFAULT_MAX_TOKENS = 100_000
 DEFAULT_BATCH_TOKENS = 4096
 DEFAULT_SEQ_LEN = 512
 # How the sums are formed; recorded in every cache entry. Each batch's float32 keys are cast
-# to float64 before the GEMM. Measured on SmolLM2 (benchmarks/stats/README.md), a float32 GEMM
-# per batch would have erred by 6e-8 (max entry, relative) and 6e-7 on the smallest
-# eigenvalues (cond ≈ 3e3) — harmless there; but Weyl's bound on that error, |Δλ| ≤ ‖ΔM‖₂,
-# is fixed in absolute terms, so relative to λ_min it grows with the condition number, and
-# larger models' keys are far worse conditioned. The float64 GEMM costs ~0.06 s more per layer
-# per 4096 tokens on 2 CPU cores (~20 % of the pass), once: the result is cached.
+# to float64 before the GEMM: a float32 sum's error bounds the eigenvalues' error in absolute
+# terms (Weyl, |Δλ| ≤ ‖ΔM‖₂), so relative to λ_min it grows with the condition number, and the
+# keys of larger models are far worse conditioned. The cost is paid once (the result is
+# cached); benchmarks/stats/README.md has both measured.
 ACCUMULATION = "float64 GEMM of float32 keys, float64 sum"
 
 

@@ -39,11 +39,9 @@ class TargetConfig:
     ``v_weight_decay`` 0.5, ``kl_factor`` 0.0625, ``clamp_norm_factor`` 0.75, early stop at
     loss 5e-2), plus an early stop on the target NLL alone (``early_stop_nll``). The step
     size defaults to the model family's (:attr:`~rlsedit.model.arch.Architecture.target_lr`:
-    0.5, MEMIT's GPT-J and AlphaEdit's GPT-2 XL value; 2.0 for Gemma 3). Measured on
-    SmolLM2-135M, layer 7, 20 CounterFact records: lr 0.5 makes the new object the argmax for
-    20/20 (mean p(target) 0.98), lr 0.1 (AlphaEdit's Llama-3 value) for 4/20 (mean 0.19)
-    within 25 steps — its subject states have norms ~100-150 and the per-coordinate Adam step
-    bounds how fast ``δ`` can grow.
+    0.5, MEMIT's GPT-J and AlphaEdit's GPT-2 XL value; 2.0 for Gemma 3): Adam's step is per
+    coordinate, so it bounds how fast ``δ`` can grow against subject states whose norm depends
+    on the model (the choice on the val split: docs/TUNING.md).
     """
 
     steps: int = _setting(25, "maximum Adam steps on δ per request", "v_num_grad_steps")

@@ -96,9 +96,9 @@ def weights_in(lm, dtype: torch.dtype):
 
 
 def _attention_for(lm, dtype: str):
-    """PyTorch's composed ("math") attention for bfloat16 on CPU: its fused CPU kernel's
-    backward takes ~30 ms per call at these tiny shapes in bfloat16 (measured, torch 2.13),
-    more than the whole block's matrix products."""
+    """PyTorch's composed ("math") attention for bfloat16 on CPU: at these small shapes the
+    fused CPU kernel's bfloat16 backward costs more than the whole block's matrix products
+    (benchmarks/SPEED.md)."""
     if dtype == "bfloat16" and torch.device(lm.device).type == "cpu":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
