@@ -47,13 +47,17 @@ def installed(tmp_path_factory, repo_root):
     env_dir = root / "venv"
     venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)  # ensurepip: offline
     bindir = env_dir / "bin"
-    subprocess.run([str(bindir / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-                   check=True, capture_output=True, text=True, timeout=600)
     home, work = root / "home", root / "work"
     home.mkdir()
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RLSEDIT_", "PYTHON", "VIRTUAL_ENV"))}
     env.update(HOME=str(home), PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(env_dir))
+    # --ignore-installed: the development checkout's editable install of the same version is
+    # visible through the system site-packages, and pip would otherwise call it satisfied
+    done = subprocess.run([str(bindir / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                           "--ignore-installed", str(wheel)], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (bindir / "rlsedit").is_file(), "the wheel did not install its console script"
     return bindir, env, work
 
 
@@ -66,9 +70,11 @@ def test_wheel_holds_the_bundled_corpus_and_is_imported_from_the_venv(installed)
     assert Path(found["pkg"]).resolve().is_relative_to(venv_root), found  # not the editable checkout
     corpus = Path(found["corpus"])
     assert corpus.resolve().is_relative_to(venv_root) and corpus.stat().st_size > 1_000_000
-    # nothing called "shared" beside the install or the working directory
-    for folder in (*Path(found["pkg"]).resolve().parents, work.resolve()):
-        assert not (folder / "shared").exists(), folder
+    # where the old defaults looked (four levels above a subpackage's module) holds no data
+    # folder in a wheel install, nor does the working directory
+    session_py = Path(found["pkg"]).parent / "session" / "session.py"
+    assert not (session_py.resolve().parents[4] / "shared").exists()
+    assert not (work / "shared").exists()
 
 
 def test_help_demo_and_edit_run_from_a_wheel_install(installed):

@@ -69,7 +69,7 @@ def test_the_command_pins_the_threshold_before_it_runs_a_subcommand(monkeypatch,
     calls = []
     monkeypatch.setattr(cli, "pin_mmap_threshold", lambda: calls.append("pinned") or True)
     # a subcommand that fails fast on a missing state: the pin comes first all the same
-    assert cli.main(["status", "--state", str(tmp_path / "missing")]) == 2
+    assert cli.main(["status", "--state", str(tmp_path / "missing")]) == 10  # not a state directory
     assert calls == ["pinned"]
     assert "not a state directory" in capsys.readouterr().err
 
