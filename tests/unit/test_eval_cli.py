@@ -94,3 +94,13 @@ def test_bad_requests_are_refused(setup, capsys):
     assert "unknown general suite" in capsys.readouterr().err
     assert cli.main(["eval", "--model", str(setup["model"]), "--data", str(setup["data"]), "--n", "0"]) == 3  # invalid input
     assert "--n must be positive" in capsys.readouterr().err
+
+
+def test_progress_bar_over_the_suites_unless_quiet(setup, capsys):
+    args = ["eval", "--model", str(setup["model"]), "--data", str(setup["data"]), "--suites", "counterfact,ppl",
+            "--data-dir", str(setup["data_dir"]), "--ppl-tokens", "50", "--no-generation", "--json", "--progress"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "evaluating" in err and "2/2" in err
+    assert cli.main(["-q", *args]) == 0
+    assert "evaluating" not in capsys.readouterr().err

@@ -89,6 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gen-max-new-tokens", type=int, default=12, help="token cap of each generated continuation (default 12)")
     p.add_argument("--gen-chat", choices=("auto", "yes", "no"), default="auto",
                    help="also ask through the chat template: auto (when the model has one), yes (error without one), no")
+    p.add_argument("--progress", action="store_true", help="show a progress bar over the suites (default: when "
+                   "stderr is a terminal; -q hides it)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -169,7 +171,8 @@ def evaluate_model(lm, args, *, session=None, unedited_lm=None) -> dict[str, Any
     result = run_eval(lm, counterfact=counterfact, zsre=zsre, general=general, data_dir=args.data_dir,
                       n=args.general_n, limit=args.limit, ppl_tokens=args.ppl_tokens, batch_size=args.batch_size,
                       seed=args.seed, fluency=args.fluency, consistency=args.consistency,
-                      max_new_tokens=args.max_new_tokens, generation=generation, pre_edit_generations=pre_edit)
+                      max_new_tokens=args.max_new_tokens, generation=generation, pre_edit_generations=pre_edit,
+                      progress=getattr(args, "progress", False))
     if "retention" in edit:
         if session is None:
             raise InvalidRequestError("the retention suite needs --state (it scores the journal's edits)")

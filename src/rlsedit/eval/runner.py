@@ -167,13 +167,17 @@ def run_eval(
     details: bool = False,
     generation: Mapping[str, GenerationConfig] | None = None,
     pre_edit_generations: Mapping[str, Mapping[str, str]] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run the requested suites on ``lm`` as it is now; see the module docstring.
 
     ``details`` keeps per-request records and per-item lists; without it only summaries,
     chance levels and notes are returned. ``max_new_tokens`` caps generation in GSM8K and
-    HumanEval (``None``: their defaults, 256 and 384).
+    HumanEval (``None``: their defaults, 256 and 384). ``progress`` shows a bar over the
+    suites (each suite's name while it runs, the time left from the suites done).
     """
+    from tqdm.auto import tqdm
+
     check_count(n, "n")
     check_count(limit, "limit")
     check_count(ppl_tokens, "ppl_tokens")
@@ -195,12 +199,17 @@ def run_eval(
 
     out: dict[str, Any] = {}
     seconds: dict[str, float] = {}
+    n_suites = (bool(counterfact) + bool(zsre) + sum(bool(edit_suites.get(s)) for s in (generation or {}))
+                + len(dict.fromkeys(general)))
+    bar = tqdm(total=n_suites, desc="evaluating", unit="suite", disable=not progress)
 
     def timed(name: str, fn):
+        bar.set_postfix_str(name)
         start = time.perf_counter()
         result = fn()
         seconds[name] = time.perf_counter() - start
         logger.info("%s done in %.1f s", name, seconds[name])
+        bar.update(1)
         return result if details else _strip_details(result)
 
     if counterfact:
@@ -235,6 +244,7 @@ def run_eval(
                 results[name] = timed(name, lambda: evaluate_choice_task(
                     lm, name, path, n=n, seed=seed, batch_size=batch_size))
         out["general"] = results
+    bar.close()
     out["meta"] = {
         "seconds": seconds,
         "n": n,
