@@ -49,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--targets", default="", help=_help("targets") + "; comma-separated, e.g. adam,onestep,verify")
     parser.add_argument("--gen-n", type=int, default=0, help=_help("gen_n"))
     parser.add_argument("--out", type=Path, default=None, help="write result.json, result.md and speed.png here")
+    parser.add_argument("--progress", action="store_true",
+                        help="show progress bars (default: when stderr is a terminal; -q hides them)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     parser.set_defaults(func=_run)
 
@@ -60,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
         threads=args.threads, state_dir=args.state_dir,
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), gen_n=args.gen_n,
     )
-    result = run_speed_bench(config, progress=getattr(args, "verbose", 0) > 0)
+    result = run_speed_bench(config, progress=args.progress)
     text = format_markdown(result)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
