@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             if math.isinf(row["condition"]):
                 row["condition"] = None
         print(json.dumps({"model": lm.spec, "fingerprint": lm.fingerprint, "corpus": corpus_label(args.corpus),
-                          "max_tokens": args.max_tokens, "layers": rows}, indent=1))
+                          "max_tokens": args.max_tokens, "layers": rows}, indent=2, sort_keys=True))
         return 0
     print(f"model {lm.spec} ({lm.name}), d_k = {lm.d_k}, corpus {corpus_label(args.corpus)}")
     print(f"{'layer':>5} {'tokens':>8} {'trace':>12} {'rank':>6} {'condition':>11} {'cached':>6} {'seconds':>8}")

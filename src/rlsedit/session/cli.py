@@ -155,7 +155,7 @@ def cmd_ask(args) -> int:
     with Session.open(args.state, runtime=_runtime(args), read_only=True) as session:
         out = _ask(session.lm, prompt, args.max_new_tokens, chat=args.chat)
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps(out, indent=2, sort_keys=True))
     elif args.chat:
         print(f"user: {prompt}\nassistant: {out['completion'].strip()}")
         for item in out["top5"]:
@@ -191,7 +191,7 @@ def cmd_export(args) -> int:
         raise InvalidRequestError("export needs --out DIR (a checkpoint or --delta-only) or --lora DIR")
     with Session.open(args.state, runtime=_runtime(args), read_only=True) as session:
         path = session.export(args.out, delta_only=args.delta_only)
-    print(json.dumps({"wrote": str(path)}, indent=2) if args.json else f"wrote {path}")
+    print(json.dumps({"wrote": str(path)}, indent=2, sort_keys=True) if args.json else f"wrote {path}")
     return 0
 
 
@@ -279,7 +279,7 @@ def cmd_demo(args) -> int:
             say(f"weights_sha256 {status['weights_sha256'][:16]}…, edits applied: {status['edits_applied']}")
         if args.json:
             print(json.dumps({"applied": len(report.applied), "said": said, "prompts": rows,
-                              "weights_sha256": status["weights_sha256"]}, indent=2))
+                              "weights_sha256": status["weights_sha256"]}, indent=2, sort_keys=True))
     finally:
         if tmp is not None:
             tmp.cleanup()
