@@ -16,7 +16,8 @@ from locate_tiny import one_thread  # noqa: F401  (autouse fixture)
 from locate_tiny import make_lm, requests
 from rlsedit.locate import headloss
 from rlsedit.locate.headloss import _HeadLoss, head_losses
-from rlsedit.locate.targets import TargetConfig, compute_targets, compute_targets_reference
+from rlsedit.locate.targets import TargetConfig, compute_targets
+from rlsedit.locate.targets_reference import compute_targets_reference
 
 N, E, D, V = 9, 5, 6, 13  # rows, NLL rows (the rest are KL rows), head input width, vocabulary
 
