@@ -5,10 +5,12 @@ value refused with InvalidRequestError naming the field."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
 
+from rlsedit.editors import EDITORS
 from rlsedit.editors.config import (AlphaEditConfig, EditConfig, FTConfig, MEMITConfig, RLSEditConfig,
                                     ROMEConfig)
 from rlsedit.errors import InvalidRequestError
@@ -77,3 +79,13 @@ def test_every_invalid_value_is_refused_naming_its_field(cls, field, value):
 def test_rome_edits_one_layer():
     with pytest.raises(InvalidRequestError, match="ROME edits exactly one layer"):
         ROMEConfig(layers=(1, 2))
+
+
+@pytest.mark.parametrize("method", sorted(EDITORS))
+def test_every_config_survives_its_json_round_trip(method):
+    """What a state's manifest stores compares equal to the config it came from (ROME's tuple of
+    prefix lengths once made a fresh bench state look like another configuration)."""
+    config = EDITORS[method].config_class()
+    stored = json.loads(json.dumps(config.to_dict()))
+    assert stored == config.to_dict()
+    assert EDITORS[method].config_class.from_dict(stored) == config

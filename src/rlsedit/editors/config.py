@@ -45,6 +45,15 @@ def _target(name: str, *, default: Any = dataclasses.MISSING, text: str | None =
                  source.default if default is dataclasses.MISSING else default)
 
 
+def _json_form(value: Any) -> Any:
+    """``value`` with every tuple a list, recursively: what a JSON round trip gives back."""
+    if isinstance(value, dict):
+        return {k: _json_form(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_form(v) for v in value]
+    return value
+
+
 OFFICIAL_ANCHOR_WEIGHT = 15_000.0  # mom2_update_weight of the official Llama-3-8B configs
 OFFICIAL_ANCHOR_D_K = 14_336       # Llama-3-8B's MLP width (its key dimension)
 
@@ -126,10 +135,8 @@ class EditConfig:
 
     # ---- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        if out.get("layers") is not None:
-            out["layers"] = list(out["layers"])
-        return out
+        """The config as JSON holds it (tuples as lists), so a saved copy compares equal."""
+        return _json_form(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EditConfig":
