@@ -114,7 +114,7 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
     import torch
 
     if not config.data:
-        raise InvalidRequestError("data: pass the edit file (e.g. ../shared/data/counterfact/counterfact-train.json)")
+        raise InvalidRequestError("data: pass the edit file (--data FILE, e.g. a CounterFact JSON)")
     general = general_suite_names(config.general)
     runs = plan_runs(config)  # checks methods, hparams files and the sweep before anything is written
     out = Path(out)

@@ -40,7 +40,7 @@ class MethodBenchConfig:
     sweep: str | None = field(default=None, metadata={"help": "RLSEdit grid, e.g. 'lambda=0,0.1;mu=0.5,1,2' or 'layers=3-7,4-8' (each point is a run)"})
     mom2_tokens: int | None = field(default=None, metadata={"help": "corpus tokens for E[kkᵀ] (overrides every method's mom2_n_samples)"})
     corpus: str | None = field(default=None, metadata={"help": "corpus for E[kkᵀ] (default: the session's default corpus)"})
-    data_dir: str | None = field(default=None, metadata={"help": "folder of the general suites' files (../shared/data)"})
+    data_dir: str | None = field(default=None, metadata={"help": "folder of the general suites' data files, laid out as eval.runner.DATA_FILES"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     cache_dir: str | None = field(default=None, metadata={"help": "model/statistics cache (default ~/.cache/rlsedit)"})
     eval_batch_size: int = field(default=16, metadata={"help": "prompts per forward pass in evaluation"})
@@ -73,7 +73,7 @@ class MethodBenchConfig:
         if len(set(self.methods)) != len(self.methods):
             raise InvalidRequestError(f"methods: a method is named twice in {list(self.methods)}")
         if self.general and self.data_dir is None:
-            raise InvalidRequestError("general suites need data_dir (the folder laid out like ../shared/data)")
+            raise InvalidRequestError("general suites need data_dir (--data-dir DIR: a folder laid out as eval.runner.DATA_FILES)")
 
 
 @dataclass(frozen=True)
