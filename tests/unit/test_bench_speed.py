@@ -140,7 +140,40 @@ def test_cli_one_target_method(setup, capsys):
     assert printed["batches"][0]["target_steps"] == [0, 0]
 
 
+def test_cli_variants_compare_named_settings(setup, capsys):
+    root = setup["root"]
+    code = main(["bench", "speed", "--data", str(root / "edits.jsonl"), "--model", str(root / "model"),
+                 "--n", "2", "--batch-size", "2", "--reference-n", "0", "--hparams", str(root / "hparams.json"),
+                 "--corpus", str(root / "corpus.txt"), "--cache-dir", str(root / "cache"), "--threads", "1",
+                 "--variant", 'one-step={"v_num_grad_steps": 1}', "--targets", "adam,one-step", "--json"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["targets"] == ["adam", "one-step"]
+    assert printed["settings"]["variants"] == {"one-step": {"v_num_grad_steps": 1}}
+    # one Adam step allowed: the loop evaluates once and stops, so no request moves more than that
+    assert printed["by_target"]["one-step"]["target_steps_per_edit"] == 0
+    assert printed["by_target"]["adam"]["target_steps_per_edit"] > 0
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("fast", "LABEL="), ("fast={nope", "not JSON"), ("fast=[1]", "LABEL="),
+])
+def test_cli_malformed_variant_is_a_usage_error(setup, capsys, spec, needle):
+    root = setup["root"]
+    code = main(["bench", "speed", "--data", str(root / "edits.jsonl"), "--model", str(root / "model"),
+                 "--n", "2", "--variant", spec, "--targets", "fast"])
+    assert code == 2 and needle in capsys.readouterr().err
+
+
+def test_variant_with_an_unknown_field_is_refused_before_any_stream(setup):
+    with pytest.raises(InvalidRequestError, match="variant 'odd'.*v_nonsense"):
+        run_speed_bench(_config(setup, n=2, reference_n=0, targets=("odd",), variants={"odd": {"v_nonsense": 1}}))
+
+
 @pytest.mark.parametrize("changes, needle", [
+    ({"targets": ("adam",), "variants": {"adam": {}}}, "method names"),
+    ({"targets": ("fast",)}, "targets"), ({"targets": ("adam",), "variants": {"fast": {}}}, "not among"),
+    ({"variants": {"fast": 3}, "targets": ("fast",)}, "variants must"),
     ({"reference_n": 9}, "reference_n"), ({"n": 0}, "n must be"), ({"batch_size": 0}, "batch_size"),
     ({"threads": 0}, "threads"), ({"targets": ("sgd",)}, "targets"), ({"targets": ("adam", "adam")}, "targets"),
     ({"gen_n": -1}, "gen_n"),

@@ -75,8 +75,11 @@ class SpeedBenchConfig:
     state_dir: str | None = field(default=None, metadata={
         "help": "where the session state goes (default: a temporary folder, removed after)"})
     targets: tuple[str, ...] = field(default=(), metadata={
-        "help": "value-target methods to compare, each a whole stream on the same edits (adam, onestep, verify; "
-                "default: the method's configured one)"})
+        "help": "value-target methods to compare, each a whole stream on the same edits (adam, onestep, verify, "
+                "or a label of ``variants``; default: the method's configured one)"})
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={
+        "help": "named settings to compare as targets: label -> overrides of the method's config (e.g. "
+                "{\"fast\": {\"v_early_stop_nll\": 0.5, \"v_dtype\": \"bfloat16\"}})"})
     gen_n: int = field(default=0, metadata={
         "help": "generation metrics (eval/generation.py) on a seeded sample of this many edits after each stream "
                 "(0 = skip)"})
@@ -85,9 +88,19 @@ class SpeedBenchConfig:
         from ..locate.targets import TARGET_METHODS
 
         targets = tuple(self.targets)
-        bad = [t for t in targets if t not in TARGET_METHODS]
+        if not isinstance(self.variants, dict) or not all(
+                isinstance(k, str) and k and isinstance(v, dict) for k, v in self.variants.items()):
+            raise InvalidRequestError(f"variants must map labels to dicts of config overrides, got {self.variants!r}")
+        clash = sorted(set(self.variants) & set(TARGET_METHODS))
+        if clash:
+            raise InvalidRequestError(f"variant labels {clash} are value-target method names; choose other labels")
+        known = [*TARGET_METHODS, *self.variants]
+        bad = [t for t in targets if t not in known]
         if bad or len(set(targets)) != len(targets):
-            raise InvalidRequestError(f"targets must be distinct names among {list(TARGET_METHODS)}, got {list(targets)}")
+            raise InvalidRequestError(f"targets must be distinct names among {known}, got {list(targets)}")
+        unused = sorted(set(self.variants) - set(targets))
+        if unused:
+            raise InvalidRequestError(f"variants {unused} are not among the targets {list(targets)}")
         self.targets = targets
         if isinstance(self.gen_n, bool) or not isinstance(self.gen_n, int) or self.gen_n < 0:
             raise InvalidRequestError(f"gen_n must be an integer >= 0, got {self.gen_n!r}")
@@ -233,17 +246,31 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
         raise InvalidRequestError(f"{config.data} holds {len(requests)} records, fewer than n = {config.n}")
     editor_cls = get_editor_class(config.method)
     method_config = editor_cls.config_class.from_json_file(config.hparams) if config.hparams else None
+    base = method_config or editor_cls.config_class()
+    configs = {}
+    for target in config.targets:   # every variant checked before any stream runs
+        try:
+            configs[target] = base.replace(**target_overrides(config, target))
+        except TypeError as exc:
+            raise InvalidRequestError(f"variant {target!r}: {exc}; its keys must be fields of the "
+                                      f"{config.method} config") from None
     if len(config.targets) <= 1:
         if config.targets:
-            method_config = (method_config or editor_cls.config_class()).replace(v_method=config.targets[0])
+            method_config = configs[config.targets[0]]
         return _stream_run(config, requests, method_config, reference=True, progress=progress)
     runs = {}
     for i, target in enumerate(config.targets):
         log.info("bench speed: stream %d of %d, value targets by %r", i + 1, len(config.targets), target)
-        runs[target] = _stream_run(config, requests, (method_config or editor_cls.config_class()).replace(v_method=target),
+        runs[target] = _stream_run(config, requests, configs[target],
                                    reference=i == 0, progress=progress, label=target)
     first = runs[config.targets[0]]
     return {"settings": first["settings"], "n": config.n, "targets": list(config.targets), "by_target": runs}
+
+
+def target_overrides(config: SpeedBenchConfig, target: str) -> dict[str, Any]:
+    """The method-config fields a compared target sets: a variant's overrides, or just
+    ``v_method`` for a value-target method's name."""
+    return dict(config.variants[target]) if target in config.variants else {"v_method": target}
 
 
 def _stream_run(config: SpeedBenchConfig, requests: list[EditRequest], method_config, *, reference: bool,
@@ -441,6 +468,10 @@ def format_comparison(result: dict[str, Any]) -> str:
             f"{ph['bookkeeping']:.4f} | {'–' if steps is None else f'{steps:.1f}'} | {_pct(q.get('efficacy'))} | "
             f"{_pct(q.get('generalization'))} | {_pct(q.get('specificity'))} | {_pct(gen.get('edit_begins'))} | "
             f"{_pct(gen.get('chat_mentions'))} | {r['peak_rss_mb']:.0f} MiB{'' if r.get('peak_rss_is_this_stream') else '*'} |")
+    variants = s.get("variants") or {}
+    if variants:
+        lines += [""] + [f"- `{name}`: {', '.join(f'{k} = {v!r}' for k, v in overrides.items())}"
+                         for name, overrides in variants.items()]
     lines += ["", "Teacher-forced metrics (ROME's success rates) of all n edits after each stream; generation "
               "metrics (eval/generation.py) of a seeded sample, '–' when not asked (--gen-n). Peak RSS is each "
               "stream's own high-water mark (* where it could not be reset: the process's peak so far)."]

@@ -7,6 +7,7 @@ import json
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from ..errors import UsageError
 from . import get_bench_subparsers
 from .speed import SpeedBenchConfig, format_markdown, plot_speed, run_speed_bench
 
@@ -47,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=None, help=_help("threads"))
     parser.add_argument("--state", "--state-dir", dest="state_dir", default=None, help=_help("state_dir"))
     parser.add_argument("--targets", default="", help=_help("targets") + "; comma-separated, e.g. adam,onestep,verify")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=JSON",
+                        help="a named setting to compare, usable in --targets: LABEL={JSON overrides of the "
+                             "method's config}, e.g. fast='{\"v_early_stop_nll\": 0.5}' (repeatable)")
     parser.add_argument("--gen-n", type=int, default=0, help=_help("gen_n"))
     parser.add_argument("--out", type=Path, default=None, help="write result.json, result.md and speed.png here")
     parser.add_argument("--progress", action="store_true",
@@ -55,12 +59,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run)
 
 
+def _variants(specs: list[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for spec in specs:
+        label, sep, text = spec.partition("=")
+        try:
+            overrides = json.loads(text) if sep else None
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--variant {spec!r}: the overrides are not JSON ({exc.msg})") from None
+        if not label.strip() or not isinstance(overrides, dict):
+            raise UsageError(f"--variant {spec!r}: expected LABEL={{JSON object}}")
+        if label.strip() in out:
+            raise UsageError(f"--variant: label {label.strip()!r} given twice")
+        out[label.strip()] = overrides
+    return out
+
+
 def _run(args: argparse.Namespace) -> int:
     config = SpeedBenchConfig(
         data=args.data, model=args.model, method=args.method, n=args.n, batch_size=args.batch_size,
         reference_n=args.reference_n, hparams=args.hparams, corpus=args.corpus, cache_dir=args.cache_dir, device=args.device,
         threads=args.threads, state_dir=args.state_dir,
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), gen_n=args.gen_n,
+        variants=_variants(args.variant),
     )
     result = run_speed_bench(config, progress=args.progress)
     text = format_markdown(result)
