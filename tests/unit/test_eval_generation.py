@@ -153,7 +153,8 @@ def test_seeded_sample_of_edits():
     assert picked == sorted(picked) and len(set(picked)) == 7 and picked == sample_positions(100, 7, seed=3)
     assert picked != sample_positions(100, 7, seed=4)
     out = evaluate_generation(scripted_lm(AFTER), [EIFFEL, YASUDA], GenerationConfig(n=1, seed=0, chat=False))
-    assert out["counts"] == {"edits": 1, "edits_total": 2, "paraphrases": 1, "neighbours": 1, "chat": 0}
+    assert out["counts"] == {"edits": 1, "edits_total": 2, "paraphrases": 1, "neighbours": 1, "portability": 0,
+                             "chat": 0}
     assert out["records"][0]["position"] == sample_positions(2, 1, 0)[0]
 
 

@@ -22,6 +22,12 @@ For each edit (a seeded sample of ``n`` when asked):
 * **neighbourhood** — *unchanged*: the greedy continuation is identical to the unedited
   model's (``pre_edit``, from :func:`pre_edit_generations` on the unedited model); *true
   begins / mentions*: it still says the neighbour's answer.
+* **portability** — the record's ``generation_prompts`` (ROME-layout CounterFact: open text
+  that needs the edited fact, "Danielle Darrieux's mother tongue is", "People in Wellington's
+  twin city speak the language of"): *mentions* the new target, and *still mentions* the old
+  one, within the token cap. Their next words need not be the object, so begins-with is not
+  reported. A record without generation prompts contributes nothing (its edit prompt is not
+  asked again). Off with ``portability=False``.
 * **chat** — ``request.text`` asked as the user turn through the tokenizer's chat template
   (:func:`chat_prompt`), the assistant's answer scored the same way. Chat answers restate the
   question before answering, so *mentions* is the chat figure that counts.
@@ -40,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..locate.prefixes import chat_text
 from ..requests import EditRequest, iter_records
 from .datafiles import EvalDataError
 from .scoring import greedy_generate
@@ -48,7 +55,8 @@ STOP_STRINGS: tuple[str, ...] = (".", "\n")  # EOS ends decoding inside greedy_g
 PARAPHRASE = "paraphrase"
 OPEN = "open"
 PARAPHRASE_KINDS = (PARAPHRASE, OPEN)
-SAMPLE_KINDS = ("edit", PARAPHRASE, OPEN, "neighbour", "chat")
+PORTABILITY = "portability"
+SAMPLE_KINDS = ("edit", PARAPHRASE, OPEN, "neighbour", PORTABILITY, "chat")
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
@@ -71,6 +79,8 @@ class GenerationConfig:
         "help": "'paraphrase' (object is the natural next words: score begins-with) or 'open' (mentions only)"})
     chat: bool | None = field(default=None, metadata={
         "help": "ask through the chat template: True (error without one), False, None (when the tokenizer has one)"})
+    portability: bool = field(default=True, metadata={
+        "help": "also score the records' generation_prompts (ROME layout): mentions of the new and the old target"})
     samples: int = field(default=30, metadata={"help": "(prompt, generation, verdict) rows kept in the result"})
     batch_size: int = field(default=16, metadata={"help": "prompts per generation batch"})
 
@@ -123,23 +133,16 @@ def chat_prompt(tokenizer, question: str) -> str:
     """``question`` as the user turn of the tokenizer's chat template, ready for the assistant.
 
     The returned text is what :func:`~rlsedit.eval.scoring.greedy_generate` encodes (with the
-    tokenizer's special tokens); a template that writes its own BOS would then start with two
-    when the tokenizer also adds one, so the template's is dropped in that case. A tokenizer
-    without a template raises :class:`ChatTemplateError` (a raw prompt would measure something else).
+    tokenizer's special tokens; :func:`~rlsedit.locate.prefixes.chat_text` drops a template's BOS
+    when the tokenizer adds one). A tokenizer without a template raises
+    :class:`ChatTemplateError` (a raw prompt would measure something else).
     """
     if not has_chat_template(tokenizer):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise ChatTemplateError(
             f"the tokenizer {name!r} has no chat template, so the question cannot be asked in chat form; "
             "use an instruct model with a template (SmolLM2-Instruct has one) or turn chat evaluation off")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
-    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
-    if bos and bos_id is not None and text.startswith(bos):
-        added = tokenizer("x", add_special_tokens=True)["input_ids"]
-        if added and added[0] == bos_id:
-            text = text[len(bos):]
-    return text
+    return chat_text(tokenizer, question)
 
 
 def paraphrase_kind_of_file(path: str | Path) -> str:
@@ -209,10 +212,11 @@ def evaluate_generation(
     kind = config.paraphrase_kind
 
     # one greedy_generate call for every raw prompt, one for every chat prompt (batched inside)
+    portable = {i: _portability_prompts(requests[i]) if config.portability else () for i in positions}
     raw: list[str] = []
     for i in positions:
         r = requests[i]
-        raw += [r.text, *r.paraphrases, *r.neighborhood]
+        raw += [r.text, *r.paraphrases, *r.neighborhood, *portable[i]]
     raw = list(dict.fromkeys(raw))
     raw_text = dict(zip(raw, greedy_generate(lm, raw, config.max_new_tokens, stop=STOP_STRINGS,
                                              batch_size=config.batch_size)))
@@ -238,6 +242,10 @@ def evaluate_generation(
                              "new_begins": begins_with(raw_text[p], r.target_new),
                              "new_mentions": mentions(raw_text[p], r.target_new)} for p in r.paraphrases],
             "neighbours": [],
+            "portability": [{"prompt": p, "generation": raw_text[p],
+                             "new_mentions": mentions(raw_text[p], r.target_new),
+                             "old_mentions": None if old is None else mentions(raw_text[p], old)}
+                            for p in portable[i]],
         }
         for j, p in enumerate(r.neighborhood):
             answer = r.neighborhood_answers[j] if j < len(r.neighborhood_answers) else None
@@ -257,6 +265,7 @@ def evaluate_generation(
     para = [p for rec in records for p in rec["paraphrases"]]
     neigh = [n for rec in records for n in rec["neighbours"]]
     chats = [rec["chat"] for rec in records if "chat" in rec]
+    port = [p for rec in records for p in rec["portability"]]
     summary = {
         "edit_begins": _mean([rec["edit"]["new_begins"] for rec in records]),
         "edit_mentions": _mean([rec["edit"]["new_mentions"] for rec in records]),
@@ -268,6 +277,8 @@ def evaluate_generation(
         "neighbour_unchanged": _mean([n["unchanged"] for n in neigh]),
         "neighbour_true_begins": _mean([n["true_begins"] for n in neigh]),
         "neighbour_true_mentions": _mean([n["true_mentions"] for n in neigh]),
+        "portability_mentions": _mean([p["new_mentions"] for p in port]),
+        "portability_old_mentions": _mean([p["old_mentions"] for p in port]),
         "chat_mentions": _mean([c["new_mentions"] for c in chats]) if chat else None,
         "chat_begins": _mean([c["new_begins"] for c in chats]) if chat else None,
         "chat_old_mentions": _mean([c["old_mentions"] for c in chats]) if chat else None,
@@ -281,6 +292,10 @@ def evaluate_generation(
            "open generation prompts (MEND rephrase_prompt), so only mentions is reported"),
         "neighbour unchanged: the greedy continuation is identical to the unedited model's"
         + ("" if pre_edit is not None else " (no pre-edit generations were given: not computed)"),
+        ("portability: the records' generation prompts (open text needing the edited fact); only mentions is "
+         "meaningful there (the object need not be the next words)" if port else
+         "portability: not measured (" + ("turned off" if not config.portability else
+                                          "no record has generation prompts") + ")"),
         "chat: the edit prompt as the user turn of the tokenizer's chat template" if chat else
         "chat: not measured (" + ("turned off" if config.chat is False else "the tokenizer has no chat template") + ")",
     ]
@@ -291,19 +306,24 @@ def evaluate_generation(
     return {
         "summary": summary,
         "counts": {"edits": len(records), "edits_total": len(requests), "paraphrases": len(para),
-                   "neighbours": len(neigh), "chat": len(chats)},
+                   "neighbours": len(neigh), "portability": len(port), "chat": len(chats)},
         "records": records,
         "samples": sample_rows(records, config.samples, seed=config.seed),
         "settings": {"max_new_tokens": config.max_new_tokens, "chat_max_new_tokens": config.chat_max_new_tokens,
                      "n": config.n, "seed": config.seed, "paraphrase_kind": kind, "chat": chat,
-                     "stop": list(STOP_STRINGS)},
+                     "portability": config.portability, "stop": list(STOP_STRINGS)},
         "notes": notes,
     }
 
 
+def _portability_prompts(request: EditRequest) -> tuple[str, ...]:
+    """The request's generation prompts, each once (ROME's lists repeat prompts)."""
+    return tuple(dict.fromkeys(request.generation_prompts))
+
+
 def sample_rows(records: Sequence[Mapping[str, Any]], count: int, *, seed: int = 0) -> list[dict[str, Any]]:
     """Up to ``count`` ``{"kind", "id", "prompt", "generation", "target", "verdict"}`` rows, taken
-    in turn from each kind (edit, paraphrase/open, neighbour, chat) of a seeded shuffle."""
+    in turn from each kind (edit, paraphrase/open, neighbour, portability, chat) of a seeded shuffle."""
     by_kind: dict[str, list[dict[str, Any]]] = {k: [] for k in SAMPLE_KINDS}
     for rec in records:
         edit = rec["edit"]
@@ -321,19 +341,32 @@ def sample_rows(records: Sequence[Mapping[str, Any]], count: int, *, seed: int =
             by_kind["neighbour"].append({"kind": "neighbour", "id": rec["id"], "prompt": n["prompt"],
                                          "generation": n["generation"], "target": n["answer"],
                                          "verdict": state + said})
+        for p in rec.get("portability", ()):
+            old = f" (old: {verdict(p['generation'], rec['target_true'])})" if rec.get("target_true") else ""
+            by_kind[PORTABILITY].append({"kind": PORTABILITY, "id": rec["id"], "prompt": p["prompt"],
+                                         "generation": p["generation"], "target": rec["target_new"],
+                                         "verdict": verdict(p["generation"], rec["target_new"]) + old})
         if "chat" in rec:
             c = rec["chat"]
             by_kind["chat"].append({"kind": "chat", "id": rec["id"], "prompt": c["question"],
                                     "generation": c["generation"], "target": rec["target_new"],
                                     "verdict": verdict(c["generation"], rec["target_new"])})
+    return interleave_samples(by_kind, count, seed=seed)
+
+
+def interleave_samples(by_kind: Mapping[str, list[dict[str, Any]]], count: int, *, seed: int = 0
+                       ) -> list[dict[str, Any]]:
+    """Up to ``count`` rows taken in turn from each kind's list (in the mapping's order), each
+    list shuffled with one seeded generator first, so every kind shows up in a short sample."""
     rng = random.Random(seed)
-    for rows in by_kind.values():
+    pools = {kind: list(rows) for kind, rows in by_kind.items()}
+    for rows in pools.values():
         rng.shuffle(rows)
     out: list[dict[str, Any]] = []
-    while len(out) < count and any(by_kind.values()):
-        for kind in SAMPLE_KINDS:
-            if by_kind[kind] and len(out) < count:
-                out.append(by_kind[kind].pop())
+    while len(out) < count and any(pools.values()):
+        for rows in pools.values():
+            if rows and len(out) < count:
+                out.append(rows.pop())
     return out
 
 
@@ -356,5 +389,6 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("open_mentions", "mentions (rephrase)"),
     ("old_begins", "still says old"),
     ("neighbour_unchanged", "neighbour gen unchanged"),
+    ("portability_mentions", "mentions (portability)"),
     ("chat_mentions", "chat says it"),
 )

@@ -12,6 +12,12 @@ end-of-text token alone, ``n`` texts of ``length`` tokens (counting that token) 
 ``[length, n]`` of ``context_template_length_params`` — ``[[5, 10], [10, 10]]``: 10 of 5 and
 10 of 10 — and appends ``". {}"``, after the bare ``"{}"``: 21 in all
 (:func:`rome_context_prefixes`).
+
+For instruct models, an editor may add one more prefix (``chat_prefix`` in the editor config,
+:func:`chat_context_prefix`): the prompt as the user turn of the tokenizer's chat template,
+followed by the assistant's turn, so the value target is also fitted where a chat answer
+starts and the fact transfers to chat use. The text after its slot is kept: the target
+follows the whole filled prefix.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import unicodedata
 
 import torch
 
+from ..errors import InvalidRequestError
 from ..requests import SUBJECT_SLOT
 
 log = logging.getLogger(__name__)
@@ -148,3 +155,48 @@ def rome_context_prefixes(lm, length_params=ROME_LENGTH_PARAMS, *, seed: int = 0
         log.info("ROME context prefixes for %s: %s", lm.name, prefixes)
         lm.cache[key] = tuple(prefixes)
     return list(lm.cache[key])
+
+
+def chat_text(tokenizer, content: str) -> str:
+    """``content`` as the user turn of the tokenizer's chat template, ready for the assistant's
+    answer: the text that is then encoded *with* the tokenizer's special tokens.
+
+    A template that writes its own BOS text would give two BOS tokens when the tokenizer also
+    adds one, so the template's is dropped in that case. A tokenizer without a template raises
+    :class:`~rlsedit.errors.InvalidRequestError`.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise InvalidRequestError(
+            f"the tokenizer {name!r} has no chat template, so nothing can be put in chat form; "
+            "use an instruct model with a template (SmolLM2-Instruct has one)")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if bos and bos_id is not None and text.startswith(bos):
+        added = tokenizer("x", add_special_tokens=True)["input_ids"]
+        if added and added[0] == bos_id:
+            text = text[len(bos):]
+    return text
+
+
+def chat_context_prefix(tokenizer) -> str:
+    """The chat context prefix: ``"{}"`` templated as the user turn (:func:`chat_text`), e.g.
+    ``"<|im_start|>user\\n{}<|im_end|>\\n<|im_start|>assistant\\n"`` (after SmolLM2's system turn).
+
+    Its ``{}`` takes the prompt, and the target follows the assistant's header. In the key
+    average (:func:`~rlsedit.locate.keys.prefix_weights`) it is one more non-bare prefix: with
+    ``"per_type"`` it shares the generated prefixes' half (the bare prompt keeps ½), with
+    ``"uniform"`` it weighs ``1/P`` like every prefix; in the value target's loss it is one row
+    of ``P`` like any prefix.
+
+    Raises :class:`~rlsedit.errors.InvalidRequestError` when the tokenizer has no chat template,
+    or when the templated text does not hold the slot exactly once (a template that drops,
+    repeats or itself writes ``{}``).
+    """
+    prefix = chat_text(tokenizer, SUBJECT_SLOT)
+    if prefix.count(SUBJECT_SLOT) != 1:
+        raise InvalidRequestError(
+            f"the chat template makes {prefix.count(SUBJECT_SLOT)} '{{}}' of the user turn '{{}}' "
+            f"({prefix!r}); a chat context prefix needs exactly one")
+    return prefix
