@@ -5,7 +5,11 @@ Suites (``--suites``, comma-separated):
 * ``counterfact`` — efficacy / generalization / specificity of the first ``--n`` records of
   ``--data`` (any layout :func:`rlsedit.requests.read_requests` reads); ``--fluency`` and
   ``--consistency`` add the generation metrics;
-* ``zsre`` — MEND/EasyEdit token accuracies of the records of ``--zsre-data`` (default ``--data``);
+* ``zsre`` — MEND/EasyEdit token accuracies of the records of ``--zsre-data`` (default ``--data``)
+  under ``--zsre-convention``: ``memit`` (toward ``answers[0]``, ``"?"`` after locality prompts; the
+  default) or ``easyedit`` (toward ``alt``). For ``--state`` the state's journal tells which one its
+  edits followed (``rlsedit edit`` writes a MEND record toward ``alt``): that one is used, and
+  naming the other is refused;
 * ``retention`` — the forgetting curve: efficacy of every edit in the state's journal, in the
   order applied (needs ``--state``);
 * general capability from ``--data-dir`` (default: the ``RLSEDIT_DATA_DIR`` environment variable):
@@ -20,6 +24,11 @@ continuations identical to the unedited model's (for ``--state`` the base model 
 decode them once). ``--gen-n`` scores a seeded sample of the edits; 30 (prompt, generation,
 verdict) rows are printed so the scorer can be checked by eye.
 
+Counterfact and zsre also report EasyEdit's ``locality``: the share of neighbourhood answer tokens
+whose teacher-forced argmax is the unedited model's. The unedited argmaxes are recorded first, for
+``--state`` on the state's unedited weights W_0, put back for the time of the recording
+(``neighborhood_acc`` / ``locality_answer_acc`` are accuracy against the answer, another number).
+
 Scored-choice suites use a seeded sample of ``--general-n`` items; GSM8K and HumanEval the
 first ``--limit`` problems. Every figure is printed beside its chance level.
 """
@@ -27,6 +36,7 @@ first ``--limit`` problems. Every figure is printed beside its chance level.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from typing import Any
 
@@ -64,6 +74,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="edit records for counterfact (and zsre unless --zsre-data)")
     p.add_argument("--zsre-data", help="zsRE records (MEND layout); default --data")
     p.add_argument("--n", type=int, default=None, help="use only the first N records of --data / --zsre-data")
+    from .zsre import CONVENTIONS, DEFAULT_CONVENTION
+
+    p.add_argument("--zsre-convention", choices=CONVENTIONS, default=None,
+                   help="zsre: memit (edit toward answers[0], '?' after locality prompts) or easyedit (toward alt); "
+                        f"default: the --state's own, else {DEFAULT_CONVENTION}")
     p.add_argument("--suites", type=_names, default=("counterfact",),
                    help="comma-separated: counterfact, zsre, retention, ppl, knowns, glue, mmlu, gsm8k, humaneval, … "
                         "(default counterfact)")
@@ -157,7 +172,9 @@ def evaluate_model(lm, args, *, session=None, unedited_lm=None) -> dict[str, Any
     locality (default ``lm`` itself: an unedited model compared with itself).
     """
     from ..eval.generation import pre_edit_generations
+    from ..eval.pre_edit import pre_edit_locality, unedited_weights
     from ..eval.retention import forgetting_curve
+    from ..eval.zsre import resolve_convention, zsre_requests
     from ..eval.runner import run_eval
     from ..requests import read_requests
 
@@ -165,13 +182,21 @@ def evaluate_model(lm, args, *, session=None, unedited_lm=None) -> dict[str, Any
     counterfact = read_requests(args.data, limit=args.n) if "counterfact" in edit else None
     zsre = read_requests(args.zsre_data or args.data, limit=args.n) if "zsre" in edit else None
     generation = generation_configs(args, edit)
-    requests = {"counterfact": counterfact, "zsre": zsre}
+    # score zsRE under the convention the state's edits followed (its journal has their targets)
+    edited = {r.id: r.target_new for r in journal_requests(session)} if zsre and session is not None else None
+    convention = resolve_convention(getattr(args, "zsre_convention", None), zsre or (), edited)
+    requests = {"counterfact": counterfact, "zsre": zsre_requests(zsre, convention) if zsre else None}
     pre_edit = {suite: pre_edit_generations(unedited_lm or lm, requests[suite], cfg)
                 for suite, cfg in generation.items() if requests[suite]}
+    # EasyEdit locality's reference: a state's own unedited weights, else the (unedited) model given
+    with unedited_weights(session) if session is not None else contextlib.nullcontext(unedited_lm or lm) as base:
+        locality = pre_edit_locality(base, counterfact=counterfact, zsre=zsre, zsre_convention=convention,
+                                     batch_size=args.batch_size)
     result = run_eval(lm, counterfact=counterfact, zsre=zsre, general=general, data_dir=args.data_dir,
                       n=args.general_n, limit=args.limit, ppl_tokens=args.ppl_tokens, batch_size=args.batch_size,
                       seed=args.seed, fluency=args.fluency, consistency=args.consistency,
                       max_new_tokens=args.max_new_tokens, generation=generation, pre_edit_generations=pre_edit,
+                      pre_edit_locality=locality, zsre_convention=convention,
                       progress=getattr(args, "progress", False))
     if "retention" in edit:
         if session is None:
@@ -194,6 +219,8 @@ def format_eval(result: dict[str, Any]) -> str:
                 if isinstance(value, float):
                     extra = f"   (chance {chance[key]:.4g})" if key in chance else ""
                     lines.append(f"{suite}.{key}: {value:.4f}{extra}")
+            if suite == "zsre":
+                lines.append(f"zsre.convention: {result[suite]['convention']}")
     for name, res in result.get("general", {}).items():
         for key in ("ppl", "acc", "recall", "pass@1"):
             if isinstance(res.get(key), (int, float)):
@@ -215,7 +242,8 @@ def format_generation(by_suite: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     for suite, res in by_suite.items():
         counts = res["counts"]
-        lines.append(f"{suite} generation ({counts['edits']} of {counts['edits_total']} edits; "
+        convention = f"zsRE convention {res['convention']!r}; " if "convention" in res else ""
+        lines.append(f"{suite} generation ({counts['edits']} of {counts['edits_total']} edits; {convention}"
                      f"paraphrases scored as {res['settings']['paraphrase_kind']!r}):")
         for key, label in COLUMNS:
             value = res["summary"].get(key)

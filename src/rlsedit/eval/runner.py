@@ -4,14 +4,18 @@ This is what ``rlsedit eval`` and the benchmarks call. Suites:
 
 * ``counterfact`` — a list of :class:`~rlsedit.requests.EditRequest` scored with
   :func:`rlsedit.eval.counterfact.evaluate_counterfact` (fluency / consistency optional);
-* ``zsre`` — a list of requests scored with :func:`rlsedit.eval.zsre.evaluate_zsre`
-  (pass ``pre_edit_locality`` recorded on the unedited model for MEND's locality);
+* ``zsre`` — a list of requests scored with :func:`rlsedit.eval.zsre.evaluate_zsre` under
+  ``zsre_convention`` (``"memit"``: toward ``answers[0]``; ``"easyedit"``: toward ``alt``), which
+  every zsRE result names; the zsRE generation metrics use the same convention's requests;
+* ``pre_edit_locality`` — per edit suite (``counterfact``, ``zsre``), the unedited model's
+  teacher-forced argmaxes (:func:`rlsedit.eval.pre_edit.pre_edit_locality`): with them each suite
+  also reports EasyEdit's ``locality`` (pre/post argmax agreement);
 * ``generation`` — per edit suite (``counterfact``, ``zsre``), a
   :class:`~rlsedit.eval.generation.GenerationConfig`: does the model *say* the new fact when it
   generates (:func:`rlsedit.eval.generation.evaluate_generation`), reported under
   ``out["generation"][suite]`` beside the teacher-forced figures; ``pre_edit_generations`` (per
-  suite, from :func:`~rlsedit.eval.generation.pre_edit_generations` on the unedited model) gives
-  the neighbourhood locality;
+  suite, from :func:`~rlsedit.eval.generation.pre_edit_generations` on the unedited model; for
+  zsre on :func:`~rlsedit.eval.zsre.zsre_requests` of the convention) gives the neighbourhood locality;
 * ``general`` — names from :data:`GENERAL_SUITES`, read from ``data_dir`` laid out as
   :data:`DATA_FILES` (default: the folder named by the ``RLSEDIT_DATA_DIR`` environment
   variable). None of these files ship with the package; :data:`PUBLIC_SOURCES` says where
@@ -43,7 +47,7 @@ from .general import CHOICE_TASKS, evaluate_choice_task, known_facts_recall, per
 from .gsm8k import evaluate_gsm8k
 from .humaneval import evaluate_humaneval
 from .sandbox import SandboxLimits
-from .zsre import evaluate_zsre
+from .zsre import DEFAULT_CONVENTION, evaluate_zsre, zsre_requests
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +162,8 @@ def run_eval(
     ppl_tokens: int = 20_000,
     batch_size: int = 16,
     seed: int = 0,
-    pre_edit_locality: Mapping[str, Sequence[Sequence[int]]] | None = None,
+    pre_edit_locality: Mapping[str, Mapping[str, Sequence[Sequence[int]]]] | None = None,
+    zsre_convention: str = DEFAULT_CONVENTION,
     fluency: bool = False,
     consistency: bool = False,
     gsm8k_shots: int = 8,
@@ -219,15 +224,21 @@ def run_eval(
             reference = ConsistencyReference.from_corpus(paths["corpus"], [r.target_new for r in counterfact])
             seconds["consistency_reference"] = time.perf_counter() - start
         out["counterfact"] = timed("counterfact", lambda: evaluate_counterfact(
-            lm, counterfact, batch_size=batch_size, fluency=fluency, consistency=reference, seed=seed))
+            lm, counterfact, batch_size=batch_size, fluency=fluency, consistency=reference, seed=seed,
+            pre_edit_locality=(pre_edit_locality or {}).get("counterfact")))
     if zsre:
         out["zsre"] = timed("zsre", lambda: evaluate_zsre(
-            lm, zsre, pre_edit_locality=pre_edit_locality, batch_size=batch_size))
+            lm, zsre, pre_edit_locality=(pre_edit_locality or {}).get("zsre"), convention=zsre_convention,
+            batch_size=batch_size))
+        # the generation metrics ask what the teacher-forced ones score: the convention's requests
+        edit_suites["zsre"] = zsre_requests(zsre, zsre_convention)
     for suite, gen_config in (generation or {}).items():
         if edit_suites[suite]:
             pre = (pre_edit_generations or {}).get(suite)
             out.setdefault("generation", {})[suite] = timed(f"generation.{suite}", lambda: evaluate_generation(
                 lm, edit_suites[suite], gen_config, pre_edit=pre))
+            if suite == "zsre":
+                out["generation"][suite]["convention"] = zsre_convention
     if general:
         results: dict[str, Any] = {}
         for name in dict.fromkeys(general):  # keep order, drop repeats

@@ -9,8 +9,14 @@ Two conventions decide what is edited and asked (:data:`CONVENTIONS`; every resu
 own under ``"convention"``):
 
 * ``"memit"`` (the default; MEMIT, AlphaEdit and RLSEdit tables, ``memit/dsets/zsre.py``):
-  edit toward ``answers[0]``, locality prompts ``loc + "?"``;
+  edit toward ``answers[0]``, locality prompts ``loc + "?"``; there is no old object (MEMIT's
+  ``target_true`` is ``"<|endoftext|>"``), so the requests carry none;
 * ``"easyedit"`` (EasyEdit / MEND): edit toward ``alt``, locality prompts ``loc`` as they are.
+
+The edits and the scores must follow the same convention. ``rlsedit edit`` writes a MEND
+record as :func:`rlsedit.requests.parse_request` reads it, toward ``alt`` (EasyEdit's);
+:func:`resolve_convention` reads the convention an edited state followed from the targets its
+journal holds, so ``rlsedit eval --state`` scores it under that one and refuses another.
 
 Requests come in as :func:`rlsedit.requests.parse_request` reads a MEND record
 (``target_new = alt``, ``target_true = answers[0]``); :func:`zsre_requests` turns them into the
@@ -36,7 +42,7 @@ import dataclasses
 import statistics
 from typing import Any, Mapping, Sequence
 
-from ..requests import EditRequest, target_text
+from ..requests import EditRequest, iter_records, target_text
 from .datafiles import EvalDataError
 from .scoring import score_continuations
 
@@ -66,9 +72,62 @@ def zsre_requests(requests: Sequence[EditRequest], convention: str = DEFAULT_CON
         if not req.target_true:
             raise EvalDataError(f"edit {req.id!r}: the 'memit' zsRE convention edits toward answers[0], "
                                 "but the record has no 'answers'")
-        out.append(dataclasses.replace(req, target_new=req.target_true,
+        out.append(dataclasses.replace(req, target_new=req.target_true, target_true=None,
                                        neighborhood=tuple(p + "?" for p in req.neighborhood)))
     return out
+
+
+def is_mend_zsre_file(path) -> bool:
+    """Whether the first record of ``path`` has MEND's zsRE layout (``src`` and ``alt``)."""
+    for _, record in iter_records(path):
+        return isinstance(record, dict) and "src" in record and "alt" in record
+    return False
+
+
+def edited_convention(requests: Sequence[EditRequest], edited_targets: Mapping[str, str]) -> str | None:
+    """The convention under which the edits of ``requests`` (as read from MEND records) were
+    written, from ``edited_targets`` (edit id → the target the state edited toward, e.g. from its
+    journal): ``"easyedit"`` when toward ``alt``, ``"memit"`` when toward ``answers[0]``.
+
+    ``None`` when no request was edited, or every edited one has ``alt == answers[0]``. Raises
+    :class:`EvalDataError` when the edits mix both conventions or one follows neither.
+    """
+    found: dict[str, list[str]] = {}
+    for req in requests:
+        if req.id not in edited_targets:
+            continue
+        target = edited_targets[req.id]
+        kinds = [name for name, value in (("easyedit", req.target_new), ("memit", req.target_true)) if target == value]
+        if not kinds:
+            raise EvalDataError(f"edit {req.id!r} was written toward {target!r}, which is neither the record's alt "
+                                f"({req.target_new!r}) nor its answers[0] ({req.target_true!r}); the state was "
+                                "edited from other records than these")
+        if len(kinds) == 1:
+            found.setdefault(kinds[0], []).append(req.id)
+    if len(found) > 1:
+        raise EvalDataError(f"the state's zsRE edits mix conventions: {found['easyedit'][:3]} toward alt, "
+                            f"{found['memit'][:3]} toward answers[0]")
+    return next(iter(found), None)
+
+
+def resolve_convention(requested: str | None, requests: Sequence[EditRequest],
+                       edited_targets: Mapping[str, str] | None = None) -> str:
+    """The convention to score ``requests`` under: the edits' own (:func:`edited_convention`), when
+    ``edited_targets`` tells it, else ``requested``, else :data:`DEFAULT_CONVENTION`.
+
+    Raises :class:`EvalDataError` when ``requested`` is not the one the edits followed: scoring
+    edits toward ``alt`` against ``answers[0]`` (or back) would measure edits that were never made.
+    """
+    if requested is not None and requested not in CONVENTIONS:
+        raise EvalDataError(f"unknown zsRE convention {requested!r}; choose one of {', '.join(CONVENTIONS)}")
+    found = edited_convention(requests, edited_targets) if edited_targets else None
+    if requested is not None and found is not None and requested != found:
+        toward = "alt" if found == "easyedit" else "answers[0]"
+        raise EvalDataError(f"the state edited these zsRE records toward {toward} (the {found!r} convention); "
+                            f"scoring them under {requested!r} would measure edits that were never made: "
+                            f"use the {found!r} convention, or edit with the {requested!r} one's requests "
+                            "(rlsedit.eval.zsre.zsre_requests)")
+    return found or requested or DEFAULT_CONVENTION
 
 
 def _locality_pairs(req: EditRequest) -> list[tuple[str, str]]:
