@@ -241,6 +241,53 @@ def test_generation_metrics_sit_beside_the_teacher_forced_ones(finished):
     assert full["settings"]["gen_n"] == 200 and full["settings"]["gen_max_new_tokens"] == 12
 
 
+def test_easyedit_locality_is_recorded_once_and_reported_per_method(finished):
+    out, full = finished
+    unedited = full["unedited"]
+    # the unedited model's argmaxes, one list per neighbourhood prompt of every edit
+    reference = unedited["locality_pre_edit"]
+    assert {k: len(v) for k, v in reference.items()} == {e["id"]: len(e["neighborhood"]) for e in EDITS}
+    assert all(isinstance(t, int) for lists in reference.values() for ids in lists for t in ids)
+    # the unedited model agrees with itself: 100
+    assert unedited["evaluation"]["counterfact"]["summary"]["locality"] == 1.0
+    for name in full["runs"]:
+        for b in full["methods"][name]["batches"]:
+            summary = b["evaluation"]["counterfact"]["summary"]
+            assert 0.0 <= summary["locality"] <= 1.0 and summary["locality_n"] == b["edits"]
+    md = (out / "results.md").read_text()
+    head = next(line for line in md.splitlines() if line.startswith("| Method | Eff.↑"))
+    column = [c.strip() for c in head.split("|")].index("Loc. (EasyEdit)↑")
+    row = next(line for line in md.splitlines() if line.startswith("| unedited (before editing) |"))
+    assert [c.strip() for c in row.split("|")][column] == "100.0"
+    for name in full["runs"]:
+        row = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
+        cell = [c.strip() for c in row.split("|")][column]
+        expected = 100 * full["methods"][name]["batches"][-1]["evaluation"]["counterfact"]["summary"]["locality"]
+        assert cell == f"{expected:.1f}"
+    assert "| Loc. (EasyEdit) |" in md and any("locality (EasyEdit)" in note for note in full["notes"])
+
+
+def test_a_row_scored_without_the_locality_reference_gets_it_added(finished, tiny_setup):
+    out, full = finished
+    path = out / "unedited.json"
+    row = json.loads(path.read_text())
+    reference = row.pop("locality_pre_edit")
+    path.write_text(json.dumps(row))
+    again = run_method_bench(_config(tiny_setup), out)  # every method is done: only the reference is computed
+    assert again["unedited"]["locality_pre_edit"] == reference
+    assert json.loads(path.read_text())["locality_pre_edit"] == reference
+
+
+def test_a_zsre_file_is_refused(tiny_setup):
+    zsre = tiny_setup["root"] / "zsre.json"
+    zsre.write_text(json.dumps([{"subject": "Wellington", "src": "Which city is the twin of Wellington?",
+                                 "alt": "Sheffield", "answers": ["Sydney"], "rephrase": "Wellington is twinned with?",
+                                 "loc": "nq question: capital of France", "loc_ans": "Paris"}]))
+    with pytest.raises(InvalidRequestError, match="zsRE.*rlsedit eval --suites zsre"):
+        run_method_bench(_config(tiny_setup, data=str(zsre), n=1), tiny_setup["root"] / "zsre-out")
+    assert not (tiny_setup["root"] / "zsre-out").exists()
+
+
 def test_generation_settings_are_checked():
     with pytest.raises(InvalidRequestError, match="gen_n"):
         MethodBenchConfig(gen_n=-1)

@@ -21,7 +21,10 @@ What one run does (``rlsedit bench methods``, or plain ``rlsedit bench --model �
    * diagnostics — per layer ``drift_fro = ‖W − W_0‖_F`` and
      ``anchor_residual = ‖K_0ᵀ(W − W_0)‖_F = sqrt(n · tr(Dᵀ E[kkᵀ] D))`` (RQ4);
    * at ``checkpoints`` evenly spaced batches (always the last): CounterFact efficacy /
-     generalization / specificity on the edits applied so far and the chosen general suites.
+     generalization / specificity on the edits applied so far, EasyEdit's locality (argmax
+     agreement with the unedited model on the neighbourhood answers, whose argmaxes the
+     unedited row records once: ``unedited.json`` ``locality_pre_edit``) and the chosen general
+     suites.
 
    After the last batch: the forgetting curve (:func:`rlsedit.eval.retention.forgetting_curve`)
    and, on the first ``fluency_n`` edits, fluency and consistency (these generate text,
@@ -57,12 +60,14 @@ from ..requests import EditRequest
 from .edit_stream import checkpoint_batches, select_edits
 from .methods_config import MethodBenchConfig, MethodRun, plan_runs
 from .methods_eval import (GenerationPlan, consistency_reference, diagnostics_summary, evaluate_checkpoint,
-                           final_extras, generation_plan)
+                           final_extras, generation_plan, locality_reference)
 from .methods_report import write_report
-from .resume import (append_progress, bench_settings, check_or_write_settings, read_progress, rewrite_progress,
-                     unedited_once, write_json)
+from .resume import (add_to_unedited, append_progress, bench_settings, check_or_write_settings, read_progress,
+                     rewrite_progress, unedited_once, write_json)
 
 log = logging.getLogger(__name__)
+
+LOCALITY_PRE_EDIT = "locality_pre_edit"  # the unedited row's key of EasyEdit locality's reference
 
 
 class _PhaseTimer:
@@ -108,6 +113,7 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
     """Run (or resume) the benchmark into ``out``; returns the full results dict (also in
     ``out/results.json``, with ``results.md`` and PNG plots beside it)."""
     from ..eval.runner import general_suite_names
+    from ..eval.zsre import is_mend_zsre_file
     from ..session.session import Runtime
     from .solver import machine_description
 
@@ -115,6 +121,11 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
 
     if not config.data:
         raise InvalidRequestError("data: pass the edit file (--data FILE, e.g. a CounterFact JSON)")
+    if is_mend_zsre_file(config.data):
+        # scored as CounterFact, a zsRE file would give zsRE numbers under no named convention
+        raise InvalidRequestError(
+            f"data: {config.data} holds MEND zsRE records, but the method benchmark scores CounterFact; "
+            "evaluate zsRE with `rlsedit eval --suites zsre --zsre-convention memit|easyedit`")
     general = general_suite_names(config.general)
     runs = plan_runs(config)  # checks methods, hparams files and the sweep before anything is written
     out = Path(out)
@@ -128,6 +139,8 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
         consistency_ref = consistency_reference(config, requests)
 
     unedited = unedited_once(out, lambda: _run_unedited(config, requests, general, consistency_ref))
+    if LOCALITY_PRE_EDIT not in unedited:  # a row scored before EasyEdit locality was recorded
+        unedited = add_to_unedited(out, LOCALITY_PRE_EDIT, lambda: _locality_pre_edit(config, requests))
     base_sha = unedited["weights_sha256"]
     plan = generation_plan(config, requests)
     if plan is not None:
@@ -141,7 +154,7 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
             results[run.name] = json.loads(result_path.read_text())
             continue
         results[run.name] = _run_one(run, config, requests, general, out / run.dir_name, runtime, base_sha,
-                                     consistency_ref, plan)
+                                     consistency_ref, plan, unedited[LOCALITY_PRE_EDIT])
         write_json(result_path, results[run.name])
         if on_method_done is not None:
             on_method_done(run.name, results[run.name])
@@ -164,14 +177,27 @@ def _run_unedited(config, requests, general, consistency_ref) -> dict[str, Any]:
         # compares two decodings of the same model in other batches (a determinism check)
         pre_edit = pre_edit_generations(lm, [requests[p] for p in plan.positions], plan.config)
         plan = dataclasses.replace(plan, pre_edit=pre_edit)
-    evaluation = evaluate_checkpoint(lm, requests, config, general, plan)
+    # every method's locality compares against these; this row's own compares the model with
+    # itself in other batches (a determinism check, like its generation figure)
+    locality = locality_reference(lm, requests, config)
+    evaluation = evaluate_checkpoint(lm, requests, config, general, plan, locality)
     extras = final_extras(lm, requests, config, consistency_ref)
     return {"weights_sha256": sha, "model_fingerprint": lm.fingerprint, "evaluation": evaluation,
-            "final": extras, "generation_pre_edit": pre_edit, "seconds": time.perf_counter() - start}
+            "final": extras, "generation_pre_edit": pre_edit, LOCALITY_PRE_EDIT: locality,
+            "seconds": time.perf_counter() - start}
+
+
+def _locality_pre_edit(config, requests) -> dict[str, list[list[int]]]:
+    """EasyEdit locality's reference for a row scored without it: the base model, loaded again."""
+    from ..model.load import load_model
+
+    lm = load_model(config.model, device=config.device, cache_dir=config.cache_dir)
+    return locality_reference(lm, requests, config)
 
 
 def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditRequest], general, folder: Path,
-             runtime, base_sha: str, consistency_ref, plan: GenerationPlan | None = None) -> dict[str, Any]:
+             runtime, base_sha: str, consistency_ref, plan: GenerationPlan | None = None,
+             locality_pre_edit: dict[str, list[list[int]]] | None = None) -> dict[str, Any]:
     from ..model.weights import weights_sha256
     from ..session.session import Session
     from ..session.store import is_state_dir
@@ -231,7 +257,8 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
             record["diagnostics"] = diagnostics_summary(session.editor.diagnostics())
             if b in checkpoints:
                 so_far = [r for bb in batches[:b] for r in bb]
-                record["evaluation"] = evaluate_checkpoint(session.lm, so_far, config, general, plan)
+                record["evaluation"] = evaluate_checkpoint(session.lm, so_far, config, general, plan,
+                                                           locality_pre_edit)
             append_progress(progress_path, record)
             records.append(record)
             log.info("%s: batch %d/%d (%.1f s)", run.name, b, len(batches), total)

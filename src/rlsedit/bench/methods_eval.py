@@ -18,19 +18,32 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_checkpoint(lm, requests: Sequence[EditRequest], config: MethodBenchConfig, general: Sequence[str],
-                        plan: GenerationPlan | None = None) -> dict[str, Any]:
+                        plan: GenerationPlan | None = None,
+                        locality_pre_edit: dict[str, list[list[int]]] | None = None) -> dict[str, Any]:
     """The evaluation at a checkpoint: CounterFact on ``requests`` (the edits applied so far),
-    the general suites, and the generation metrics of ``plan``'s sample among them."""
+    the general suites, and the generation metrics of ``plan``'s sample among them. With
+    ``locality_pre_edit`` (:func:`locality_reference` of the unedited model) CounterFact also
+    reports EasyEdit's ``locality``."""
     from ..eval.runner import run_eval
 
+    locality = None if locality_pre_edit is None else {"counterfact": locality_pre_edit}
     out = run_eval(lm, counterfact=list(requests), general=tuple(general), data_dir=config.data_dir,
                    n=config.general_n, limit=config.gsm8k_limit, ppl_tokens=config.ppl_tokens,
-                   batch_size=config.eval_batch_size, seed=config.seed, max_new_tokens=config.max_new_tokens)
+                   batch_size=config.eval_batch_size, seed=config.seed, max_new_tokens=config.max_new_tokens,
+                   pre_edit_locality=locality)
     if plan is not None:
         generation = evaluate_generation_sample(lm, requests, plan, config.retention_bins)
         if generation is not None:
             out["generation"] = generation
     return out
+
+
+def locality_reference(lm, requests: Sequence[EditRequest], config: MethodBenchConfig) -> dict[str, list[list[int]]]:
+    """The unedited model's teacher-forced argmaxes on every edit's neighbourhood prompts + answers,
+    by edit id: what EasyEdit's locality compares every method's against."""
+    from ..eval.counterfact import neighborhood_predictions
+
+    return neighborhood_predictions(lm, requests, batch_size=config.eval_batch_size)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,10 @@ NOTES = [
     "the same sequence and batches for every method",
     "efficacy/generalization/specificity: ROME success rates (NLL comparison; chance 0.5) on the edits "
     "applied so far; *_acc: teacher-forced top-1 accuracy (chance 1/V)",
+    "locality (EasyEdit): per neighbourhood prompt, the share of its answer's tokens whose teacher-forced argmax is "
+    "the unedited model's (recorded once: unedited.json locality_pre_edit), averaged over the edits applied so far; "
+    "the unedited row compares the model with itself in other batches (a determinism check). Not specificity, and "
+    "not neighborhood_acc (accuracy against the answer)",
     "timings: total_s per batch includes validation, value targets, keys, solve and the journal write; "
     "solve_s is the closed-form solve summed over layers (None for FT)",
     "generation columns (settings.gen_n: a seeded sample of the edits, the same for every method and checkpoint): "
@@ -138,7 +142,7 @@ def format_results_markdown(full: dict[str, Any]) -> str:
     general = settings.get("general", [])
     from ..eval.generation import COLUMNS as GEN_COLUMNS
 
-    head = ["Method", "Eff.↑", "Gen.↑", "Spe.↑", "Flu.↑", "Consis.↑", "Ret. oldest↑",
+    head = ["Method", "Eff.↑", "Gen.↑", "Spe.↑", "Loc. (EasyEdit)↑", "Flu.↑", "Consis.↑", "Ret. oldest↑",
             *[label for _, label in GEN_COLUMNS], "gen. ret. oldest", *[
                 ("PPL↓" if g == "wikitext" else f"{g}↑") for g in general], "s/edit", "solve s/batch"]
     lines = [
@@ -147,6 +151,7 @@ def format_results_markdown(full: dict[str, Any]) -> str:
         "",
         "CounterFact success rates in % at the end of the stream, on all edits applied "
         "(efficacy = rewrite prompt, generalization = paraphrases, specificity = neighborhood prompts). "
+        "Loc. (EasyEdit): % of neighbourhood answer tokens whose teacher-forced argmax is the unedited model's. "
         "Ret. oldest: efficacy of the oldest 1/"
         f"{settings.get('retention_bins', 10)} of the edits after the whole stream. "
         "s/edit: wall seconds per edit (targets, keys, solve, journal); solve s/batch: the closed-form "
@@ -164,7 +169,7 @@ def format_results_markdown(full: dict[str, Any]) -> str:
         said = evaluation.get("generation", {})
         general_res = evaluation.get("general", {})
         cells = [name, _pct(summary.get("efficacy")), _pct(summary.get("generalization")),
-                 _pct(summary.get("specificity")), _num(gen.get("fluency"), "{:.2f}"),
+                 _pct(summary.get("specificity")), _pct(summary.get("locality")), _num(gen.get("fluency"), "{:.2f}"),
                  _num(gen.get("consistency"), "{:.3f}"), _pct(_retention_oldest(final)),
                  *[_pct(said.get("summary", {}).get(key)) for key, _ in GEN_COLUMNS],
                  _pct(_generation_oldest(said)),
@@ -183,13 +188,14 @@ def format_results_markdown(full: dict[str, Any]) -> str:
         lines.append(row(name, _final_eval(result), result["final"], result["seconds_per_edit"],
                          result["solve_seconds_per_batch"]))
     ref = unedited["evaluation"] if unedited else {}
-    chance = ["chance", "50.0", "50.0", "50.0", "–", "–", "50.0", *["–"] * (len(GEN_COLUMNS) + 1),
+    chance = ["chance", "50.0", "50.0", "50.0", "–", "–", "–", "50.0", *["–"] * (len(GEN_COLUMNS) + 1),
               *[_general_chance(g, ref.get("general", {}).get(g)) for g in general], "", ""]
     lines.append("| " + " | ".join(chance) + " |")
     lines += ["", "## Along the stream", "",
-              "| Method | edits | Eff. | Gen. | Spe. | says it (edit) | says it (para.) / mentions (reph.) | "
-              "nbr gen unchanged | chat says it | ‖W−W0‖ | anchor residual | s/edit (batch) | solve s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| Method | edits | Eff. | Gen. | Spe. | Loc. (EasyEdit) | says it (edit) | "
+              "says it (para.) / mentions (reph.) | nbr gen unchanged | chat says it | ‖W−W0‖ | anchor residual | "
+              "s/edit (batch) | solve s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in full["runs"]:
         result = full["methods"].get(name)
         if result is None:
@@ -204,7 +210,8 @@ def format_results_markdown(full: dict[str, Any]) -> str:
             g = b["evaluation"].get("generation", {}).get("summary", {})
             para = g.get("paraphrase_begins") if g.get("paraphrase_begins") is not None else g.get("open_mentions")
             lines.append(f"| {name} | {b['edits']} | {_pct(s.get('efficacy'))} | {_pct(s.get('generalization'))} | "
-                         f"{_pct(s.get('specificity'))} | {_pct(g.get('edit_begins'))} | {_pct(para)} | "
+                         f"{_pct(s.get('specificity'))} | {_pct(s.get('locality'))} | {_pct(g.get('edit_begins'))} | "
+                         f"{_pct(para)} | "
                          f"{_pct(g.get('neighbour_unchanged'))} | {_pct(g.get('chat_mentions'))} | "
                          f"{_num(d.get('drift_fro'), '{:.3g}')} | "
                          f"{_num(d.get('anchor_residual'), '{:.3g}')} | {_num(per_edit)} | "

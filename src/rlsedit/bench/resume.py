@@ -2,7 +2,8 @@
 
 ``settings.json`` pins the edit stream and every setting that changes a figure (a rerun with
 other settings is refused); ``unedited.json`` holds the base model's row, scored once for all
-the processes sharing ``out``; ``<run>/progress.jsonl`` holds one line per finished batch,
+the processes sharing ``out`` (a row written before a field existed gets it added once,
+:func:`add_to_unedited`); ``<run>/progress.jsonl`` holds one line per finished batch,
 appended and synced, with a torn last line (a crash mid-write) dropped on reading.
 """
 
@@ -40,6 +41,19 @@ def unedited_once(out: Path, score: Callable[[], dict[str, Any]]) -> dict[str, A
             return json.loads(path.read_text())
         unedited = score()
         write_json(path, unedited)
+        return unedited
+
+
+def add_to_unedited(out: Path, key: str, compute: Callable[[], Any]) -> dict[str, Any]:
+    """The unedited row with ``key``: a row scored by an older version lacks it, so the first process
+    to arrive computes it under the lock on ``out`` and adds it to ``unedited.json``; the others
+    read it there."""
+    path = out / f"{UNEDITED}.json"
+    with StateLock(out, wait=True):
+        unedited = json.loads(path.read_text())
+        if key not in unedited:
+            unedited[key] = compute()
+            write_json(path, unedited)
         return unedited
 
 
