@@ -176,6 +176,8 @@ class Editor:
         self._prepared = True
 
     def _build(self) -> None:
+        # first, so a model without a chat template fails before any statistics are computed
+        chat = self._chat_prefix() if self._given_prefixes is None else None
         moments = self._given_moments
         if self.needs_moments and moments is None:
             moments = self._corpus_moments()
@@ -187,6 +189,8 @@ class Editor:
         # same prefixes as the run it continues, whatever the weights are now.
         self.prefixes_: list[str] = (list(self._given_prefixes) if self._given_prefixes is not None
                                      else self._make_prefixes())
+        if chat is not None:
+            self.prefixes_.append(chat)
         self._reset_counters()
         self._init_state()
         self._given_moments = None  # held as self.moments from here on
@@ -355,6 +359,12 @@ class Editor:
 
         c = self.config
         return list(context_prefixes(self.lm, count=c.context_count, length=c.context_length, seed=c.seed))
+
+    def _chat_prefix(self) -> str | None:
+        """The chat context prefix when the config asks for it (``chat_prefix``), else None."""
+        from ..locate.prefixes import chat_context_prefix
+
+        return chat_context_prefix(self.lm.tokenizer) if self.config.chat_prefix else None
 
     def _compute_batch(self, requests: list[EditRequest]) -> tuple[EditRecord, dict[int, Any]]:
         from ..locate.keys import compute_keys

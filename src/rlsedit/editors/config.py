@@ -65,6 +65,10 @@ _IGNORED_OFFICIAL_KEYS = {
 }
 
 
+_WRITTEN_WHEN_SET = {"chat_prefix": False}
+"""Fields :meth:`EditConfig.to_dict` writes only when they differ from their default."""
+
+
 @dataclass(frozen=True)
 class EditConfig:
     """What every key/value editor shares: where to edit and how value targets are found."""
@@ -88,6 +92,11 @@ class EditConfig:
     key_average: str = _help(
         "how a key is averaged over the prefixes: 'per_type' (MEMIT/AlphaEdit/RLSEdit compute_ks: the bare "
         "prompt weighs 1/2, each generated prefix 1/2 over their count) or 'uniform' (1/P each)", "per_type")
+    chat_prefix: bool = _help(
+        "also fit keys and value targets with the prompt as the user turn of the tokenizer's chat template (one "
+        "more context prefix, the target after the assistant's header), so the fact transfers to chat use of an "
+        "instruct model; an error for a model without a chat template. In the key average it joins the generated "
+        "prefixes ('per_type': the bare prompt keeps 1/2)", False)
     mom2_n_samples: int = _help("corpus tokens used for the key second moment E[kk^T]", 100_000)
     mom2_update_weight: float | None = _help(
         "n: the anchor Gram is n * E[kk^T]; None = 15000 * d_k / 14336, the official Llama-3-8B value "
@@ -111,6 +120,8 @@ class EditConfig:
         check_int("context_length", self.context_length, at_least=1)
         check_int("mom2_n_samples", self.mom2_n_samples, at_least=1)
         check_choice("key_average", self.key_average, ("per_type", "uniform"))
+        if not isinstance(self.chat_prefix, bool):
+            raise InvalidRequestError(f"chat_prefix must be true or false, got {self.chat_prefix!r}")
         object.__setattr__(self, "mom2_update_weight",
                            check_number("mom2_update_weight", self.mom2_update_weight, optional=True))
 
@@ -135,8 +146,14 @@ class EditConfig:
 
     # ---- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The config as JSON holds it (tuples as lists), so a saved copy compares equal."""
-        return _json_form(dataclasses.asdict(self))
+        """The config as JSON holds it (tuples as lists), so a saved copy compares equal. Fields
+        added after states were first saved (:data:`_WRITTEN_WHEN_SET`) are left out at their
+        default, so a state saved before them still compares equal to a config with the default."""
+        data = _json_form(dataclasses.asdict(self))
+        for name, default in _WRITTEN_WHEN_SET.items():
+            if data.get(name) == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EditConfig":
@@ -276,5 +293,7 @@ class FTConfig(EditConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("num_steps", self.num_steps, at_least=1)
+        if self.chat_prefix:
+            raise InvalidRequestError("chat_prefix is for the key/value editors; FT fine-tunes on the bare prompts")
         for name in ("lr", "norm_constraint"):
             object.__setattr__(self, name, check_number(name, getattr(self, name), positive=True))
