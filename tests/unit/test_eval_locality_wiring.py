@@ -243,3 +243,25 @@ def test_eval_base_model_locality_is_100_and_default_convention_is_named(setup, 
     out = _eval(["--model", str(setup["model"]), "--zsre-data", str(setup["zsre"]), "--suites", "zsre",
                  "--zsre-convention", "easyedit", "--gen-max-new-tokens", "3", "--gen-chat", "no"], capsys)
     assert out["zsre"]["convention"] == out["generation"]["zsre"]["convention"] == "easyedit"
+
+
+def test_edit_with_the_memit_convention_is_scored_under_it(setup, capsys):
+    state = setup["root"] / "state-zsre-memit"
+    edit = ["-q", "edit", "--state", str(state), "--model", str(setup["model"]), "--method", "memit-seq",
+            "--hparams", str(setup["hparams"]), "--corpus", str(setup["corpus"]), "--cache-dir", str(setup["cache"]),
+            "--batch-size", "2", "--zsre-convention", "memit"]
+    assert cli.main([*edit, "--edits", str(setup["cf"])]) == 3  # not a zsRE file: refused, nothing made
+    assert "does not hold MEND zsRE records" in capsys.readouterr().err and not state.exists()
+    assert cli.main([*edit, "--edits", str(setup["zsre"])]) == 0
+    capsys.readouterr()
+    from rlsedit.session.session import Runtime, Session
+
+    with Session.open(state, runtime=Runtime(cache_dir=str(setup["cache"])), read_only=True) as session:
+        from rlsedit.eval.cli import journal_requests
+
+        written = journal_requests(session)
+    assert [r.target_new for r in written] == ["Paris", "guitar"]  # answers[0]
+    assert all(p.endswith("?") for r in written for p in r.neighborhood)
+    out = _eval(["--state", str(state), "--zsre-data", str(setup["zsre"]), "--suites", "zsre", "--no-generation",
+                 "--cache-dir", str(setup["cache"])], capsys)
+    assert out["zsre"]["convention"] == "memit"

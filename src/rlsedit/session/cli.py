@@ -47,6 +47,12 @@ def register(sub) -> None:
     p.add_argument("--n", "--limit", dest="limit", type=int, default=None,
                    help="use only the first N records of the file (--limit is the old name)")
     p.add_argument("--skip-bad", action="store_true", help="skip and report bad edits instead of stopping")
+    from ..eval.zsre import CONVENTIONS  # the CLI's one import from above session/: one list of conventions
+
+    p.add_argument("--zsre-convention", choices=CONVENTIONS, default=None,
+                   help="MEND zsRE files only: edit toward answers[0], '?' after locality prompts (memit, as the "
+                        "MEMIT/AlphaEdit/RLSEdit tables) or toward alt (easyedit); default: alt, as the record reads. "
+                        "rlsedit eval --state scores zsRE under the convention the state's edits followed")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _runtime_args(p)
     p.set_defaults(func=cmd_edit)
@@ -118,6 +124,12 @@ def cmd_edit(args) -> int:
         requests, unreadable = read_requests_skipping_bad(args.edits, limit=args.limit)
     else:
         requests = read_requests(args.edits, limit=args.limit)
+    if args.zsre_convention is not None:
+        from ..eval.zsre import is_mend_zsre_file, zsre_requests
+
+        if not is_mend_zsre_file(args.edits):
+            raise InvalidRequestError(f"--zsre-convention: {args.edits} does not hold MEND zsRE records (src, alt)")
+        requests = zsre_requests(requests, args.zsre_convention)
     runtime = _runtime(args, corpus=args.corpus)
     with Session.open_or_create(args.state, model=args.model, method=args.method, config=_load_config(args),
                                 runtime=runtime) as session:
