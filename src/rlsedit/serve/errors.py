@@ -5,7 +5,7 @@ Each becomes OpenAI's error object ``{"error": {"message", "type", "param", "cod
 
 from __future__ import annotations
 
-from ..errors import InvalidRequestError, NumericalError, RLSEditError, StateError, UnsupportedError
+from ..errors import NumericalError, RLSEditError, StateError
 
 
 class ServeError(RLSEditError):
@@ -53,12 +53,10 @@ def error_fields(exc: BaseException) -> tuple[int, str, str | None, str | None]:
     """``(status, type, code, param)`` of an exception raised while serving a request."""
     if isinstance(exc, ServeError):
         return exc.status, exc.type, exc.code, exc.param
-    if isinstance(exc, (InvalidRequestError, UnsupportedError)):
-        return 400, "invalid_request_error", None, None
     if isinstance(exc, NumericalError):
         return 422, "invalid_request_error", "numerical_error", None
     if isinstance(exc, StateError):
         return 500, "server_error", "state_error", None
-    if isinstance(exc, RLSEditError):
+    if isinstance(exc, RLSEditError):  # invalid input, not supported by the method, bad evaluation data
         return 400, "invalid_request_error", None, None
     return 500, "server_error", None, None
