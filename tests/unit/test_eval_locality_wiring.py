@@ -5,6 +5,7 @@ names itself; EasyEdit's locality (pre/post argmax agreement) is reported by ``r
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -59,28 +60,36 @@ def perturbed(lm):
 
 # ---- the convention ---------------------------------------------------------------------------
 
+def applied(req: EditRequest, target: str) -> EditRequest:
+    """``req`` as a state that edited it toward ``target`` journals it."""
+    return dataclasses.replace(req, target_new=target)
+
+
 def test_edited_convention_is_read_from_the_targets_the_state_wrote():
     reqs = zsre_requests_raw()
-    assert edited_convention(reqs, {"0": "Rome", "1": "piano"}) == "easyedit"
-    assert edited_convention(reqs, {"0": "Paris"}) == "memit"
-    assert edited_convention(reqs, {"other": "x"}) is None  # none of these records was edited
+    assert edited_convention(reqs, {"0": applied(reqs[0], "Rome"), "1": applied(reqs[1], "piano")}) == "easyedit"
+    assert edited_convention(reqs, {"0": applied(reqs[0], "Paris")}) == "memit"
+    assert edited_convention(reqs, {"other": applied(reqs[0], "x")}) is None  # none of these records was edited
+    # another file's record under the same id is not this record's edit
+    assert edited_convention(reqs, {"0": COUNTERFACT[1]}) is None
     with pytest.raises(EvalDataError, match="mix conventions"):
-        edited_convention(reqs, {"0": "Rome", "1": "guitar"})
+        edited_convention(reqs, {"0": applied(reqs[0], "Rome"), "1": applied(reqs[1], "guitar")})
     with pytest.raises(EvalDataError, match="neither"):
-        edited_convention(reqs, {"0": "Berlin"})
+        edited_convention(reqs, {"0": applied(reqs[0], "Berlin")})
     # a record whose alt is its answer tells nothing
     same = [parse_request(dict(ZSRE[0], alt="Paris"), 0)]
-    assert edited_convention(same, {"0": "Paris"}) is None
+    assert edited_convention(same, {"0": same[0]}) is None
 
 
 def test_resolve_convention_follows_the_state_and_refuses_the_other():
     reqs = zsre_requests_raw()
+    toward_alt = {"0": applied(reqs[0], "Rome")}
     assert resolve_convention(None, reqs) == DEFAULT_CONVENTION == "memit"
     assert resolve_convention("easyedit", reqs) == "easyedit"
-    assert resolve_convention(None, reqs, {"0": "Rome"}) == "easyedit"
-    assert resolve_convention("easyedit", reqs, {"0": "Rome"}) == "easyedit"
+    assert resolve_convention(None, reqs, toward_alt) == "easyedit"
+    assert resolve_convention("easyedit", reqs, toward_alt) == "easyedit"
     with pytest.raises(EvalDataError, match="toward alt .*'easyedit'.* never made"):
-        resolve_convention("memit", reqs, {"0": "Rome"})
+        resolve_convention("memit", reqs, toward_alt)
     with pytest.raises(EvalDataError, match="unknown zsRE convention"):
         resolve_convention("mend", reqs)
 

@@ -183,7 +183,7 @@ def evaluate_model(lm, args, *, session=None, unedited_lm=None) -> dict[str, Any
     zsre = read_requests(args.zsre_data or args.data, limit=args.n) if "zsre" in edit else None
     generation = generation_configs(args, edit)
     # score zsRE under the convention the state's edits followed (its journal has their targets)
-    edited = {r.id: r.target_new for r in journal_requests(session)} if zsre and session is not None else None
+    edited = {r.id: r for r in journal_requests(session)} if zsre and session is not None else None
     convention = resolve_convention(getattr(args, "zsre_convention", None), zsre or (), edited)
     requests = {"counterfact": counterfact, "zsre": zsre_requests(zsre, convention) if zsre else None}
     pre_edit = {suite: pre_edit_generations(unedited_lm or lm, requests[suite], cfg)

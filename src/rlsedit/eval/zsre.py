@@ -84,24 +84,26 @@ def is_mend_zsre_file(path) -> bool:
     return False
 
 
-def edited_convention(requests: Sequence[EditRequest], edited_targets: Mapping[str, str]) -> str | None:
+def edited_convention(requests: Sequence[EditRequest], edited: Mapping[str, EditRequest]) -> str | None:
     """The convention under which the edits of ``requests`` (as read from MEND records) were
-    written, from ``edited_targets`` (edit id → the target the state edited toward, e.g. from its
-    journal): ``"easyedit"`` when toward ``alt``, ``"memit"`` when toward ``answers[0]``.
+    written, from ``edited`` (edit id → the request the state applied, e.g. from its journal):
+    ``"easyedit"`` when toward ``alt``, ``"memit"`` when toward ``answers[0]``.
 
-    ``None`` when no request was edited, or every edited one has ``alt == answers[0]``. Raises
-    :class:`EvalDataError` when the edits mix both conventions or one follows neither.
+    An applied request is this record's edit when id, prompt and subject agree (another file's
+    record under the same id is not). ``None`` when no request was edited, or every edited one
+    has ``alt == answers[0]``. Raises :class:`EvalDataError` when the edits mix both conventions
+    or one went toward neither target.
     """
     found: dict[str, list[str]] = {}
     for req in requests:
-        if req.id not in edited_targets:
+        done = edited.get(req.id)
+        if done is None or (done.prompt, done.subject) != (req.prompt, req.subject):
             continue
-        target = edited_targets[req.id]
-        kinds = [name for name, value in (("easyedit", req.target_new), ("memit", req.target_true)) if target == value]
+        kinds = [name for name, value in (("easyedit", req.target_new), ("memit", req.target_true))
+                 if done.target_new == value]
         if not kinds:
-            raise EvalDataError(f"edit {req.id!r} was written toward {target!r}, which is neither the record's alt "
-                                f"({req.target_new!r}) nor its answers[0] ({req.target_true!r}); the state was "
-                                "edited from other records than these")
+            raise EvalDataError(f"edit {req.id!r} was written toward {done.target_new!r}, which is neither the "
+                                f"record's alt ({req.target_new!r}) nor its answers[0] ({req.target_true!r})")
         if len(kinds) == 1:
             found.setdefault(kinds[0], []).append(req.id)
     if len(found) > 1:
@@ -111,16 +113,16 @@ def edited_convention(requests: Sequence[EditRequest], edited_targets: Mapping[s
 
 
 def resolve_convention(requested: str | None, requests: Sequence[EditRequest],
-                       edited_targets: Mapping[str, str] | None = None) -> str:
+                       edited: Mapping[str, EditRequest] | None = None) -> str:
     """The convention to score ``requests`` under: the edits' own (:func:`edited_convention`), when
-    ``edited_targets`` tells it, else ``requested``, else :data:`DEFAULT_CONVENTION`.
+    ``edited`` tells it, else ``requested``, else :data:`DEFAULT_CONVENTION`.
 
     Raises :class:`EvalDataError` when ``requested`` is not the one the edits followed: scoring
     edits toward ``alt`` against ``answers[0]`` (or back) would measure edits that were never made.
     """
     if requested is not None and requested not in CONVENTIONS:
         raise EvalDataError(f"unknown zsRE convention {requested!r}; choose one of {', '.join(CONVENTIONS)}")
-    found = edited_convention(requests, edited_targets) if edited_targets else None
+    found = edited_convention(requests, edited) if edited else None
     if requested is not None and found is not None and requested != found:
         toward = "alt" if found == "easyedit" else "answers[0]"
         raise EvalDataError(f"the state edited these zsRE records toward {toward} (the {found!r} convention); "
