@@ -8,7 +8,12 @@ Accepted record layouts (one JSON object each, from a ``.jsonl`` file or a ``.js
                 "target_true": {"str"}}, "paraphrase_prompts", "neighborhood_prompts", ...}``;
 * MEND/EasyEdit CounterFact: ``{"case_id", "prompt", "subject", "target_new", "ground_truth",
                 "rephrase_prompt", "locality_prompt", "locality_ground_truth"}``;
-* MEND zsRE:    ``{"subject", "src", "alt", "answers", "rephrase", "loc", "loc_ans"}``.
+* MEND zsRE:    ``{"subject", "src", "alt", "answers", "rephrase", "loc", "loc_ans"}``;
+* MQuAKE:       ``{"case_id", "requested_rewrite": [{"prompt", "subject", "target_new": {"str"},
+                "target_true": {"str"}}, ...], "questions", "new_answer", ...}``: one edit per
+                rewrite, id ``"<case_id>.<j>"`` (:func:`parse_mquake_case`); in a file, a rewrite an
+                earlier case already makes is applied once, and the same prompt set to another
+                target is refused (one model cannot hold both).
 
 Parsing never guesses silently: a record that fits none of them raises
 :class:`~rlsedit.errors.InvalidRequestError` naming the record and the field.
@@ -163,19 +168,15 @@ def parse_request(record: Any, index: int = 0) -> EditRequest:
         rw = record["requested_rewrite"]
         if isinstance(rw, list):  # MEMIT allows a list; one rewrite per record here
             if len(rw) != 1:
-                raise InvalidRequestError(f"{where}: expected one requested_rewrite, got {len(rw)}")
+                also = (" (an MQuAKE case: read it with parse_records or read_requests, one edit per rewrite)"
+                        if is_mquake_case(record) else "")
+                raise InvalidRequestError(f"{where}: expected one requested_rewrite, got {len(rw)}{also}")
             rw = rw[0]
-        if not isinstance(rw, dict):
-            raise InvalidRequestError(f"{where}: 'requested_rewrite' must be an object")
-        subject = _require_str(rw, "subject", where)
-        prompt = _template(_require_str(rw, "prompt", where), subject, where)
-        if "target_new" not in rw:
-            raise InvalidRequestError(f"{where}: missing field 'target_new'")
-        target_new = _target(rw["target_new"], "target_new", where)
-        target_true = _target(rw["target_true"], "target_true", where) if "target_true" in rw else None
+        rewrite = _rewrite(rw, rec_id, where)
         neighborhood = _str_list(record, "neighborhood_prompts", where)
+        target_true = rewrite.target_true
         return EditRequest(
-            id=rec_id, prompt=prompt, subject=subject, target_new=target_new,
+            id=rec_id, prompt=rewrite.prompt, subject=rewrite.subject, target_new=rewrite.target_new,
             target_true=target_true,
             paraphrases=_str_list(record, "paraphrase_prompts", where),
             neighborhood=neighborhood,
@@ -211,6 +212,66 @@ def parse_request(record: Any, index: int = 0) -> EditRequest:
         paraphrases=paraphrases, neighborhood=neighborhood, neighborhood_answers=answers,
         generation_prompts=_str_list(record, "generation_prompts", where),
     )
+
+
+def _rewrite(rw: Any, rec_id: str, where: str) -> EditRequest:
+    """One ROME-layout rewrite ``{"prompt", "subject", "target_new": {"str"}, "target_true"?: {"str"}}``."""
+    if not isinstance(rw, dict):
+        raise InvalidRequestError(f"{where}: 'requested_rewrite' must be an object")
+    subject = _require_str(rw, "subject", where)
+    prompt = _template(_require_str(rw, "prompt", where), subject, where)
+    if "target_new" not in rw:
+        raise InvalidRequestError(f"{where}: missing field 'target_new'")
+    target_new = _target(rw["target_new"], "target_new", where)
+    target_true = _target(rw["target_true"], "target_true", where) if "target_true" in rw else None
+    return EditRequest(id=rec_id, prompt=prompt, subject=subject, target_new=target_new, target_true=target_true)
+
+
+def is_mquake_case(record: Any) -> bool:
+    """An MQuAKE case: a list of rewrites and the multi-hop ``questions`` that need them."""
+    return isinstance(record, dict) and isinstance(record.get("requested_rewrite"), list) and "questions" in record
+
+
+def parse_mquake_case(record: Any, index: int = 0) -> list[EditRequest]:
+    """The rewrites of one MQuAKE case as edit requests, ids ``"<case_id>.<j>"`` (``j`` the
+    rewrite's position). Errors name the case and the rewrite's field."""
+    case_id = record.get("case_id", index) if isinstance(record, dict) else index
+    if not isinstance(case_id, (str, int)) or isinstance(case_id, bool):
+        raise InvalidRequestError(f"MQuAKE case #{index}: 'case_id' must be a string or an integer, got {case_id!r}")
+    where = f"MQuAKE case #{index} (case_id {case_id})"
+    if not is_mquake_case(record):
+        raise InvalidRequestError(f"{where}: expected 'requested_rewrite' as a list and 'questions'")
+    rewrites = record["requested_rewrite"]
+    if not rewrites:
+        raise InvalidRequestError(f"{where}: 'requested_rewrite' is an empty list")
+    return [_rewrite(rw, f"{case_id}.{j}", f"{where}, requested_rewrite[{j}]") for j, rw in enumerate(rewrites)]
+
+
+def parse_records(record: Any, index: int = 0) -> list[EditRequest]:
+    """The edit requests of one record: one for every layout, one per rewrite of an MQuAKE case."""
+    return parse_mquake_case(record, index) if is_mquake_case(record) else [parse_request(record, index)]
+
+
+def _file_requests(record: Any, index: int, made: dict[tuple[str, str], EditRequest]) -> list[EditRequest]:
+    """:func:`parse_records` for a record of a file. ``made`` maps ``(prompt, subject)`` to the
+    MQuAKE rewrites of earlier cases: one made again is left out, one to another target raises
+    (``made`` is updated only when the whole case is accepted; other layouts never touch it)."""
+    requests = parse_records(record, index)
+    if not is_mquake_case(record):
+        return requests
+    new: dict[tuple[str, str], EditRequest] = {}
+    for request in requests:
+        key = (request.prompt, request.subject)
+        prior = made.get(key) or new.get(key)
+        if prior is None:
+            new[key] = request
+        elif prior.target_new != request.target_new:
+            raise InvalidRequestError(
+                f"MQuAKE case #{index}: rewrite {request.id!r} sets {request.text!r} to {request.target_new!r}, "
+                f"but rewrite {prior.id!r} sets it to {prior.target_new!r}; one model cannot hold both "
+                "(edit such cases into separate states, or drop one)")
+    made.update(new)
+    return list(new.values())
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
@@ -250,12 +311,14 @@ def _iter_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
 
 
 def read_requests(path: str | Path, *, limit: int | None = None) -> list[EditRequest]:
-    """Parse every record of an edit file; the first bad one raises, naming its line."""
+    """Parse every record of an edit file; the first bad one raises, naming its line. ``limit``
+    counts records (an MQuAKE case is one record of several edits)."""
     out: list[EditRequest] = []
-    for index, record in iter_records(path):
-        if limit is not None and len(out) >= limit:
+    made: dict[tuple[str, str], EditRequest] = {}
+    for count, (index, record) in enumerate(iter_records(path)):
+        if limit is not None and count >= limit:
             break
-        out.append(parse_request(record, index))
+        out.extend(_file_requests(record, index, made))
     check_unique_ids(out)
     return out
 
@@ -268,21 +331,25 @@ def read_requests_skipping_bad(path: str | Path, *, limit: int | None = None
     out: list[EditRequest] = []
     skipped: list[dict[str, str]] = []
     seen: set[str] = set()
-    for index, record in _iter_lines(path):
-        if limit is not None and len(out) + len(skipped) >= limit:
+    made: dict[tuple[str, str], EditRequest] = {}
+    for count, (index, record) in enumerate(_iter_lines(path)):
+        if limit is not None and count >= limit:
             break
         try:
             if isinstance(record, InvalidRequestError):
                 raise record
-            request = parse_request(record, index)
-            if request.id in seen:
-                raise InvalidRequestError(f"edit id {request.id!r} occurs twice; ids must be unique")
+            trial = dict(made)  # kept only when the whole record is accepted
+            requests = _file_requests(record, index, trial)
+            for request in requests:
+                if request.id in seen:
+                    raise InvalidRequestError(f"edit id {request.id!r} occurs twice; ids must be unique")
         except InvalidRequestError as exc:
             rec_id = record.get("id", record.get("case_id", index)) if isinstance(record, dict) else index
             skipped.append({"id": str(rec_id), "error": str(exc)})
             continue
-        seen.add(request.id)
-        out.append(request)
+        made = trial
+        seen.update(r.id for r in requests)
+        out.extend(requests)
     return out, skipped
 
 

@@ -163,7 +163,8 @@ def sample_positions(total: int, n: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(total), n))
 
 
-def _chat_enabled(lm, config: GenerationConfig) -> bool:
+def chat_enabled(lm, config: GenerationConfig) -> bool:
+    """Whether ``config`` asks through the chat template on ``lm`` (``chat=True`` without one raises)."""
     if config.chat is None:
         return has_chat_template(lm.tokenizer)
     if config.chat:
@@ -208,7 +209,7 @@ def evaluate_generation(
     if not requests:
         raise EvalDataError("evaluate_generation needs at least one edit request")
     positions = sample_positions(len(requests), config.n, config.seed)
-    chat = _chat_enabled(lm, config)
+    chat = chat_enabled(lm, config)
     kind = config.paraphrase_kind
 
     # one greedy_generate call for every raw prompt, one for every chat prompt (batched inside)
