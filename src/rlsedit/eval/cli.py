@@ -8,8 +8,8 @@ Suites (``--suites``, comma-separated):
 * ``zsre`` — MEND/EasyEdit token accuracies of the records of ``--zsre-data`` (default ``--data``)
   under ``--zsre-convention``: ``memit`` (toward ``answers[0]``, ``"?"`` after locality prompts; the
   default) or ``easyedit`` (toward ``alt``). For ``--state`` the state's journal tells which one its
-  edits followed (``rlsedit edit`` writes a MEND record toward ``alt``): that one is used, and
-  naming the other is refused;
+  edits followed (``rlsedit edit`` writes a MEND record toward ``alt``, with ``--zsre-convention
+  memit`` toward ``answers[0]``): that one is used, and naming the other is refused;
 * ``retention`` — the forgetting curve: efficacy of every edit in the state's journal, in the
   order applied (needs ``--state``);
 * general capability from ``--data-dir`` (default: the ``RLSEDIT_DATA_DIR`` environment variable):
