@@ -15,8 +15,9 @@ own under ``"convention"``):
 
 The edits and the scores must follow the same convention. ``rlsedit edit`` writes a MEND
 record as :func:`rlsedit.requests.parse_request` reads it, toward ``alt`` (EasyEdit's), or with
-``--zsre-convention memit`` the :func:`zsre_requests` of MEMIT's; :func:`resolve_convention` reads the convention an edited state followed from the targets its
-journal holds, so ``rlsedit eval --state`` scores it under that one and refuses another.
+``--zsre-convention memit`` the :func:`zsre_requests` of MEMIT's; :func:`resolve_convention`
+reads the convention an edited state followed from the targets its journal holds, so
+``rlsedit eval --state`` scores it under that one and refuses another.
 
 Requests come in as :func:`rlsedit.requests.parse_request` reads a MEND record
 (``target_new = alt``, ``target_true = answers[0]``); :func:`zsre_requests` turns them into the
