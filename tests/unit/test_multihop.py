@@ -14,6 +14,7 @@ from rlsedit.eval.generation import GenerationConfig
 from rlsedit.eval.multihop import RAW_QUESTION, evaluate_multihop, format_multihop, read_multihop
 from rlsedit.requests import parse_records, parse_request, read_requests, read_requests_skipping_bad
 from scripted_lm import scripted_lm
+from test_eval_cli import setup  # noqa: F401  (the tiny model and corpus, as a fixture)
 
 # hand-written in MQuAKE's layout (no MQuAKE data is downloaded)
 CASES = [
@@ -144,3 +145,36 @@ def test_chat_answers_and_the_seeded_case_sample(tmp_path):
     assert one["counts"]["cases"] == 1 and one["counts"]["cases_total"] == 2
     with pytest.raises(EvalDataError, match="no chat template"):
         evaluate_multihop(scripted_lm(RAW), cases, GenerationConfig(chat=True))
+
+
+def test_edit_applies_a_multihop_file_and_eval_asks_its_questions(tmp_path, setup, capsys):
+    from rlsedit import cli
+    from test_bench_methods import FAST
+
+    path = _file(tmp_path, CASES)
+    hparams = tmp_path / "hparams.json"
+    hparams.write_text(json.dumps({"mom2_n_samples": 200, **FAST}))
+    cache = ["--cache-dir", str(setup["root"] / "cache")]
+    state = tmp_path / "state"
+    assert cli.main(["edit", "--state", str(state), "--edits", str(path), "--model", str(setup["model"]),
+                     "--hparams", str(hparams), "--corpus", str(setup["corpus"]), "--batch-size", "2", "--json",
+                     *cache]) == 0
+    edited = json.loads(capsys.readouterr().out)
+    assert edited["applied"] == 2 and edited["edits_total"] == 2  # 3 rewrites, one repeated
+    assert cli.main(["eval", "--state", str(state), "--multihop", str(path), "--json", *cache]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "counterfact" not in out and "generation" not in out  # no --data: only the questions
+    res = out["multihop"]
+    assert res["counts"] == {"cases": 2, "cases_total": 2, "questions": 6, "rewrites": 3}
+    assert "records" not in res and len(res["samples"]) == 6 and res["settings"]["chat"] is False
+    assert all(0.0 <= res["summary"][k] <= 1.0 for k in ("raw_begins", "raw_mentions", "raw_case_mentions"))
+    assert cli.main(["eval", "--model", str(setup["model"]), "--multihop", str(path), "--n", "1", *cache]) == 0
+    text = capsys.readouterr().out
+    assert "multihop (1 of 1 cases, 3 questions):" in text and "| multihop |" in text
+    # a bad file fails before any model loads, naming the file and the field
+    bad = copy.deepcopy(CASES)
+    bad[0]["new_answer"] = 3
+    bad_path = _file(tmp_path, bad, "bad.json")
+    assert cli.main(["eval", "--model", str(tmp_path / "no-model"), "--multihop", str(bad_path)]) == 3
+    err = capsys.readouterr().err
+    assert str(bad_path) in err and "'new_answer'" in err

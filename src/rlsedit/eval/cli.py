@@ -24,6 +24,12 @@ continuations identical to the unedited model's (for ``--state`` the base model 
 decode them once). ``--gen-n`` scores a seeded sample of the edits; 30 (prompt, generation,
 verdict) rows are printed so the scorer can be checked by eye.
 
+``--multihop FILE`` asks the multi-hop questions of an MQuAKE-layout file (its first ``--n``
+cases), raw and through the chat template, and scores whether the answers mention the new answer
+(:mod:`rlsedit.eval.multihop`). Evaluation applies none of the file's rewrites: pass a ``--state``
+edited with them (``rlsedit edit --edits FILE`` reads the same file). Without ``--data``,
+``--suites`` then defaults to none.
+
 Counterfact and zsre also report EasyEdit's ``locality``: the share of neighbourhood answer tokens
 whose teacher-forced argmax is the unedited model's. The unedited argmaxes are recorded first, for
 ``--state`` on the state's unedited weights W_0, put back for the time of the recording
@@ -79,9 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--zsre-convention", choices=CONVENTIONS, default=None,
                    help="zsre: memit (edit toward answers[0], '?' after locality prompts) or easyedit (toward alt); "
                         f"default: the --state's own, else {DEFAULT_CONVENTION}")
-    p.add_argument("--suites", type=_names, default=("counterfact",),
+    p.add_argument("--suites", type=_names, default=None,
                    help="comma-separated: counterfact, zsre, retention, ppl, knowns, glue, mmlu, gsm8k, humaneval, … "
-                        "(default counterfact)")
+                        "(default counterfact; none with --multihop and no --data)")
     p.add_argument("--general-n", type=int, default=200, help="items per scored-choice suite (seeded sample; default 200)")
     p.add_argument("--gsm8k-limit", "--limit", dest="limit", type=int, default=None,
                    help="GSM8K/HumanEval: the first N problems (default all; --limit is the old name)")
@@ -104,6 +110,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gen-max-new-tokens", type=int, default=12, help="token cap of each generated continuation (default 12)")
     p.add_argument("--gen-chat", choices=("auto", "yes", "no"), default="auto",
                    help="also ask through the chat template: auto (when the model has one), yes (error without one), no")
+    p.add_argument("--multihop", metavar="FILE", default=None,
+                   help="ask the multi-hop questions of an MQuAKE-layout FILE (its first --n cases), raw and through the "
+                        "chat template; its rewrites are not applied: evaluate a --state edited with them "
+                        "(rlsedit edit --edits FILE)")
     p.add_argument("--progress", action="store_true", help="show a progress bar over the suites (default: when "
                    "stderr is a terminal; -q hides it)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
@@ -128,6 +138,8 @@ def journal_requests(session) -> list:
 
 def check_args(args) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Refuse bad options before any model is loaded; returns ``split_suites(args.suites)``."""
+    if args.suites is None:  # the default: counterfact, unless only the multi-hop questions are asked for
+        args.suites = () if getattr(args, "multihop", None) and not args.data else ("counterfact",)
     edit, general = split_suites(args.suites)
     if "counterfact" in edit and not args.data:
         raise InvalidRequestError("the counterfact suite needs --data FILE (edit records)")
@@ -146,6 +158,10 @@ def check_args(args) -> tuple[tuple[str, ...], tuple[str, ...]]:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise InvalidRequestError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if getattr(args, "multihop", None):
+        from .multihop import read_multihop
+
+        read_multihop(args.multihop, limit=args.n)  # a bad file fails before any model loads
     return edit, general
 
 
@@ -165,6 +181,15 @@ def generation_configs(args, edit_suites) -> dict[str, Any]:
             for suite in ("counterfact", "zsre") if suite in edit_suites}
 
 
+def multihop_config(args):
+    """The settings of the multi-hop questions (``--multihop``): the generation flags of ``args``."""
+    from ..eval.generation import GenerationConfig
+
+    chat = {"auto": None, "yes": True, "no": False}[getattr(args, "gen_chat", "auto")]
+    return GenerationConfig(max_new_tokens=getattr(args, "gen_max_new_tokens", 12), n=getattr(args, "gen_n", None),
+                            seed=args.seed, chat=chat, batch_size=args.batch_size)
+
+
 def evaluate_model(lm, args, *, session=None, unedited_lm=None) -> dict[str, Any]:
     """Run the suites of ``args`` on ``lm``; ``session`` provides the journal for ``retention``.
 
@@ -181,6 +206,11 @@ def evaluate_model(lm, args, *, session=None, unedited_lm=None) -> dict[str, Any
     edit, general = check_args(args)
     counterfact = read_requests(args.data, limit=args.n) if "counterfact" in edit else None
     zsre = read_requests(args.zsre_data or args.data, limit=args.n) if "zsre" in edit else None
+    multihop = None
+    if getattr(args, "multihop", None):
+        from ..eval.multihop import read_multihop
+
+        multihop = read_multihop(args.multihop, limit=args.n)
     generation = generation_configs(args, edit)
     # score zsRE under the convention the state's edits followed (its journal has their targets)
     edited = {r.id: r for r in journal_requests(session)} if zsre and session is not None else None
@@ -197,6 +227,7 @@ def evaluate_model(lm, args, *, session=None, unedited_lm=None) -> dict[str, Any
                       seed=args.seed, fluency=args.fluency, consistency=args.consistency,
                       max_new_tokens=args.max_new_tokens, generation=generation, pre_edit_generations=pre_edit,
                       pre_edit_locality=locality, zsre_convention=convention,
+                      multihop=multihop, multihop_config=multihop_config(args) if multihop else None,
                       progress=getattr(args, "progress", False))
     if "retention" in edit:
         if session is None:
@@ -226,6 +257,10 @@ def format_eval(result: dict[str, Any]) -> str:
             if isinstance(res.get(key), (int, float)):
                 lines.append(f"{name}.{key}: {res[key]:.4f}   (chance {res.get('chance')}; n={res.get('n', '-')})")
     lines += format_generation(result.get("generation", {}))
+    if "multihop" in result:
+        from ..eval.multihop import format_multihop
+
+        lines += format_multihop(result["multihop"])
     if "retention" in result:
         for b in result["retention"]["bins"]["success"]:
             mean = "–" if b["mean"] is None else f"{b['mean']:.3f}"

@@ -16,6 +16,10 @@ This is what ``rlsedit eval`` and the benchmarks call. Suites:
   ``out["generation"][suite]`` beside the teacher-forced figures; ``pre_edit_generations`` (per
   suite, from :func:`~rlsedit.eval.generation.pre_edit_generations` on the unedited model; for
   zsre on :func:`~rlsedit.eval.zsre.zsre_requests` of the convention) gives the neighbourhood locality;
+* ``multihop`` — :class:`~rlsedit.eval.multihop.MultiHopCase` s of an MQuAKE-layout file, their
+  questions asked raw and through the chat template
+  (:func:`rlsedit.eval.multihop.evaluate_multihop`, settings ``multihop_config``); the model is
+  scored as it is (the cases' rewrites must already be applied), under ``out["multihop"]``;
 * ``general`` — names from :data:`GENERAL_SUITES`, read from ``data_dir`` laid out as
   :data:`DATA_FILES` (default: the folder named by the ``RLSEDIT_DATA_DIR`` environment
   variable). None of these files ship with the package; :data:`PUBLIC_SOURCES` says where
@@ -46,6 +50,7 @@ from .generation import GenerationConfig, evaluate_generation
 from .general import CHOICE_TASKS, evaluate_choice_task, known_facts_recall, perplexity
 from .gsm8k import evaluate_gsm8k
 from .humaneval import evaluate_humaneval
+from .multihop import MultiHopCase, evaluate_multihop
 from .sandbox import SandboxLimits
 from .zsre import DEFAULT_CONVENTION, evaluate_zsre, zsre_requests
 
@@ -172,6 +177,8 @@ def run_eval(
     details: bool = False,
     generation: Mapping[str, GenerationConfig] | None = None,
     pre_edit_generations: Mapping[str, Mapping[str, str]] | None = None,
+    multihop: Sequence[MultiHopCase] | None = None,
+    multihop_config: GenerationConfig | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run the requested suites on ``lm`` as it is now; see the module docstring.
@@ -205,7 +212,7 @@ def run_eval(
     out: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     n_suites = (bool(counterfact) + bool(zsre) + sum(bool(edit_suites.get(s)) for s in (generation or {}))
-                + len(dict.fromkeys(general)))
+                + len(dict.fromkeys(general)) + bool(multihop))
     bar = tqdm(total=n_suites, desc="evaluating", unit="suite", disable=not progress)
 
     def timed(name: str, fn):
@@ -239,6 +246,9 @@ def run_eval(
                 lm, edit_suites[suite], gen_config, pre_edit=pre))
             if suite == "zsre":
                 out["generation"][suite]["convention"] = zsre_convention
+    if multihop:
+        out["multihop"] = timed("multihop", lambda: evaluate_multihop(
+            lm, multihop, multihop_config or GenerationConfig(seed=seed, batch_size=batch_size)))
     if general:
         results: dict[str, Any] = {}
         for name in dict.fromkeys(general):  # keep order, drop repeats
