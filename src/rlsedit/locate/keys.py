@@ -37,7 +37,8 @@ def prefix_weights(prefixes, average: str = "per_type") -> torch.Tensor:
     ``"per_type"`` (``memit/compute_ks.py``): the bare prompt ``"{}"`` and the generated
     prefixes are two types; each type weighs 1/(number of types present) and shares it
     equally among its members, so with one bare and five generated prefixes the bare prompt
-    weighs ½ and each generated one 1/10. ``"uniform"``: ``1/P`` each (ROME ``compute_u``).
+    weighs ½ and each generated one 1/10; a chat context prefix (``chat_prefix``) is one more
+    non-bare prefix, so the bare prompt keeps ½. ``"uniform"``: ``1/P`` each (ROME ``compute_u``).
     """
     if average not in AVERAGES:
         raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")

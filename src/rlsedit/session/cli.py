@@ -42,7 +42,8 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="model spec for a new state (default smollm2)")
     p.add_argument("--method", default=None, help="editor for a new state (default rlsedit)")
     p.add_argument("--batch-size", type=int, default=1, help="edits per batch")
-    p.add_argument("--hparams", default=None, help="hyperparameters JSON (ours or an official hparams file)")
+    p.add_argument("--hparams", default=None, help="hyperparameters JSON (ours or an official hparams file), e.g. "
+                   "{\"chat_prefix\": true} to also edit through the chat template")
     p.add_argument("--corpus", default=None, help="text/JSONL corpus for E[kkᵀ] (new state only)")
     p.add_argument("--n", "--limit", dest="limit", type=int, default=None,
                    help="use only the first N records of the file (--limit is the old name)")
