@@ -56,7 +56,8 @@ def test_generation_success_locality_and_chat_are_computed_after_editing(measure
     after = measured["after"]
     s = after["summary"]
     assert after["counts"] == {"edits": N_EDITS, "edits_total": N_EDITS, "paraphrases": N_EDITS,
-                               "neighbours": N_EDITS, "chat": N_EDITS}
+                               "neighbours": N_EDITS, "chat": N_EDITS,
+                               "portability": 0}  # the MEND layout has no generation_prompts
     for key in ("edit_begins", "edit_mentions", "old_begins", "open_mentions", "neighbour_unchanged",
                 "neighbour_true_begins", "chat_mentions", "chat_begins"):
         assert s[key] is not None and 0.0 <= s[key] <= 1.0, (key, s[key])
