@@ -155,6 +155,24 @@ def test_a_layer_sweep_runs_and_is_plotted(tiny_setup):
     assert "rlsedit[layers=2-3]" in (out / "results.md").read_text()
 
 
+def run_killed_at_edit(config: MethodBenchConfig, out: Path, call: int, monkeypatch) -> None:
+    """Run the benchmark with its ``call``-th ``Session.edit`` (a batch) killed before it edits."""
+    from rlsedit.session.session import Session
+
+    real_edit = Session.edit
+    calls = {"n": 0}
+
+    def dying_edit(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt("simulated kill")
+        return real_edit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "edit", dying_edit)
+    with pytest.raises(KeyboardInterrupt):
+        run_method_bench(config, out)
+
+
 # ---- the whole benchmark ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -255,7 +273,7 @@ def test_easyedit_locality_is_recorded_once_and_reported_per_method(finished):
             summary = b["evaluation"]["counterfact"]["summary"]
             assert 0.0 <= summary["locality"] <= 1.0 and summary["locality_n"] == b["edits"]
     md = (out / "results.md").read_text()
-    head = next(line for line in md.splitlines() if line.startswith("| Method | Eff.↑"))
+    head = next(line for line in md.splitlines() if line.startswith("| Method | Edits | Eff.↑"))
     column = [c.strip() for c in head.split("|")].index("Loc. (EasyEdit)↑")
     row = next(line for line in md.splitlines() if line.startswith("| unedited (before editing) |"))
     assert [c.strip() for c in row.split("|")][column] == "100.0"
@@ -316,17 +334,7 @@ def test_a_killed_run_resumes_mid_method_to_the_same_weights(finished, tiny_setu
     out = tiny_setup["root"] / "killed"
     config = _config(tiny_setup, methods=("rlsedit",), general=(), checkpoints=1)
     real_edit = Session.edit
-    calls = {"n": 0}
-
-    def dying_edit(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return real_edit(self, *args, **kwargs)
-
-    monkeypatch.setattr(Session, "edit", dying_edit)
-    with pytest.raises(KeyboardInterrupt):
-        run_method_bench(config, out)
+    run_killed_at_edit(config, out, 2, monkeypatch)
     monkeypatch.setattr(Session, "edit", real_edit)
     assert not (out / "rlsedit" / "result.json").exists()
     assert len((out / "rlsedit" / "progress.jsonl").read_text().splitlines()) == 1

@@ -20,11 +20,15 @@ What one run does (``rlsedit bench methods``, or plain ``rlsedit bench --model �
      (value targets and keys);
    * diagnostics — per layer ``drift_fro = ‖W − W_0‖_F`` and
      ``anchor_residual = ‖K_0ᵀ(W − W_0)‖_F = sqrt(n · tr(Dᵀ E[kkᵀ] D))`` (RQ4);
-   * at ``checkpoints`` evenly spaced batches (always the last): CounterFact efficacy /
-     generalization / specificity on the edits applied so far, EasyEdit's locality (argmax
-     agreement with the unedited model on the neighbourhood answers, whose argmaxes the
-     unedited row records once: ``unedited.json`` ``locality_pre_edit``) and the chosen general
-     suites.
+   * at ``checkpoints`` evenly spaced batches, or at the first batch reaching each of
+     ``checkpoint_edits`` (always the last): CounterFact efficacy / generalization /
+     specificity on the edits applied so far, EasyEdit's locality (argmax agreement with the
+     unedited model on the neighbourhood answers, whose argmaxes the unedited row records
+     once: ``unedited.json`` ``locality_pre_edit``), the chosen general suites, with
+     ``retention_first`` the efficacy of the stream's first edits, and with
+     ``stop_below_chance`` the efficacy of the batch just applied: a method whose last-batch
+     efficacy is below chance at two consecutive checkpoints stops editing there
+     (:func:`~rlsedit.bench.edit_stream.collapse_stop`; its result records ``stopped``).
 
    After the last batch: the forgetting curve (:func:`rlsedit.eval.retention.forgetting_curve`)
    and, on the first ``fluency_n`` edits, fluency and consistency (these generate text,
@@ -37,10 +41,10 @@ What one run does (``rlsedit bench methods``, or plain ``rlsedit bench --model �
 
 Resumability (files under ``out``): ``settings.json`` pins the edit stream (ids) and
 everything that changes results; ``<method>/state`` is the session; ``<method>/progress.jsonl``
-holds one line per finished batch (timings, diagnostics, checkpoint scores);
-``<method>/result.json`` is written atomically when the method is done. A rerun skips
+holds one line per finished batch (timings, diagnostics, checkpoint scores, UTC time);
+``<method>/result.json`` is written atomically when the method is done (or stopped). A rerun skips
 finished methods, reopens a half-finished one from its journal and continues with the
-next batch (batch granularity: a batch that was journaled but whose progress line was
+next batch (a method whose progress already meets the collapse stop is not edited further) (batch granularity: a batch that was journaled but whose progress line was
 lost keeps its edits; its timings are recorded as ``None``).
 """
 
@@ -50,18 +54,18 @@ import dataclasses
 import json
 import logging
 import shutil
-import statistics
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import InvalidRequestError, StateMismatchError
 from ..requests import EditRequest
-from .edit_stream import checkpoint_batches, select_edits
+from .edit_stream import checkpoint_plan, collapse_stop, select_edits
 from .methods_config import MethodBenchConfig, MethodRun, plan_runs
 from .methods_eval import (GenerationPlan, consistency_reference, diagnostics_summary, evaluate_checkpoint,
-                           final_extras, generation_plan, locality_reference)
-from .methods_report import write_report
+                           final_extras, generation_plan, last_batch_efficacy, locality_reference)
+from .methods_report import timing_summary, write_report
 from .resume import (add_to_unedited, append_progress, bench_settings, check_or_write_settings, read_progress,
                      rewrite_progress, unedited_once, write_json)
 
@@ -226,7 +230,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
                     f"({base_sha[:12]}…); refusing to benchmark on changed weights")
         timer = _PhaseTimer(session.editor, session.store)
         batches = [requests[i:i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
-        checkpoints = set(checkpoint_batches(len(batches), config.checkpoints))
+        checkpoints = checkpoint_plan(len(requests), config.batch_size, config.checkpoints, config.checkpoint_edits)
         # a progress line counts only if its batch is in the journal (a state folder lost or
         # deleted while progress.jsonl stayed must not make the run skip unapplied batches)
         kept = [rec for rec in records
@@ -237,7 +241,11 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
             rewrite_progress(progress_path, kept)
             records = kept
         done = {rec["batch"] for rec in records}
+        stopped = collapse_stop(records) if config.stop_below_chance else None
         for b, batch in enumerate(batches, start=1):
+            if stopped is not None:
+                log.info("%s: stopped at %d edits (%s)", run.name, stopped["at_edits"], stopped["reason"])
+                break
             if b in done:
                 continue
             applied_before = all(r.id in session.index for r in batch)
@@ -257,20 +265,25 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
             record["diagnostics"] = diagnostics_summary(session.editor.diagnostics())
             if b in checkpoints:
                 so_far = [r for bb in batches[:b] for r in bb]
+                if checkpoints[b]:
+                    record["checkpoint_for"] = checkpoints[b]  # the edit counts asked; "edits" is the actual one
                 record["evaluation"] = evaluate_checkpoint(session.lm, so_far, config, general, plan,
                                                            locality_pre_edit)
+                if config.stop_below_chance:
+                    record["evaluation"]["last_batch_efficacy"] = last_batch_efficacy(session.lm, batch, config)
+            record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             append_progress(progress_path, record)
             records.append(record)
+            if config.stop_below_chance:
+                stopped = collapse_stop(records)
             log.info("%s: batch %d/%d (%.1f s)", run.name, b, len(batches), total)
-        final = final_extras(session.lm, requests, config, consistency_ref)
+        records.sort(key=lambda r: r["batch"])
+        applied = requests[:stopped["at_edits"]] if stopped is not None else requests
+        final = final_extras(session.lm, applied, config, consistency_ref)
         status = {"weights_sha256": weights_sha256(session.lm), "layers": list(session.editor.layers),
                   "edits_applied": len(session.index)}
     finally:
         session.close()
-    records.sort(key=lambda r: r["batch"])
-    timed = [r for r in records if r.get("total_s") is not None]
-    n_timed = sum(len(batches[r["batch"] - 1]) for r in timed)
-    solve = [r["solve_s"] for r in timed if r.get("solve_s") is not None]
     from .solver import machine_description
 
     import torch
@@ -282,8 +295,9 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
         "batches": records,
         "final": final,
         "status": status,
-        "seconds_per_edit": sum(r["total_s"] for r in timed) / n_timed if n_timed else None,
-        "solve_seconds_per_batch": statistics.fmean(solve) if solve else None,
+        "stopped": stopped,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **timing_summary(records),
         "setup_seconds_last_open": setup_s,
         "wall_seconds_this_process": time.perf_counter() - start_wall,
     }

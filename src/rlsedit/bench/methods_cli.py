@@ -32,6 +32,14 @@ def _names(text: str) -> tuple[str, ...]:
     return values
 
 
+def _edit_counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated edit counts, e.g. 500,1000,2000, got {text!r}") \
+            from None
+
+
 def _optional_int(text: str) -> int | None:
     if text.lower() in ("none", "all", "0"):
         return None
@@ -55,6 +63,9 @@ _OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
     (("--n",), "n", {"type": int, "help": _help("n") + f" (default {_DEFAULTS.n})"}),
     (("--batch-size",), "batch_size", {"type": int, "help": _help("batch_size") + f" (default {_DEFAULTS.batch_size})"}),
     (("--checkpoints",), "checkpoints", {"type": int, "help": _help("checkpoints") + f" (default {_DEFAULTS.checkpoints})"}),
+    (("--checkpoint-at",), "checkpoint_edits", {"type": _edit_counts, "help": _help("checkpoint_edits")}),
+    (("--retention-first",), "retention_first", {"type": int, "help": _help("retention_first")}),
+    (("--stop-below-chance",), "stop_below_chance", {"action": "store_true", "help": _help("stop_below_chance")}),
     (("--general",), "general", {"type": _names, "help": "general suites at each checkpoint: ppl, knowns, mmlu, glue, "
                                  "sst2, mrpc, cola, rte, nli, sentiment_analysis, dialogue, glue_mmlu, gsm8k, humaneval"}),
     (("--general-n",), "general_n", {"type": _optional_int, "help": _help("general_n") + f" (default {_DEFAULTS.general_n})"}),
@@ -137,6 +148,8 @@ def _run_from_group(args: argparse.Namespace) -> int:
 
 def build_config(values: dict) -> MethodBenchConfig:
     """A :class:`MethodBenchConfig` from parsed option values (``None`` = the field's default)."""
+    if values.get("checkpoints") is not None and values.get("checkpoint_edits"):
+        raise UsageError("bench methods: --checkpoints and --checkpoint-at both say where to evaluate; give one")
     kwargs = {k: v for k, v in values.items() if k not in _NOT_CONFIG and v is not None}
     return MethodBenchConfig(**kwargs)
 

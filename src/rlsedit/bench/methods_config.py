@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_METHODS: tuple[str, ...] = ("rlsedit", "rlsedit-official", "alphaedit", "memit", "rome", "ft")
 GEN_CHAT = {"auto": None, "yes": True, "no": False}  # gen_chat -> GenerationConfig.chat
+DEFAULT_CHECKPOINTS = 4
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,14 @@ class MethodBenchConfig:
     methods: tuple[str, ...] = field(default=DEFAULT_METHODS, metadata={"help": "methods, in the order run"})
     n: int = field(default=200, metadata={"help": "number of edits (the first N records of the file)"})
     batch_size: int = field(default=20, metadata={"help": "edits per batch"})
-    checkpoints: int = field(default=4, metadata={"help": "evaluations along the stream (the last batch is always one)"})
+    checkpoints: int = field(default=DEFAULT_CHECKPOINTS, metadata={"help": "evaluations along the stream (the last batch is always one)"})
+    checkpoint_edits: tuple[int, ...] = field(default=(), metadata={
+        "help": "evaluate after the first batch whose cumulative edit count reaches each of these, e.g. "
+                "500,1000,2000 (and after the last batch); instead of checkpoints"})
+    retention_first: int = field(default=0, metadata={
+        "help": "at every checkpoint, efficacy (and generation says-it) of the first N edits of the stream (0 = off)"})
+    stop_below_chance: bool = field(default=False, metadata={
+        "help": "stop a method once its last batch's efficacy is below chance (0.5) at two consecutive checkpoints"})
     general: tuple[str, ...] = field(default=(), metadata={"help": "general suites at each checkpoint (ppl, knowns, mmlu, sst2, gsm8k, …)"})
     general_n: int | None = field(default=100, metadata={"help": "items per scored-choice suite (seeded sample; None = all)"})
     gsm8k_limit: int | None = field(default=10, metadata={"help": "GSM8K/HumanEval problems per checkpoint"})
@@ -59,6 +67,24 @@ class MethodBenchConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise InvalidRequestError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.checkpoint_edits:
+            if self.checkpoints != DEFAULT_CHECKPOINTS:
+                raise InvalidRequestError(
+                    f"checkpoints={self.checkpoints} and checkpoint_edits={list(self.checkpoint_edits)} both set "
+                    "where checkpoints go; give one of them (--checkpoints K or --checkpoint-at E1,E2,…)")
+            edits = tuple(self.checkpoint_edits)
+            for value in edits:
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise InvalidRequestError(f"checkpoint_edits must be positive integers, got {value!r}")
+                if value > self.n:
+                    raise InvalidRequestError(
+                        f"checkpoint_edits: {value} edits lies beyond the stream's n={self.n} edits")
+            object.__setattr__(self, "checkpoint_edits", tuple(sorted(set(edits))))
+        if isinstance(self.retention_first, bool) or not isinstance(self.retention_first, int) \
+                or not 0 <= self.retention_first <= self.n:
+            raise InvalidRequestError(f"retention_first must be an integer in [0, n={self.n}], got {self.retention_first!r}")
+        if not isinstance(self.stop_below_chance, bool):
+            raise InvalidRequestError(f"stop_below_chance must be true or false, got {self.stop_below_chance!r}")
         if self.fluency_n < 0:
             raise InvalidRequestError(f"fluency_n must be >= 0, got {self.fluency_n!r}")
         if isinstance(self.gen_n, bool) or not isinstance(self.gen_n, int) or self.gen_n < 0:

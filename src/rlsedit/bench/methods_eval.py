@@ -1,9 +1,11 @@
 """What the method benchmark measures on a model: the checkpoint evaluation (CounterFact,
-general suites, generation on a fixed sample of the edits), the end-of-stream extras
-(forgetting curve, fluency, consistency) and the per-layer diagnostics totals."""
+general suites, generation on a fixed sample of the edits, retention of the first edits), the
+last batch's efficacy (the collapse stop), the end-of-stream extras (forgetting curve, fluency,
+consistency) and the per-layer diagnostics totals."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -35,6 +37,49 @@ def evaluate_checkpoint(lm, requests: Sequence[EditRequest], config: MethodBench
         generation = evaluate_generation_sample(lm, requests, plan, config.retention_bins)
         if generation is not None:
             out["generation"] = generation
+    if config.retention_first:
+        out["retention_first"] = retention_of_first(lm, requests, config, plan)
+    return out
+
+
+def rewrite_efficacy(lm, requests: Sequence[EditRequest], config: MethodBenchConfig) -> float | None:
+    """Teacher-forced efficacy of ``requests``: the share whose rewrite prompt gives the new object a
+    lower mean NLL than the true one (ROME's p(new) > p(true); chance 0.5)."""
+    from ..eval.counterfact import score_requests
+
+    if not requests:
+        return None
+    records = score_requests(lm, requests, groups=("rewrite",), batch_size=config.eval_batch_size)
+    values = [r["rewrite_success"] for r in records if r["rewrite_success"] is not None]
+    return sum(values) / len(values) if values else None
+
+
+def last_batch_efficacy(lm, batch: Sequence[EditRequest], config: MethodBenchConfig) -> float | None:
+    """Efficacy of the batch just applied: what the collapse stop watches (a method whose fresh
+    edits no longer take has collapsed, whatever its older edits do)."""
+    return rewrite_efficacy(lm, batch, config)
+
+
+def retention_of_first(lm, applied: Sequence[EditRequest], config: MethodBenchConfig,
+                       plan: GenerationPlan | None) -> dict[str, Any]:
+    """Efficacy of the first ``retention_first`` edits of the stream (those applied so far) and, with
+    generation metrics on, *says it* on their edit prompts for a seeded sample of at most ``gen_n``
+    of them (the same sample at every checkpoint; raw prompt, no chat, no other prompts)."""
+    from ..eval.generation import evaluate_generation, sample_positions
+
+    first = list(applied[:config.retention_first])
+    start = time.perf_counter()
+    out: dict[str, Any] = {"edits": len(first), "efficacy": rewrite_efficacy(lm, first, config), "generation": None}
+    if plan is not None and first:
+        chosen = [p for p in sample_positions(config.retention_first, config.gen_n, config.seed) if p < len(first)]
+        if chosen:
+            # only the edit prompt is generated: the other prompts are scored by the checkpoint's own sample
+            bare = [dataclasses.replace(first[p], paraphrases=(), neighborhood=(), neighborhood_answers=(),
+                                        generation_prompts=()) for p in chosen]
+            gen_config = dataclasses.replace(plan.config, n=None, chat=False, portability=False, samples=0)
+            result = evaluate_generation(lm, bare, gen_config)
+            out["generation"] = {"edits": len(chosen), "edit_begins": result["summary"]["edit_begins"]}
+    out["seconds"] = time.perf_counter() - start
     return out
 
 

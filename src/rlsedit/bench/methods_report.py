@@ -1,15 +1,19 @@
-"""The method benchmark's report: ``results.json`` gathered from the finished runs under
-``out``, the markdown table ``results.md``, and the plots (:mod:`rlsedit.bench.plots`)."""
+"""The method benchmark's report: ``results.json`` gathered from the runs under ``out`` (finished,
+stopped, or partial: a run with progress lines but no ``result.json`` yet is reported with the
+edits it has done and the date of its last batch), the markdown table ``results.md``, and the
+plots (:mod:`rlsedit.bench.plots`)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import statistics
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import InvalidRequestError
-from .resume import SETTINGS_FILE, UNEDITED, write_json
+from .resume import SETTINGS_FILE, UNEDITED, read_progress, write_json
 from .sweep import run_dir_name
 
 log = logging.getLogger(__name__)
@@ -35,34 +39,78 @@ NOTES = [
     "gen unchanged = the neighbourhood prompt's continuation is identical to the unedited model's (the unedited row: "
     "two decodings of the same model, a determinism check); chat says it = the chat-template answer to the edit "
     "prompt mentions the new object (– where the model has no chat template)",
+    "Edits: how far each method got. 'stopped at E edits': settings.stop_below_chance stopped it there (the "
+    "efficacy of the batch just applied was below chance, 0.5, at two consecutive checkpoints); 'partial: E of N "
+    "edits, DATE': the run is still going or was interrupted (DATE: its last finished batch, UTC). Stopped and "
+    "partial rows are scored at their last checkpoint",
+    "first-N columns (settings.retention_first): at each checkpoint, efficacy of the first N edits of the stream and "
+    "says it (edit prompt, raw, greedy) on a seeded sample of at most settings.gen_n of them; last batch: efficacy "
+    "of the batch just applied (settings.stop_below_chance)",
 ]
+
+
+def timing_summary(records: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """``seconds_per_edit`` over the timed batches (a batch resumed from the journal has no
+    timings) and the mean ``solve_seconds_per_batch``, from progress records."""
+    edits_timed, seconds, solve = 0, 0.0, []
+    previous = 0
+    for rec in sorted(records, key=lambda r: r["batch"]):
+        if rec.get("total_s") is not None:
+            edits_timed += rec["edits"] - previous
+            seconds += rec["total_s"]
+            if rec.get("solve_s") is not None:
+                solve.append(rec["solve_s"])
+        previous = rec["edits"]
+    return {"seconds_per_edit": seconds / edits_timed if edits_timed else None,
+            "solve_seconds_per_batch": statistics.fmean(solve) if solve else None}
+
+
+def partial_result(folder: Path, n: int) -> dict[str, Any] | None:
+    """A run without ``result.json`` as far as its ``progress.jsonl`` goes (``None`` without any
+    line): its batches, timings, and ``partial = {edits_done, of, date}``."""
+    path = folder / "progress.jsonl"
+    records = sorted(read_progress(path), key=lambda r: r["batch"])
+    if not records:
+        return None
+    stamp = records[-1].get("finished_at")
+    date = stamp[:10] if stamp else \
+        datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).date().isoformat()  # lines written before dates
+    return {"batches": records, "final": {}, "status": {"edits_applied": records[-1]["edits"]},
+            **timing_summary(records), "partial": {"edits_done": records[-1]["edits"], "of": n, "date": date}}
 
 
 def write_report(out: str | Path, run_names: Sequence[str] | None = None, *,
                  machine: dict[str, Any] | None = None) -> dict[str, Any]:
     """Gather ``out``'s finished runs into ``results.json``, ``results.md`` and plots.
 
-    ``run_names`` orders the rows (a name without ``result.json`` is reported as not run);
-    ``None`` takes every run folder found. Also what ``--report-only`` does for a run that
-    was stopped before all methods finished.
+    ``run_names`` orders the rows (a name without ``result.json`` is reported as partial when
+    its ``progress.jsonl`` has lines, else as not run); ``None`` takes every run folder found.
+    Also what ``--report-only`` does while methods are still running or after a run was killed.
     """
     from .plots import plot_method_bench
 
     out = Path(out)
     if not (out / SETTINGS_FILE).is_file() or not (out / f"{UNEDITED}.json").is_file():
         raise InvalidRequestError(f"{out} holds no benchmark yet (no {SETTINGS_FILE} / {UNEDITED}.json)")
+    settings = json.loads((out / SETTINGS_FILE).read_text())
     results: dict[str, Any] = {}
     if run_names is None:
-        run_names = sorted(p.parent.name for p in out.glob("*/result.json"))
+        run_names = sorted({p.parent.name for pattern in ("*/result.json", "*/progress.jsonl")
+                            for p in out.glob(pattern)})
     for name in run_names:
-        path = out / run_dir_name(name) / "result.json"
-        if path.is_file():
-            results[name] = json.loads(path.read_text())
+        folder = out / run_dir_name(name)
+        if (folder / "result.json").is_file():
+            results[name] = json.loads((folder / "result.json").read_text())
+        else:
+            partial = partial_result(folder, settings["n"])
+            if partial is not None:
+                results[name] = partial
     if machine is None:
         machines = [r["machine"] for r in results.values() if "machine" in r]
         machine = machines[0] if machines else {"note": "not recorded"}
     full = {
-        "settings": json.loads((out / SETTINGS_FILE).read_text()),
+        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings,
         "runs": list(run_names),
         "unedited": json.loads((out / f"{UNEDITED}.json").read_text()),
         "methods": results,
@@ -117,6 +165,27 @@ def _generation_oldest(generation: dict[str, Any]) -> float | None:
     return bins[0]["mean"] if bins else None
 
 
+def _edits_cell(result: dict[str, Any]) -> str:
+    """How far a method got: its edit count, where it stopped, or how far a partial run is."""
+    stopped = result.get("stopped")
+    if stopped:
+        return f"stopped at {stopped['at_edits']:,} edits ({stopped['reason']})"
+    scored = [b["edits"] for b in result["batches"] if "evaluation" in b]
+    partial = result.get("partial")
+    if partial:
+        text = f"partial: {partial['edits_done']:,} of {partial['of']:,} edits, {partial['date']}"
+        if not scored:
+            return text + "; no checkpoint yet"
+        return text + ("" if scored[-1] == partial["edits_done"] else f"; scores at {scored[-1]:,}")
+    return f"{result['batches'][-1]['edits']:,}" if result["batches"] else "–"
+
+
+def _first_n(evaluation: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Efficacy and generation says-it of the first edits (settings.retention_first) at a checkpoint."""
+    first = evaluation.get("retention_first") or {}
+    return first.get("efficacy"), (first.get("generation") or {}).get("edit_begins")
+
+
 def _generation_sample_lines(full: dict[str, Any]) -> list[str]:
     """Each row's generation samples (end of the stream), so a reader can check the scorer."""
     from ..eval.generation import format_samples
@@ -140,16 +209,21 @@ def format_results_markdown(full: dict[str, Any]) -> str:
     plus retention, general capability, cost, and a chance row."""
     settings = full["settings"]
     general = settings.get("general", [])
+    first_n = settings.get("retention_first", 0)
+    last_batch = settings.get("stop_below_chance", False)
     from ..eval.generation import COLUMNS as GEN_COLUMNS
 
-    head = ["Method", "Eff.↑", "Gen.↑", "Spe.↑", "Loc. (EasyEdit)↑", "Flu.↑", "Consis.↑", "Ret. oldest↑",
-            *[label for _, label in GEN_COLUMNS], "gen. ret. oldest", *[
+    first_head = [f"Eff. first {first_n:,}↑", f"says it first {first_n:,}↑"] if first_n else []
+    head = ["Method", "Edits", "Eff.↑", "Gen.↑", "Spe.↑", "Loc. (EasyEdit)↑", "Flu.↑", "Consis.↑", "Ret. oldest↑",
+            *first_head, *[label for _, label in GEN_COLUMNS], "gen. ret. oldest", *[
                 ("PPL↓" if g == "wikitext" else f"{g}↑") for g in general], "s/edit", "solve s/batch"]
     lines = [
         f"# Method benchmark: {settings['model']}, {Path(settings['data']).name}, "
         f"N={settings['n']}, batch {settings['batch_size']}",
         "",
-        "CounterFact success rates in % at the end of the stream, on all edits applied "
+        *([f"Report written {full['written_at'][:10]} (UTC).", ""] if full.get("written_at") else []),
+        "CounterFact success rates in % at the end of the stream (Edits: how far each method got; a stopped or "
+        "partial method is scored at its last checkpoint), on all edits applied "
         "(efficacy = rewrite prompt, generalization = paraphrases, specificity = neighborhood prompts). "
         "Loc. (EasyEdit): % of neighbourhood answer tokens whose teacher-forced argmax is the unedited model's. "
         "Ret. oldest: efficacy of the oldest 1/"
@@ -163,14 +237,15 @@ def format_results_markdown(full: dict[str, Any]) -> str:
         "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
     ]
 
-    def row(name: str, evaluation: dict, final: dict, s_edit, solve) -> str:
+    def row(name: str, edits: str, evaluation: dict, final: dict, s_edit, solve) -> str:
         summary = evaluation.get("counterfact", {}).get("summary", {})
         gen = final.get("generation", {})
         said = evaluation.get("generation", {})
         general_res = evaluation.get("general", {})
-        cells = [name, _pct(summary.get("efficacy")), _pct(summary.get("generalization")),
+        first = [_pct(v) for v in _first_n(evaluation)] if first_n else []
+        cells = [name, edits, _pct(summary.get("efficacy")), _pct(summary.get("generalization")),
                  _pct(summary.get("specificity")), _pct(summary.get("locality")), _num(gen.get("fluency"), "{:.2f}"),
-                 _num(gen.get("consistency"), "{:.3f}"), _pct(_retention_oldest(final)),
+                 _num(gen.get("consistency"), "{:.3f}"), _pct(_retention_oldest(final)), *first,
                  *[_pct(said.get("summary", {}).get(key)) for key, _ in GEN_COLUMNS],
                  _pct(_generation_oldest(said)),
                  *[_general_cell(g, general_res.get(g)) for g in general],
@@ -179,43 +254,53 @@ def format_results_markdown(full: dict[str, Any]) -> str:
 
     unedited = full.get("unedited")
     if unedited:
-        lines.append(row(f"{UNEDITED} (before editing)", unedited["evaluation"], unedited["final"], None, None))
+        lines.append(row(f"{UNEDITED} (before editing)", "0", unedited["evaluation"], unedited["final"], None, None))
     for name in full["runs"]:
         result = full["methods"].get(name)
         if result is None:
             lines.append("| " + " | ".join([name] + ["not run"] + ["–"] * (len(head) - 2)) + " |")
             continue
-        lines.append(row(name, _final_eval(result), result["final"], result["seconds_per_edit"],
+        lines.append(row(name, _edits_cell(result), _final_eval(result), result["final"], result["seconds_per_edit"],
                          result["solve_seconds_per_batch"]))
     ref = unedited["evaluation"] if unedited else {}
-    chance = ["chance", "50.0", "50.0", "50.0", "–", "–", "–", "50.0", *["–"] * (len(GEN_COLUMNS) + 1),
+    chance = ["chance", "", "50.0", "50.0", "50.0", "–", "–", "–", "50.0", *(["50.0", "–"] if first_n else []),
+              *["–"] * (len(GEN_COLUMNS) + 1),
               *[_general_chance(g, ref.get("general", {}).get(g)) for g in general], "", ""]
     lines.append("| " + " | ".join(chance) + " |")
+    extra_head = [f"Eff. first {first_n:,}", f"says it first {first_n:,}"] if first_n else []
+    extra_head += ["Eff. last batch"] if last_batch else []
+    trajectory_head = ["Method", "edits", "Eff.", "Gen.", "Spe.", "Loc. (EasyEdit)", *extra_head, "says it (edit)",
+                       "says it (para.) / mentions (reph.)", "nbr gen unchanged", "chat says it", "‖W−W0‖",
+                       "anchor residual", "s/edit (batch)", "solve s"]
     lines += ["", "## Along the stream", "",
-              "| Method | edits | Eff. | Gen. | Spe. | Loc. (EasyEdit) | says it (edit) | "
-              "says it (para.) / mentions (reph.) | nbr gen unchanged | chat says it | ‖W−W0‖ | anchor residual | "
-              "s/edit (batch) | solve s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "edits: the actual edit count of each checkpoint (a checkpoint asked at a count that is not a multiple "
+              "of the batch size is evaluated after the batch that reaches it: '1,020 (asked 1,000)').", "",
+              "| " + " | ".join(trajectory_head) + " |",
+              "|" + "|".join(["---"] + ["---:"] * (len(trajectory_head) - 1)) + "|"]
     for name in full["runs"]:
         result = full["methods"].get(name)
         if result is None:
             continue
-        for b in result["batches"]:
+        previous = 0
+        for b in sorted(result["batches"], key=lambda r: r["batch"]):
+            size, previous = b["edits"] - previous, b["edits"]
             if "evaluation" not in b:
                 continue
             s = b["evaluation"].get("counterfact", {}).get("summary", {})
-            size = b["edits"] - (result["batches"][b["batch"] - 2]["edits"] if b["batch"] > 1 else 0)
             per_edit = None if b.get("total_s") is None else b["total_s"] / size
             d = b["diagnostics"]
             g = b["evaluation"].get("generation", {}).get("summary", {})
             para = g.get("paraphrase_begins") if g.get("paraphrase_begins") is not None else g.get("open_mentions")
-            lines.append(f"| {name} | {b['edits']} | {_pct(s.get('efficacy'))} | {_pct(s.get('generalization'))} | "
-                         f"{_pct(s.get('specificity'))} | {_pct(s.get('locality'))} | {_pct(g.get('edit_begins'))} | "
-                         f"{_pct(para)} | "
-                         f"{_pct(g.get('neighbour_unchanged'))} | {_pct(g.get('chat_mentions'))} | "
-                         f"{_num(d.get('drift_fro'), '{:.3g}')} | "
-                         f"{_num(d.get('anchor_residual'), '{:.3g}')} | {_num(per_edit)} | "
-                         f"{_num(b.get('solve_s'), '{:.3f}')} |")
+            asked = [a for a in b.get("checkpoint_for", []) if a != b["edits"]]
+            edits = f"{b['edits']:,}" + (f" (asked {', '.join(f'{a:,}' for a in asked)})" if asked else "")
+            extra = [_pct(v) for v in _first_n(b["evaluation"])] if first_n else []
+            extra += [_pct(b["evaluation"].get("last_batch_efficacy"))] if last_batch else []
+            cells = [name, edits, _pct(s.get("efficacy")), _pct(s.get("generalization")), _pct(s.get("specificity")),
+                     _pct(s.get("locality")), *extra, _pct(g.get("edit_begins")), _pct(para),
+                     _pct(g.get("neighbour_unchanged")), _pct(g.get("chat_mentions")),
+                     _num(d.get("drift_fro"), "{:.3g}"), _num(d.get("anchor_residual"), "{:.3g}"), _num(per_edit),
+                     _num(b.get("solve_s"), "{:.3f}")]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += _generation_sample_lines(full)
     machine = full.get("machine", {})
     lines += ["", f"Machine: {json.dumps(machine, sort_keys=True)}", ""]

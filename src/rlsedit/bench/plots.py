@@ -1,7 +1,8 @@
 """PNG plots of a method benchmark (``results.json`` of :mod:`rlsedit.bench.methods_report`).
 
 * ``metrics_vs_edits.png`` — efficacy, generalization, specificity at each checkpoint (teacher
-  forced, top row) and, when the run has them, the generation metrics below them: says it (edit
+  forced, top row; with ``retention_first``, the efficacy of the stream's first edits dashed in
+  the efficacy panel) and, when the run has them, the generation metrics below them: says it (edit
   prompt; chat dashed), says it on paraphrases / mentions on open rephrases, neighbour
   generation unchanged;
 * ``general_vs_edits.png`` — the general suites at each checkpoint (when any were run);
@@ -79,12 +80,20 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
     fig, grid = plt.subplots(2 if with_gen else 1, 3, figsize=(13, 7.6 if with_gen else 3.8), sharey=True,
                              squeeze=False)
     axes = grid[0]
+    colors = {name: f"C{i}" for i, name in enumerate(main)}
+    first_n = full["settings"].get("retention_first", 0)
     for ax, (key, label) in zip(axes, CF_METRICS):
         for name, result in main.items():
             pts = [(b["edits"], b["evaluation"]["counterfact"]["summary"].get(key)) for b in _checkpoints(result)]
             pts = [(x, y) for x, y in pts if y is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
+                ax.plot(*zip(*pts), marker="o", color=colors[name], label=name)
+            if key == "efficacy" and first_n:
+                pts = [(b["edits"], (b["evaluation"].get("retention_first") or {}).get("efficacy"))
+                       for b in _checkpoints(result)]
+                pts = [(x, y) for x, y in pts if y is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker="x", ls="--", color=colors[name], label=f"{name} (first {first_n:,})")
         if unedited:
             base = unedited["evaluation"].get("counterfact", {}).get("summary", {}).get(key)
             if base is not None:
@@ -95,8 +104,9 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
         ax.set_ylim(-0.02, 1.02)
     axes[0].set_ylabel("success rate (teacher-forced)")
     axes[-1].legend(fontsize=7, loc="lower left")
+    if first_n:  # the first-N lines are drawn in the efficacy panel only
+        axes[0].legend(fontsize=7, loc="lower left")
     if with_gen:
-        colors = {name: f"C{i}" for i, name in enumerate(main)}
         for ax, (title, keys) in zip(grid[1], GEN_PANELS):
             for name, result in main.items():
                 for key, style in keys:
@@ -186,7 +196,7 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
     ax.legend(fontsize=7)
     save(fig, "solve_cost.png")
 
-    sweep = {k: v for k, v in methods.items() if "[" in k}
+    sweep = {k: v for k, v in methods.items() if "[" in k and "partial" not in v}  # partial runs lack final scores
     if sweep:
         fig = _sweep_figure(plt, sweep)
         save(fig, "sweep.png")

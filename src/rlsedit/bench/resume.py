@@ -103,6 +103,12 @@ def bench_settings(config: MethodBenchConfig, requests: Sequence[EditRequest],
             "max_new_tokens", "fluency_n", "retention_bins", "seed", "shuffle", "mom2_tokens", "corpus", "device",
             "gen_n", "gen_max_new_tokens", "gen_chat")
     out = {k: getattr(config, k) for k in keys}
+    # pinned only when set, so a benchmark begun before these settings existed still resumes
+    for key, value in (("checkpoint_edits", list(config.checkpoint_edits)),
+                       ("retention_first", config.retention_first),
+                       ("stop_below_chance", config.stop_below_chance)):
+        if value:
+            out[key] = value
     out["general"] = list(general)
     out["edit_ids"] = [r.id for r in requests]
     out["edit_stream_sha256"] = edit_stream_sha256(requests)
