@@ -259,8 +259,11 @@ def test_a_partial_run_reports_the_edits_done_and_the_date(setup, monkeypatch):
     # a checkpoint behind the edits done is named: after batch 2 (4 edits) the last scores are at 2
     records[-1].pop("evaluation")
     (out / "rlsedit" / "progress.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    md = format_partial_row(write_report(out))
-    assert md.startswith(f"| rlsedit | partial: 4 of 5 edits, {today}; scores at 2 |")
+    full = write_report(out)
+    assert format_partial_row(full).startswith(f"| rlsedit | partial: 4 of 5 edits, {today}; scores at 2 |")
+    # every batch done but no result.json (killed during the end-of-stream scores)
+    full["methods"]["rlsedit"]["partial"]["edits_done"] = 5
+    assert "5 of 5 edits" in format_partial_row(full) and "end-of-stream scores pending" in format_partial_row(full)
 
 
 def format_partial_row(full) -> str:

@@ -93,8 +93,9 @@ _OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
     (("--threads",), "threads", {"type": int, "help": "torch intra-op threads (default: torch's choice)"}),
     (("--progress",), "progress", {"action": "store_true", "help": "show progress bars"}),
     (("--json",), "json", {"action": "store_true", "help": "print results.json instead of the Markdown table"}),
-    (("--report-only",), "report_only", {"action": "store_true", "help": "run nothing: gather the finished methods "
-                                         "in --out into results.json/results.md/plots (rows in --methods order)"}),
+    (("--report-only",), "report_only", {"action": "store_true", "help": "run nothing: gather the methods in --out "
+                                         "(finished, stopped, or partial: edits done so far and the date) into "
+                                         "results.json/results.md/plots (rows in --methods order)"}),
 ]
 _REQUIRED = ("model", "data", "out")
 _NOT_CONFIG = {"out", "threads", "progress", "json", "report_only"}

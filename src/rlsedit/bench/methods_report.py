@@ -174,6 +174,8 @@ def _edits_cell(result: dict[str, Any]) -> str:
     partial = result.get("partial")
     if partial:
         text = f"partial: {partial['edits_done']:,} of {partial['of']:,} edits, {partial['date']}"
+        if partial["edits_done"] == partial["of"]:
+            text += "; end-of-stream scores pending"
         if not scored:
             return text + "; no checkpoint yet"
         return text + ("" if scored[-1] == partial["edits_done"] else f"; scores at {scored[-1]:,}")
