@@ -44,7 +44,8 @@ everything that changes results; ``<method>/state`` is the session; ``<method>/p
 holds one line per finished batch (timings, diagnostics, checkpoint scores, UTC time);
 ``<method>/result.json`` is written atomically when the method is done (or stopped). A rerun skips
 finished methods, reopens a half-finished one from its journal and continues with the
-next batch (a method whose progress already meets the collapse stop is not edited further) (batch granularity: a batch that was journaled but whose progress line was
+next batch; a method whose progress lines already meet the collapse stop is not edited
+further (batch granularity: a batch that was journaled but whose progress line was
 lost keeps its edits; its timings are recorded as ``None``).
 """
 
