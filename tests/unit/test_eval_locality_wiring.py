@@ -274,3 +274,28 @@ def test_edit_with_the_memit_convention_is_scored_under_it(setup, capsys):
     out = _eval(["--state", str(state), "--zsre-data", str(setup["zsre"]), "--suites", "zsre", "--no-generation",
                  "--cache-dir", str(setup["cache"])], capsys)
     assert out["zsre"]["convention"] == "memit"
+
+
+def test_eval_state_generation_reference_comes_from_w0_as_from_the_base_model(setup, capsys):
+    """eval --state decodes the neighbourhood before editing on the state's W_0 (no second model
+    load): the neighbour-unchanged figure equals the one against the base model loaded afresh."""
+    from rlsedit.eval.generation import GenerationConfig, evaluate_generation, pre_edit_generations
+    from rlsedit.model.load import load_model
+    from rlsedit.session.session import Runtime, Session
+
+    state = setup["root"] / "state-gen-w0"
+    assert cli.main(["-q", "edit", "--state", str(state), "--edits", str(setup["cf"]), "--model",
+                     str(setup["model"]), "--method", "memit-seq", "--hparams", str(setup["hparams"]), "--corpus",
+                     str(setup["corpus"]), "--cache-dir", str(setup["cache"]), "--batch-size", "2"]) == 0
+    capsys.readouterr()
+    out = _eval(["--state", str(state), "--data", str(setup["cf"]), "--gen-max-new-tokens", "4", "--gen-chat", "no",
+                 "--cache-dir", str(setup["cache"])], capsys)
+    reqs = read_requests(setup["cf"])
+    cfg = GenerationConfig(max_new_tokens=4, chat=False)
+    pre = pre_edit_generations(load_model(str(setup["model"])), reqs, cfg)
+    with Session.open(state, runtime=Runtime(cache_dir=str(setup["cache"])), read_only=True) as session:
+        direct = evaluate_generation(session.lm, reqs, cfg, pre_edit=pre)
+    got = out["generation"]["counterfact"]["summary"]
+    assert got["neighbour_unchanged"] is not None
+    assert got["neighbour_unchanged"] == pytest.approx(direct["summary"]["neighbour_unchanged"])
+    assert got["edit_begins"] == pytest.approx(direct["summary"]["edit_begins"])

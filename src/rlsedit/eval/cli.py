@@ -20,8 +20,8 @@ Suites (``--suites``, comma-separated):
 Beside the teacher-forced figures, counterfact and zsre report generation metrics (unless
 ``--no-generation``): does the model *say* the new fact when it generates greedily (edit prompt,
 paraphrases, chat template), does it still say the old one, and are its neighbourhood
-continuations identical to the unedited model's (for ``--state`` the base model is loaded to
-decode them once). ``--gen-n`` scores a seeded sample of the edits; 30 (prompt, generation,
+continuations identical to the unedited model's (for ``--state`` decoded once on the state's
+unedited weights ``W_0``, put back for the time of it). ``--gen-n`` scores a seeded sample of the edits; 30 (prompt, generation,
 verdict) rows are printed so the scorer can be checked by eye.
 
 ``--multihop FILE`` asks the multi-hop questions of an MQuAKE-layout file (its first ``--n``
@@ -136,8 +136,9 @@ def journal_requests(session) -> list:
     return out
 
 
-def check_args(args) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Refuse bad options before any model is loaded; returns ``split_suites(args.suites)``."""
+def check_args(args) -> tuple[tuple[str, ...], tuple[str, ...], list | None]:
+    """Refuse bad options before any model is loaded; returns ``split_suites(args.suites)`` and the
+    cases of ``--multihop`` (None without it), read once here so a bad file fails first."""
     if args.suites is None:  # the default: counterfact, unless only the multi-hop questions are asked for
         args.suites = () if getattr(args, "multihop", None) and not args.data else ("counterfact",)
     edit, general = split_suites(args.suites)
@@ -158,11 +159,12 @@ def check_args(args) -> tuple[tuple[str, ...], tuple[str, ...]]:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise InvalidRequestError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    multihop = None
     if getattr(args, "multihop", None):
         from .multihop import read_multihop
 
-        read_multihop(args.multihop, limit=args.n)  # a bad file fails before any model loads
-    return edit, general
+        multihop = read_multihop(args.multihop, limit=args.n)
+    return edit, general, multihop
 
 
 def generation_configs(args, edit_suites) -> dict[str, Any]:
@@ -190,11 +192,13 @@ def multihop_config(args):
                             seed=args.seed, chat=chat, batch_size=args.batch_size)
 
 
-def evaluate_model(lm, args, *, session=None, unedited_lm=None) -> dict[str, Any]:
+def evaluate_model(lm, args, *, session=None) -> dict[str, Any]:
     """Run the suites of ``args`` on ``lm``; ``session`` provides the journal for ``retention``.
 
-    ``unedited_lm`` decodes the neighbourhood prompts before editing for the generation
-    locality (default ``lm`` itself: an unedited model compared with itself).
+    The references of both localities — the neighbourhood continuations (generation) and the
+    teacher-forced argmaxes (EasyEdit) before editing — come from the session's unedited weights
+    ``W_0``, put back for the time of recording them (:func:`rlsedit.eval.pre_edit.unedited_weights`);
+    without a session, from ``lm`` itself (an unedited model compared with itself).
     """
     from ..eval.generation import pre_edit_generations
     from ..eval.pre_edit import pre_edit_locality, unedited_weights
@@ -203,23 +207,17 @@ def evaluate_model(lm, args, *, session=None, unedited_lm=None) -> dict[str, Any
     from ..eval.runner import run_eval
     from ..requests import read_requests
 
-    edit, general = check_args(args)
+    edit, general, multihop = check_args(args)
     counterfact = read_requests(args.data, limit=args.n) if "counterfact" in edit else None
     zsre = read_requests(args.zsre_data or args.data, limit=args.n) if "zsre" in edit else None
-    multihop = None
-    if getattr(args, "multihop", None):
-        from ..eval.multihop import read_multihop
-
-        multihop = read_multihop(args.multihop, limit=args.n)
     generation = generation_configs(args, edit)
     # score zsRE under the convention the state's edits followed (its journal has their targets)
     edited = {r.id: r for r in journal_requests(session)} if zsre and session is not None else None
     convention = resolve_convention(getattr(args, "zsre_convention", None), zsre or (), edited)
     requests = {"counterfact": counterfact, "zsre": zsre_requests(zsre, convention) if zsre else None}
-    pre_edit = {suite: pre_edit_generations(unedited_lm or lm, requests[suite], cfg)
-                for suite, cfg in generation.items() if requests[suite]}
-    # EasyEdit locality's reference: a state's own unedited weights, else the (unedited) model given
-    with unedited_weights(session) if session is not None else contextlib.nullcontext(unedited_lm or lm) as base:
+    with unedited_weights(session) if session is not None else contextlib.nullcontext(lm) as base:
+        pre_edit = {suite: pre_edit_generations(base, requests[suite], cfg)
+                    for suite, cfg in generation.items() if requests[suite]}
         locality = pre_edit_locality(base, counterfact=counterfact, zsre=zsre, zsre_convention=convention,
                                      batch_size=args.batch_size)
     result = run_eval(lm, counterfact=counterfact, zsre=zsre, general=general, data_dir=args.data_dir,
@@ -296,15 +294,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         session = Session.open(args.state, runtime=Runtime(device=args.device, cache_dir=args.cache_dir),
                                read_only=True)
         try:
-            unedited = None
-            edit, _ = split_suites(args.suites)
-            if generation_configs(args, edit):
-                from ..model.load import load_model
-
-                # the neighbourhood continuations before editing come from the base model
-                unedited = load_model(session.store.meta["model"]["spec"], device=args.device,
-                                      cache_dir=args.cache_dir)
-            result = evaluate_model(session.lm, args, session=session, unedited_lm=unedited)
+            result = evaluate_model(session.lm, args, session=session)
             result["state"] = {"dir": args.state, "method": session.store.meta["method"],
                                "model": session.store.meta["model"]["spec"], "edits_applied": len(session.index)}
         finally:
