@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from .errors import InvalidRequestError
 
@@ -252,13 +252,14 @@ def parse_records(record: Any, index: int = 0) -> list[EditRequest]:
     return parse_mquake_case(record, index) if is_mquake_case(record) else [parse_request(record, index)]
 
 
-def _file_requests(record: Any, index: int, made: dict[tuple[str, str], EditRequest]) -> list[EditRequest]:
-    """:func:`parse_records` for a record of a file. ``made`` maps ``(prompt, subject)`` to the
-    MQuAKE rewrites of earlier cases: one made again is left out, one to another target raises
-    (``made`` is updated only when the whole case is accepted; other layouts never touch it)."""
+def _file_requests(record: Any, index: int, made: Mapping[tuple[str, str], EditRequest]
+                   ) -> tuple[list[EditRequest], dict[tuple[str, str], EditRequest]]:
+    """:func:`parse_records` for a record of a file, and what to add to ``made`` once the caller
+    accepts it. ``made`` maps ``(prompt, subject)`` to the MQuAKE rewrites of earlier cases: one
+    made again is left out, one to another target raises (other layouts add nothing to it)."""
     requests = parse_records(record, index)
     if not is_mquake_case(record):
-        return requests
+        return requests, {}
     new: dict[tuple[str, str], EditRequest] = {}
     for request in requests:
         key = (request.prompt, request.subject)
@@ -270,8 +271,7 @@ def _file_requests(record: Any, index: int, made: dict[tuple[str, str], EditRequ
                 f"MQuAKE case #{index}: rewrite {request.id!r} sets {request.text!r} to {request.target_new!r}, "
                 f"but rewrite {prior.id!r} sets it to {prior.target_new!r}; one model cannot hold both "
                 "(edit such cases into separate states, or drop one)")
-    made.update(new)
-    return list(new.values())
+    return list(new.values()), new
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
@@ -318,7 +318,9 @@ def read_requests(path: str | Path, *, limit: int | None = None) -> list[EditReq
     for count, (index, record) in enumerate(iter_records(path)):
         if limit is not None and count >= limit:
             break
-        out.extend(_file_requests(record, index, made))
+        requests, new = _file_requests(record, index, made)
+        made.update(new)
+        out.extend(requests)
     check_unique_ids(out)
     return out
 
@@ -338,8 +340,7 @@ def read_requests_skipping_bad(path: str | Path, *, limit: int | None = None
         try:
             if isinstance(record, InvalidRequestError):
                 raise record
-            trial = dict(made)  # kept only when the whole record is accepted
-            requests = _file_requests(record, index, trial)
+            requests, new = _file_requests(record, index, made)
             for request in requests:
                 if request.id in seen:
                     raise InvalidRequestError(f"edit id {request.id!r} occurs twice; ids must be unique")
@@ -347,7 +348,7 @@ def read_requests_skipping_bad(path: str | Path, *, limit: int | None = None
             rec_id = record.get("id", record.get("case_id", index)) if isinstance(record, dict) else index
             skipped.append({"id": str(rec_id), "error": str(exc)})
             continue
-        made = trial
+        made.update(new)  # only once the whole record is accepted
         seen.update(r.id for r in requests)
         out.extend(requests)
     return out, skipped
