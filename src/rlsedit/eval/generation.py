@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..locate.prefixes import chat_text
+from ..locate.prefixes import chat_text, has_chat_template
 from ..requests import EditRequest, iter_records
 from .datafiles import EvalDataError
 from .scoring import greedy_generate
@@ -124,10 +124,6 @@ def verdict(generation: str, target: str) -> str:
 
 
 # ---- prompts -----------------------------------------------------------------------------------
-
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
 
 def chat_prompt(tokenizer, question: str) -> str:
     """``question`` as the user turn of the tokenizer's chat template, ready for the assistant.

@@ -157,6 +157,10 @@ def rome_context_prefixes(lm, length_params=ROME_LENGTH_PARAMS, *, seed: int = 0
     return list(lm.cache[key])
 
 
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def chat_text(tokenizer, content: str) -> str:
     """``content`` as the user turn of the tokenizer's chat template, ready for the assistant's
     answer: the text that is then encoded *with* the tokenizer's special tokens.
@@ -165,7 +169,7 @@ def chat_text(tokenizer, content: str) -> str:
     adds one, so the template's is dropped in that case. A tokenizer without a template raises
     :class:`~rlsedit.errors.InvalidRequestError`.
     """
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise InvalidRequestError(
             f"the tokenizer {name!r} has no chat template, so nothing can be put in chat form; "
