@@ -367,9 +367,8 @@ class Editor:
         return chat_context_prefix(self.lm.tokenizer) if self.config.chat_prefix else None
 
     def _compute_batch(self, requests: list[EditRequest]) -> tuple[EditRecord, dict[int, Any]]:
-        from ..locate.keys import compute_keys
+        from ..locate.keys import BatchKeys, compute_keys
         from ..locate.fasttargets import compute_value_targets
-        from ..locate.targets import hidden_at_subject
         from ..locate.targets_reference import compute_targets_reference
 
         ids = tuple(r.id for r in requests)
@@ -384,11 +383,16 @@ class Editor:
         _check_finite("value target z", z, ids)
         tensors: dict[str, torch.Tensor] = {}
         new_state: dict[int, Any] = {}
+        average = self.config.key_average
+        with clock("keys"):
+            # runs the blocks below the first layer once; each block above once, after the layers
+            # below it were written (the keys a fresh compute_keys would read then)
+            reader = BatchKeys(self.lm, self.layers[0], top, requests, prefixes, average=average)
         for i, l in enumerate(self.layers):
             with clock("keys"):
-                K = compute_keys(self.lm, l, requests, prefixes, average=self.config.key_average).float()  # (d_k, u)
+                K = compute_keys(self.lm, l, requests, prefixes, average=average, reader=reader).float()  # (d_k, u)
                 _check_finite(f"layers.{l}.K", K, ids)
-                h = hidden_at_subject(self.lm, top, requests).float()  # (u, d_model)
+                h = reader.hidden_at_top().float()  # (u, d_model), as hidden_at_subject(lm, top, requests)
             with clock("solve"):
                 R = (z - h) / (len(self.layers) - i)  # this layer's share of the residual
                 W = get_W(self.lm, l)

@@ -8,6 +8,10 @@
   embeddings, ... — per block, since e.g. Gemma 3 alternates sliding and full attention).
   :func:`run_above` then replays those blocks on a changed residual stream without
   re-running the embedding and the blocks below.
+* :func:`capture_entering` runs the model once up to block ``first``, keeping the state
+  entering it and the arguments of blocks ``first..last`` without running any of them;
+  :func:`run_blocks` and :func:`read_in_block` then run those blocks one at a time with the
+  weights as they are at that moment (a batch's keys, layer after edited layer).
 """
 
 from __future__ import annotations
@@ -61,20 +65,27 @@ def read_module(lm, module: torch.nn.Module, input_ids: torch.Tensor, attention_
     """The first input (``read="input"``) or output (``read="output"``) of ``module`` on a
     batch, computed without gradients; the forward stops at the module."""
     seen: list[torch.Tensor] = []
+    with torch.no_grad(), _hooked([_stop_at(module, read, seen)]):
+        _run(lm, input_ids, attention_mask)
+    return _only(seen, module)
+
+
+def _stop_at(module: torch.nn.Module, read: str, seen: list):
+    """A hook on ``module`` that appends its first input or output to ``seen`` and stops the forward."""
     if read == "input":
         def hook(_mod, args, kwargs):
             seen.append(args[0] if args else kwargs["hidden_states"])
             raise _StopForward
-        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    elif read == "output":
+        return module.register_forward_pre_hook(hook, with_kwargs=True)
+    if read == "output":
         def hook(_mod, _args, output):
             seen.append(_first(output))
             raise _StopForward
-        handle = module.register_forward_hook(hook)
-    else:
-        raise ValueError(f"read must be 'input' or 'output', got {read!r}")
-    with torch.no_grad(), _hooked([handle]):
-        _run(lm, input_ids, attention_mask)
+        return module.register_forward_hook(hook)
+    raise ValueError(f"read must be 'input' or 'output', got {read!r}")
+
+
+def _only(seen: list, module: torch.nn.Module) -> torch.Tensor:
     if not seen:
         raise UnsupportedError(f"the model's forward never called {type(module).__name__}; check its architecture entry")
     return seen[0]
@@ -82,12 +93,13 @@ def read_module(lm, module: torch.nn.Module, input_ids: torch.Tensor, attention_
 
 @dataclass
 class BlockCalls:
-    """The arguments of one forward's calls to blocks ``first..n_layers-1``.
+    """The arguments of one forward's calls to blocks ``first..last`` (:func:`capture_above`:
+    ``last = n_layers - 1``).
 
     Attributes:
-        first: the index of the first replayed block (``layer + 1``).
-        calls: per block, ``(positional args after the hidden states, keyword args,
-            hidden_is_positional)``; the key/value cache among them is replaced by a marker.
+        first: the index of the first replayed block (:func:`capture_above`: ``layer + 1``).
+        calls: per block ``first, first + 1, ..``, ``(positional args after the hidden states,
+            keyword args, hidden_is_positional)``; the key/value cache among them is replaced by a marker.
         batch: the batch size they were captured with.
         cache: when the capture ran on a suffix, the key/value cache of the prefix (a
             snapshot: every replay works on a fresh shallow copy, so the suffix keys a
@@ -98,6 +110,11 @@ class BlockCalls:
     calls: list[tuple[tuple, dict, bool]]
     batch: int
     cache: object = None
+
+    @property
+    def last(self) -> int:
+        """The index of the last block whose call is kept."""
+        return self.first + len(self.calls) - 1
 
 
 _CACHE = object()  # stands for the prefix cache inside captured block arguments
@@ -224,16 +241,105 @@ def capture_above(lm, layer: int, input_ids: torch.Tensor, attention_mask: torch
 
 
 def run_above(lm, hidden: torch.Tensor, calls: BlockCalls) -> torch.Tensor:
-    """Replay blocks ``calls.first..n_layers-1`` on ``hidden (B, L, d_model)``."""
+    """Replay blocks ``calls.first..calls.last`` on ``hidden (B, L, d_model)``."""
+    return run_blocks(lm, hidden, calls, calls.first, calls.last + 1)
+
+
+def run_blocks(lm, hidden: torch.Tensor, calls: BlockCalls, start: int, stop: int) -> torch.Tensor:
+    """Blocks ``start..stop-1`` (inside ``calls.first..calls.last``) on ``hidden (B, L, d_model)``
+    with their captured arguments; ``hidden`` itself when ``start == stop``."""
+    if not calls.first <= start <= stop <= calls.last + 1:
+        raise ValueError(f"blocks {start}..{stop - 1} are outside the captured blocks {calls.first}..{calls.last}")
     cache = None if calls.cache is None else _copy_cache(calls.cache)
     h = hidden
-    for offset, (rest, kwargs, positional) in enumerate(calls.calls):
-        if cache is not None:
-            rest = tuple(cache if v is _CACHE else v for v in rest)
-            kwargs = {k: (cache if v is _CACHE else v) for k, v in kwargs.items()}
-        module = block(lm, calls.first + offset)
-        h = _first(module(h, *rest, **kwargs) if positional else module(*rest, hidden_states=h, **kwargs))
+    for index in range(start, stop):
+        h = _first(_call_block(lm, index, h, calls, cache))
     return h
+
+
+def read_in_block(lm, hidden: torch.Tensor, calls: BlockCalls, layer: int, module: torch.nn.Module,
+                  *, read: str) -> torch.Tensor:
+    """Run block ``layer`` (one of ``calls``) on ``hidden`` until ``module`` inside it is reached:
+    that module's first input or output (as :func:`read_module`), without gradients; the rest of
+    the block is not computed."""
+    if not calls.first <= layer <= calls.last:
+        raise ValueError(f"block {layer} is outside the captured blocks {calls.first}..{calls.last}")
+    seen: list[torch.Tensor] = []
+    cache = None if calls.cache is None else _copy_cache(calls.cache)
+    with torch.no_grad(), _hooked([_stop_at(module, read, seen)]):
+        try:
+            _call_block(lm, layer, hidden, calls, cache)
+        except _StopForward:
+            pass
+    return _only(seen, module)
+
+
+def _call_block(lm, index: int, hidden: torch.Tensor, calls: BlockCalls, cache):
+    """Block ``index`` called on ``hidden`` with its captured arguments (``cache``, a fresh copy of
+    the prefix cache, in place of the marker)."""
+    rest, kwargs, positional = calls.calls[index - calls.first]
+    if cache is not None:
+        rest = tuple(cache if v is _CACHE else v for v in rest)
+        kwargs = {k: (cache if v is _CACHE else v) for k, v in kwargs.items()}
+    module = block(lm, index)
+    return module(hidden, *rest, **kwargs) if positional else module(*rest, hidden_states=hidden, **kwargs)
+
+
+@contextmanager
+def _passed_through(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Each module returns its hidden-state input unchanged instead of computing (its hooks
+    still run); the modules' own ``forward`` comes back on exit."""
+    saved = [module.__dict__.get("forward") for module in modules]
+
+    def through(*args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    try:
+        for module in modules:
+            module.forward = through
+        yield
+    finally:
+        for module, own in zip(modules, saved):
+            if own is None:
+                del module.forward
+            else:  # e.g. an accelerate hook installed on the instance
+                module.forward = own
+
+
+def capture_entering(lm, first: int, last: int, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> tuple[torch.Tensor, BlockCalls]:
+    """The residual stream entering block ``first`` ``(B, L, d_model)`` and the calls of blocks
+    ``first..last``, without gradients or a key/value cache.
+
+    One forward from the embedding: blocks ``0..first-1`` run, blocks ``first..last`` do not
+    (each passes its input through while its arguments are kept), and the forward stops at
+    block ``last``. Meant for right-padded rows (no ``position_ids``).
+    """
+    n = lm.n_layers
+    if not 0 <= first <= last < n:
+        raise ValueError(f"need 0 <= first <= last < {n}, got first={first}, last={last}")
+    calls: list = [None] * (last - first + 1)
+    passed: list[torch.Tensor] = []  # the state each block received
+
+    def keep_call(_mod, args, kwargs, j):
+        hidden, rest, kw, positional = _split_hidden(args, kwargs)
+        if passed and hidden is not passed[-1]:
+            raise UnsupportedError(
+                f"the model changes the residual stream between blocks {j - 1} and {j}; "
+                "running the blocks one at a time would be wrong for it")
+        passed.append(hidden)
+        calls[j - first] = (rest, kw, positional)
+        if j == last:
+            raise _StopForward
+
+    modules = [block(lm, j) for j in range(first, last + 1)]
+    handles = [module.register_forward_pre_hook(lambda m, a, k, j=j: keep_call(m, a, k, j), with_kwargs=True)
+               for j, module in zip(range(first, last + 1), modules)]
+    with torch.no_grad(), _hooked(handles), _passed_through(modules[:-1]):
+        _run(lm, input_ids, attention_mask)
+    if any(call is None for call in calls):
+        raise UnsupportedError("the model's forward did not call every block; check its architecture entry")
+    return passed[0], BlockCalls(first=first, calls=calls, batch=int(input_ids.shape[0]))
 
 
 def _take_rows(value, index: torch.Tensor, batch: int):

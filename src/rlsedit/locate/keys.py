@@ -11,16 +11,25 @@ prompt ``["{}"]`` and the generated prefixes, so the bare prompt weighs ½ and e
 ``P − 1`` generated prefixes ``½/(P − 1)`` (``average="per_type"``). ROME's ``compute_u``
 averages its flat template list uniformly, ``w_p = 1/P`` (``average="uniform"``). The keys
 of a batch are the columns of ``K (d_k, u)``.
+
+:func:`compute_keys` runs every text from the embedding to block ``layer``. A batch edits
+several layers ``l_1 < .. < l_m`` in turn, writing each before the keys of the next are read;
+:class:`BatchKeys` runs the embedding and the blocks below ``l_1`` once per batch and then
+each block once, after the layers below it were written — the same keys (up to float32
+rounding) for about a third of the block passes (SmolLM2, layers 4..8, six prefixes).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..errors import NumericalError
+from dataclasses import dataclass
+
+from ..errors import InvalidRequestError, NumericalError, UnsupportedError
 from ..model.weights import down_proj
 from ..requests import SUBJECT_SLOT
-from .forward import read_module
+from .forward import BlockCalls, capture_entering, read_in_block, read_module, run_blocks, select_rows
+from .targets import hidden_at_subject
 from .tokens import (check_layer, check_prefixes, encode_through_subject, length_sorted_chunks, pad_id,
                      pad_right, prompt_texts)
 
@@ -55,7 +64,7 @@ def prefix_weights(prefixes, average: str = "per_type") -> torch.Tensor:
 
 
 def compute_keys(lm, layer: int, requests, prefixes, *, average: str = "per_type",
-                 batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+                 batch_size: int = DEFAULT_BATCH_SIZE, reader: "BatchKeys | None" = None) -> torch.Tensor:
     """The keys ``K (d_k, u)`` float32 of ``requests`` at block ``layer``.
 
     Args:
@@ -68,31 +77,155 @@ def compute_keys(lm, layer: int, requests, prefixes, *, average: str = "per_type
             :func:`prefix_weights`.
         batch_size: sequences per forward pass; every request × prefix text runs in
             length-sorted, right-padded batches and the forward stops at the down projection.
+        reader: a :class:`BatchKeys` made for the same model, requests, prefixes and average;
+            the keys then come from its cached states (``batch_size`` is its own). Editors pass
+            one, so every key of a batch still goes through this function.
 
     Raises:
         InvalidRequestError: a subject missing from its prompt, a text longer than the
-            model's context, a bad layer or prefix.
+            model's context, a bad layer or prefix, a reader made for other requests.
         NumericalError: the model produced non-finite keys.
     """
+    if reader is not None:
+        reader.check_made_for(lm, requests, prefixes, average)
+        return reader.keys(layer)
     layer = check_layer(lm, layer)
     prefixes = check_prefixes(prefixes)
-    weights = prefix_weights(prefixes, average).to(device=lm.device, dtype=torch.float32)  # (P,)
+    weights = prefix_weights(prefixes, average)
+    _check_batch_size(batch_size)
+    requests = list(requests)
+    module = down_proj(lm, layer)
+    ids, positions = encode_through_subject(lm, prompt_texts(requests, prefixes))
+    rows = torch.empty((len(ids), lm.d_k), dtype=torch.float32, device=lm.device)  # (u·P, d_k)
+    for chunk, input_ids, attention_mask in _padded_chunks(lm, ids, batch_size):
+        keys_in = read_module(lm, module, input_ids, attention_mask, read="input")  # (b, L, d_k)
+        _gather_at_subject(rows, keys_in, chunk, positions)
+    return _average_keys(lm, layer, rows, weights, requests)
+
+
+def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    requests = list(requests)
-    items = prompt_texts(requests, prefixes)
-    ids, positions = encode_through_subject(lm, items)
-    module = down_proj(lm, layer)
-    rows = torch.empty((len(items), lm.d_k), dtype=torch.float32, device=lm.device)  # (u·P, d_k)
+
+
+def _padded_chunks(lm, ids: list[list[int]], batch_size: int):
+    """``(row indices, input_ids, attention_mask)`` per length-sorted, right-padded chunk."""
     for chunk in length_sorted_chunks([len(s) for s in ids], batch_size):
         input_ids, attention_mask = pad_right([ids[i] for i in chunk], pad_id(lm), lm.device)
-        keys_in = read_module(lm, module, input_ids, attention_mask, read="input")  # (b, L, d_k)
-        index = torch.tensor(chunk, device=lm.device)
-        pos = torch.tensor([positions[i] for i in chunk], device=lm.device)
-        rows[index] = keys_in[torch.arange(len(chunk), device=lm.device), pos].float()
-    # k_i = Σ_p w_p · row_{i,p}; rows are request-major, so (u, P, d_k) -> (u, d_k) -> (d_k, u)
-    K = torch.einsum("p,upd->ud", weights, rows.view(len(requests), len(prefixes), lm.d_k)).T.contiguous()
+        yield chunk, input_ids, attention_mask
+
+
+def _gather_at_subject(out: torch.Tensor, states: torch.Tensor, chunk: list[int], positions: list[int]) -> None:
+    """``out[chunk[r]] = states[r, positions[chunk[r]]]`` (float32) for every row ``r`` of a chunk."""
+    device = out.device
+    pos = torch.tensor([positions[i] for i in chunk], device=device)
+    out[torch.tensor(chunk, device=device)] = states[torch.arange(len(chunk), device=device), pos].float()
+
+
+def _average_keys(lm, layer: int, rows: torch.Tensor, weights: torch.Tensor, requests: list) -> torch.Tensor:
+    """``K (d_k, u)``: ``k_i = Σ_p w_p · row_{i,p}`` of the request-major rows ``(u·P, d_k)``."""
+    u, P = len(requests), len(weights)
+    w = weights.to(device=rows.device, dtype=torch.float32)
+    K = torch.einsum("p,upd->ud", w, rows.view(u, P, lm.d_k)).T.contiguous()  # (u, P, d_k) -> (d_k, u)
     if not torch.isfinite(K).all():
         bad = [requests[i].id for i in torch.nonzero(~torch.isfinite(K).all(dim=0)).flatten().tolist()]
         raise NumericalError(f"layer {layer}: non-finite keys for edits {bad}")
     return K
+
+
+@dataclass
+class _Chunk:
+    """Rows run together: their indices among the batch's texts, and their state entering
+    the reader's current block with the arguments of blocks ``first..top``."""
+
+    rows: list[int]
+    state: torch.Tensor  # (b, L, d_model)
+    calls: BlockCalls
+
+
+class BatchKeys:
+    """The keys of one batch at the edited layers ``first ≤ l ≤ top``, in ascending order, with
+    the weights as they are when each is asked for.
+
+    Made once per batch: every request × prefix text is tokenized and chunked as
+    :func:`compute_keys` does and runs once from the embedding to the state entering block
+    ``first``, which is kept with the arguments the model passes to blocks ``first..top``
+    (:func:`~rlsedit.locate.forward.capture_entering`). :meth:`keys` at ``l`` then carries the
+    kept states through blocks ``current..l-1`` with their present weights (so the layers
+    written since are seen, exactly as a fresh :func:`compute_keys` would see them) and reads
+    block ``l``'s down-projection input; a later layer continues from there.
+
+    Exact while nothing below the current block changes after it was passed: an editor
+    writes layer ``l`` only after reading its keys, and nothing below ``l`` afterwards.
+    Memory: the kept states, ``u·P`` rows × their length × ``d_model``.
+    """
+
+    def __init__(self, lm, first: int, top: int, requests, prefixes, *, average: str = "per_type",
+                 batch_size: int = DEFAULT_BATCH_SIZE):
+        first, top = check_layer(lm, first), check_layer(lm, top)
+        if top < first:
+            raise InvalidRequestError(f"top layer {top} is below the first layer {first}")
+        self.lm, self.first, self.top = lm, first, top
+        self.prefixes = check_prefixes(prefixes)
+        self.average = average
+        self.weights = prefix_weights(self.prefixes, average)
+        _check_batch_size(batch_size)
+        self.requests = list(requests)
+        ids, self.positions = encode_through_subject(lm, prompt_texts(self.requests, self.prefixes))
+        self.current = first
+        """The block the kept states enter next."""
+        self._chunks = []
+        for chunk, input_ids, attention_mask in _padded_chunks(lm, ids, batch_size):
+            state, calls = capture_entering(lm, first, top, input_ids, attention_mask)
+            self._chunks.append(_Chunk(rows=chunk, state=state, calls=calls))
+
+    def check_made_for(self, lm, requests, prefixes, average: str) -> None:
+        """Refuse a call about other requests, prefixes, averaging or another model."""
+        if lm is not self.lm or list(prefixes) != self.prefixes or average != self.average \
+                or [r.id for r in requests] != [r.id for r in self.requests]:
+            raise InvalidRequestError("the BatchKeys reader was made for another model, batch, prefixes or average")
+
+    def _advance(self, layer: int) -> None:
+        """Carry the kept states through blocks ``current..layer-1``."""
+        layer = check_layer(self.lm, layer)
+        if layer < self.current:
+            raise UnsupportedError(
+                f"the batch's keys were read up to block {self.current}; block {layer} is below it "
+                "(a BatchKeys reader only goes up: make a new one)")
+        if layer > self.top:
+            raise InvalidRequestError(f"layer {layer} is above this reader's top layer {self.top}")
+        with torch.no_grad():
+            for chunk in self._chunks:
+                chunk.state = run_blocks(self.lm, chunk.state, chunk.calls, self.current, layer)
+        self.current = layer
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """``K (d_k, u)`` float32 at block ``layer`` (≥ every layer asked before), as
+        :func:`compute_keys` gives it on the model as it is now."""
+        self._advance(layer)
+        module = down_proj(self.lm, layer)
+        rows = torch.empty((len(self.positions), self.lm.d_k), dtype=torch.float32, device=self.lm.device)
+        for chunk in self._chunks:
+            keys_in = read_in_block(self.lm, chunk.state, chunk.calls, layer, module, read="input")  # (b, L, d_k)
+            _gather_at_subject(rows, keys_in, chunk.rows, self.positions)
+        return _average_keys(self.lm, layer, rows, self.weights, self.requests)
+
+    def hidden_at_top(self) -> torch.Tensor:
+        """The residual stream after block ``top`` at the subject's last token of each bare
+        prompt, ``(u, d_model)`` float32, as ``hidden_at_subject(lm, top, requests)`` gives it
+        now: from the kept bare-prompt rows when ``"{}"`` is a prefix, else by that function."""
+        if SUBJECT_SLOT not in self.prefixes:
+            return hidden_at_subject(self.lm, self.top, self.requests)
+        P, bare = len(self.prefixes), self.prefixes.index(SUBJECT_SLOT)
+        out = torch.empty((len(self.requests), self.lm.d_model), dtype=torch.float32, device=self.lm.device)
+        positions = self.positions[bare::P]  # request i's bare row is i·P + bare
+        with torch.no_grad():
+            for chunk in self._chunks:
+                picked = [r for r, row in enumerate(chunk.rows) if row % P == bare]
+                if not picked:
+                    continue
+                index = torch.tensor(picked, device=chunk.state.device)
+                state = run_blocks(self.lm, chunk.state.index_select(0, index), select_rows(chunk.calls, index),
+                                   self.current, self.top + 1)  # (b', L, d_model)
+                _gather_at_subject(out, state, [chunk.rows[r] // P for r in picked], positions)
+        return out
