@@ -172,8 +172,7 @@ class BatchKeys:
         _check_batch_size(batch_size)
         self.requests = list(requests)
         ids, self.positions = encode_through_subject(lm, prompt_texts(self.requests, self.prefixes))
-        self.current = first
-        """The block the kept states enter next."""
+        self.current = first  # the block the kept states enter next
         self._chunks = []
         for chunk, input_ids, attention_mask in _padded_chunks(lm, ids, batch_size):
             state, calls = capture_entering(lm, first, top, input_ids, attention_mask)
