@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import rlsedit.locate.keys as keys_module
 from locate_tiny import one_thread  # noqa: F401  (autouse fixture)
 from locate_tiny import make_lm, requests
+
+import rlsedit.locate.keys as keys_module
 from rlsedit.editors import RLSEdit, RLSEditConfig
 from rlsedit.errors import InvalidRequestError, UnsupportedError
 from rlsedit.locate.keys import BatchKeys, compute_keys

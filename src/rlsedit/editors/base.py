@@ -367,8 +367,8 @@ class Editor:
         return chat_context_prefix(self.lm.tokenizer) if self.config.chat_prefix else None
 
     def _compute_batch(self, requests: list[EditRequest]) -> tuple[EditRecord, dict[int, Any]]:
-        from ..locate.keys import BatchKeys, compute_keys
         from ..locate.fasttargets import compute_value_targets
+        from ..locate.keys import BatchKeys, compute_keys
         from ..locate.targets_reference import compute_targets_reference
 
         ids = tuple(r.id for r in requests)

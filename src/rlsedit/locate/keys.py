@@ -21,9 +21,9 @@ rounding) for about a third of the block passes (SmolLM2, layers 4..8, six prefi
 
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
+
+import torch
 
 from ..errors import InvalidRequestError, NumericalError, UnsupportedError
 from ..model.weights import down_proj
@@ -64,7 +64,7 @@ def prefix_weights(prefixes, average: str = "per_type") -> torch.Tensor:
 
 
 def compute_keys(lm, layer: int, requests, prefixes, *, average: str = "per_type",
-                 batch_size: int = DEFAULT_BATCH_SIZE, reader: "BatchKeys | None" = None) -> torch.Tensor:
+                 batch_size: int = DEFAULT_BATCH_SIZE, reader: BatchKeys | None = None) -> torch.Tensor:
     """The keys ``K (d_k, u)`` float32 of ``requests`` at block ``layer``.
 
     Args:
