@@ -9,9 +9,22 @@ The public names are importable from here; each is loaded on first use, so ``imp
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+ONEDNN_PRIMITIVE_CACHE = "8192"
+"""Capacity of oneDNN's primitive cache, set for the process unless the user set it.
+
+oneDNN runs bfloat16 products on CPU with kernels generated and cached per matrix shape; the
+value-target optimisation multiplies ~2,000 distinct shapes along a stream (rows × replayed
+width changes as requests stop and groups shrink, times a dozen weight shapes, forward and
+backward). With oneDNN's default capacity (1,024) they evict each other and every product
+regenerates its kernel, several times slower per product (benchmarks/SPEED.md). oneDNN reads
+the variable when it first builds its cache, so it is set at import, before any product runs.
+"""
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_PRIMITIVE_CACHE)
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {

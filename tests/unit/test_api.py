@@ -4,6 +4,7 @@ constructor, dict requests, editor-level undo and save_pretrained/from_pretraine
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -44,6 +45,17 @@ def test_import_rlsedit_is_light_and_exports_the_public_names():
         assert getattr(rlsedit, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         rlsedit.Nope  # noqa: B018
+
+
+def test_import_rlsedit_sizes_onednn_primitive_cache_unless_the_user_did():
+    code = "import os, rlsedit; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    ours = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert ours.stdout.strip() == rlsedit.ONEDNN_PRIMITIVE_CACHE
+    assert int(rlsedit.ONEDNN_PRIMITIVE_CACHE) > 1024  # oneDNN's default, too small for a stream's shapes
+    theirs = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512"})
+    assert theirs.stdout.strip() == "512"
 
 
 def test_the_readme_example_on_a_model_in_memory(tmp_path):
