@@ -32,7 +32,7 @@ from ..errors import InvalidRequestError, NumericalError, StateMismatchError, Un
 from ..model.arch import resolve
 from ..model.device import synchronize
 from ..model.weights import block, get_bias, get_W, set_W
-from ..requests import EditRequest, as_requests, check_unique_ids
+from ..requests import SUBJECT_SLOT, EditRequest, as_requests, check_unique_ids
 from .config import EditConfig
 from .record import EditRecord
 
@@ -178,6 +178,7 @@ class Editor:
     def _build(self) -> None:
         # first, so a model without a chat template fails before any statistics are computed
         chat = self._chat_prefix() if self._given_prefixes is None else None
+        self.preserve_pool_ = self._preserve_pool()  # likewise: a bad subjects file fails first
         moments = self._given_moments
         if self.needs_moments and moments is None:
             moments = self._corpus_moments()
@@ -334,7 +335,7 @@ class Editor:
         try:
             new_state = {}
             for l in self.layers:
-                K, V = record.tensors[f"layers.{l}.K"], record.tensors[f"layers.{l}.V"]
+                K, V = record_columns(record, l)
                 W_new, new_state[l] = self._solve(l, K, V, get_W(self.lm, l))
                 set_W(self.lm, l, W_new)
         except BaseException:
@@ -366,6 +367,29 @@ class Editor:
 
         return chat_context_prefix(self.lm.tokenizer) if self.config.chat_prefix else None
 
+    def _preserve_pool(self) -> list[str] | None:
+        """The subjects preservation rows draw from when ``preserve_count > 0``, else None."""
+        from ..locate.preserve import check_pool_size, load_subject_pool
+
+        c = self.config
+        if not c.preserve_count:
+            return None
+        pool = load_subject_pool(c.preserve_subjects)
+        check_pool_size(pool, c.preserve_count, c.preserve_subjects)
+        return pool
+
+    def _preservation_reader(self, requests: list[EditRequest]):
+        """A :class:`~rlsedit.locate.keys.BatchKeys` over the batch's preservation prompts (each
+        request's template with other subjects, bare: prefix ``["{}"]``), or None when off."""
+        from ..locate.keys import BatchKeys
+        from ..locate.preserve import preservation_requests
+
+        if not self.config.preserve_count:
+            return None
+        c = self.config
+        pseudo = preservation_requests(requests, self.preserve_pool_, c.preserve_count, c.seed)
+        return BatchKeys(self.lm, self.layers[0], self.layers[-1], pseudo, [SUBJECT_SLOT], average=c.key_average)
+
     def _compute_batch(self, requests: list[EditRequest]) -> tuple[EditRecord, dict[int, Any]]:
         from ..locate.fasttargets import compute_value_targets
         from ..locate.keys import BatchKeys, compute_keys
@@ -388,6 +412,8 @@ class Editor:
             # runs the blocks below the first layer once; each block above once, after the layers
             # below it were written (the keys a fresh compute_keys would read then)
             reader = BatchKeys(self.lm, self.layers[0], top, requests, prefixes, average=average)
+            keeper = self._preservation_reader(requests)
+        root_w = self.config.preserve_weight ** 0.5
         for i, l in enumerate(self.layers):
             with clock("keys"):
                 K = compute_keys(self.lm, l, requests, prefixes, average=average, reader=reader).float()  # (d_k, u)
@@ -398,8 +424,17 @@ class Editor:
                 W = get_W(self.lm, l)
                 V = self._absolute_targets(l, K, W, R)  # (u, d_v)
                 _check_finite(f"layers.{l}.V", V, ids)
+                K_all, V_all = K, V
+                if keeper is not None:
+                    # read before layer l is written, as K; V_p = K_pᵀW keeps the output (a
+                    # post-MLP norm of an unchanged v is unchanged), both scaled by √w
+                    Kp = root_w * keeper.keys(l).float()  # (d_k, u·count)
+                    _check_finite(f"layers.{l}.Kp", Kp, ids)
+                    Vp = Kp.T @ W  # (u·count, d_v)
+                    tensors[f"layers.{l}.Kp"], tensors[f"layers.{l}.Vp"] = Kp.contiguous(), Vp.contiguous()
+                    K_all, V_all = torch.cat([K, Kp], dim=1), torch.cat([V, Vp], dim=0)
                 try:
-                    W_new, new_state[l] = self._solve(l, K, V, W)
+                    W_new, new_state[l] = self._solve(l, K_all, V_all, W)
                 except NumericalError as exc:  # the solver's refusal (rlsedit.solvers.rls); say where
                     raise NumericalError(f"layer {l}: {exc}") from exc
                 _check_finite(f"layers.{l}.W", W_new, ids)
@@ -522,6 +557,23 @@ class _Phase:
     def __exit__(self, *exc) -> None:
         synchronize(self.clock.device)
         self.clock.seconds[self.phase] = self.clock.seconds.get(self.phase, 0.0) + time.perf_counter() - self.start
+
+
+def record_columns(record: EditRecord, layer: int, column: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys ``(d_k, n)`` and targets ``(n, d_v)`` a record gave the solve at ``layer``: its
+    edits' own columns, then its preservation columns (``layers.<l>.Kp``/``Vp``, already scaled
+    by √w; :mod:`rlsedit.locate.preserve`) when it has them. With ``column``, only edit
+    ``column``'s: its own column and the preservation columns drawn for it (request-major)."""
+    K, V = record.tensors[f"layers.{layer}.K"], record.tensors[f"layers.{layer}.V"]
+    Kp, Vp = record.tensors.get(f"layers.{layer}.Kp"), record.tensors.get(f"layers.{layer}.Vp")
+    if column is not None:
+        K, V = K[:, column:column + 1], V[column:column + 1]
+        if Kp is not None:
+            count = Kp.shape[1] // len(record.ids)
+            Kp, Vp = Kp[:, column * count:(column + 1) * count], Vp[column * count:(column + 1) * count]
+    if Kp is None:
+        return K, V
+    return torch.cat([K, Kp], dim=1), torch.cat([V, Vp], dim=0)
 
 
 def clone_state(state: Any) -> Any:

@@ -65,7 +65,7 @@ _IGNORED_OFFICIAL_KEYS = {
 }
 
 
-_WRITTEN_WHEN_SET = {"chat_prefix": False}
+_WRITTEN_WHEN_SET = {"chat_prefix": False, "preserve_count": 0, "preserve_weight": 1.0, "preserve_subjects": None}
 """Fields :meth:`EditConfig.to_dict` writes only when they differ from their default."""
 
 
@@ -101,7 +101,16 @@ class EditConfig:
     mom2_update_weight: float | None = _help(
         "n: the anchor Gram is n * E[kk^T]; None = 15000 * d_k / 14336, the official Llama-3-8B value "
         "scaled to the model's key width (see anchor_weight)", None)
-    seed: int = _help("seed for anything random (context prefixes)", 0)
+    seed: int = _help("seed for anything random (context prefixes, preservation subjects)", 0)
+    preserve_count: int = _help(
+        "preservation rows per edit: the edit's prompt template filled with this many other subjects, whose "
+        "current layer output joins the batch's least-squares solve as a target to keep (rlsedit.locate.preserve); "
+        "0 = off. Only for methods that solve a least squares over key columns (not ROME, FT)", 0)
+    preserve_weight: float = _help(
+        "w > 0: weight of each preservation row in the least squares (its key and target scaled by sqrt(w))", 1.0)
+    preserve_subjects: str | None = _help(
+        "where preservation subjects come from: a JSON list of strings, or JSON/JSONL records with a \"subject\" "
+        "(ROME's known_1000.json) or \"title\" field; None = the page titles of the bundled corpus", None)
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -124,6 +133,14 @@ class EditConfig:
             raise InvalidRequestError(f"chat_prefix must be true or false, got {self.chat_prefix!r}")
         object.__setattr__(self, "mom2_update_weight",
                            check_number("mom2_update_weight", self.mom2_update_weight, optional=True))
+        check_int("preserve_count", self.preserve_count, at_least=0)
+        object.__setattr__(self, "preserve_weight", check_number("preserve_weight", self.preserve_weight, positive=True))
+        if isinstance(self.preserve_subjects, Path):
+            object.__setattr__(self, "preserve_subjects", str(self.preserve_subjects))
+        if self.preserve_subjects is not None and (not isinstance(self.preserve_subjects, str)
+                                                   or not self.preserve_subjects.strip()):
+            raise InvalidRequestError(
+                f"preserve_subjects must be a file path or None, got {self.preserve_subjects!r}")
 
     def target_config(self) -> TargetConfig:
         """The value-target settings as the :class:`TargetConfig` the optimisation takes (an
@@ -270,6 +287,10 @@ class ROMEConfig(EditConfig):
         super().__post_init__()
         if self.layers is not None and len(self.layers) != 1:
             raise InvalidRequestError(f"ROME edits exactly one layer, got layers={self.layers!r}")
+        if self.preserve_count:
+            raise InvalidRequestError(
+                f"preserve_count={self.preserve_count}: ROME's rank-one update has no least squares over key columns "
+                "to add preservation rows to; use rlsedit, memit, memit-seq or alphaedit")
         try:
             pairs = tuple((int(length), int(count)) for length, count in self.context_template_length_params)
         except (TypeError, ValueError):
@@ -295,5 +316,9 @@ class FTConfig(EditConfig):
         check_int("num_steps", self.num_steps, at_least=1)
         if self.chat_prefix:
             raise InvalidRequestError("chat_prefix is for the key/value editors; FT fine-tunes on the bare prompts")
+        if self.preserve_count:
+            raise InvalidRequestError(
+                f"preserve_count={self.preserve_count}: FT fine-tunes on the target NLL and solves no least squares "
+                "over key columns; use rlsedit, memit, memit-seq or alphaedit")
         for name in ("lr", "norm_constraint"):
             object.__setattr__(self, name, check_number(name, getattr(self, name), positive=True))

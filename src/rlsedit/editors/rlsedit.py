@@ -4,7 +4,8 @@ Per edited layer the state is ``C_t = (λ²I + μ²A + Σ_i K_iK_iᵀ)⁻¹`` an
 minimiser of ``Σ_i ‖K_iᵀW − V_i‖² + λ²‖W − W_0‖² + μ²‖K_0ᵀ(W − W_0)‖²`` with ``A = K_0K_0ᵀ =
 n·E[kkᵀ]``; each batch is one Woodbury step (:class:`~rlsedit.solvers.rls.RLSState`), so the
 cost per batch is O(d_k²u) whatever the history. ``V`` are absolute targets (base class).
-Undo is the exact downdate of the edit's column.
+Undo is the exact downdate of the edit's column (with its preservation columns, if any:
+:mod:`rlsedit.locate.preserve`).
 
 ``rlsedit-official`` reproduces the public code's behaviour for benchmarks: ``C`` restarts
 from ``C_0`` each batch, and its residual subtracts ``KᵀW_prev`` from a value that already
@@ -19,7 +20,7 @@ from ..errors import InvalidRequestError, StateMismatchError
 from ..model.weights import set_W
 from ..solvers.official import official_update
 from ..solvers.rls import RLSState
-from .base import EditRecord, Editor, clone_state
+from .base import EditRecord, Editor, clone_state, record_columns
 from .config import RLSEditConfig, RLSEditOfficialConfig
 
 
@@ -54,8 +55,7 @@ class RLSEdit(Editor):
             raise InvalidRequestError(f"column {column} is outside the batch of {len(record.ids)} edits")
         new_states = {}
         for l in self.layers:
-            K = record.tensors[f"layers.{l}.K"][:, column:column + 1]
-            V = record.tensors[f"layers.{l}.V"][column:column + 1]
+            K, V = record_columns(record, l, column)  # with the preservation rows drawn for it
             state = clone_state(self.states_[l])
             state.downdate(K, V)  # raises NumericalError, leaving the clone unused
             new_states[l] = state
