@@ -130,16 +130,19 @@ def test_rlsedit_with_lambda_zero_equals_sequential_memit():
             assert rel < 1e-5, f"layer {l}: rlsedit vs memit-seq differ by {rel:.2e}"
 
 
-def test_rlsedit_undo_equals_the_stream_without_that_edit():
+@pytest.mark.parametrize("preserve", [0, 3])  # with preservation rows, edit "a" owns K's column 0 and Kp's 0..2
+def test_rlsedit_undo_equals_the_stream_without_that_edit(preserve):
     lm = make_lm("llama")
     moments = _moments(lm)
-    config = RLSEditConfig(layers=LAYERS, state_dtype="float64", context_count=1, mom2_update_weight=10.0)
+    config = RLSEditConfig(layers=LAYERS, state_dtype="float64", context_count=1, mom2_update_weight=10.0,
+                           preserve_count=preserve)
     editor = RLSEdit(lm, config, moments=moments)
     records = [editor.propose(b).commit() for b in (REQUESTS[:2], REQUESTS[2:])]
     editor.propose_undo(records[0], 1).commit()  # remove edit "b"
 
     fresh = RLSEdit(make_lm("llama"), config, moments=moments, prefixes=editor.prefixes_)
-    kept = EditRecord(ids=("a",), tensors={k: (v[:, :1] if k.endswith(".K") else v[:1])
+    kept = EditRecord(ids=("a",), tensors={k: (v[:, :preserve] if k.endswith(".Kp") else v[:preserve]
+                                               if k.endswith(".Vp") else v[:, :1] if k.endswith(".K") else v[:1])
                                            for k, v in records[0].tensors.items()})
     fresh.apply_record(kept)
     fresh.apply_record(records[1])

@@ -10,7 +10,7 @@ import torch
 
 from locate_tiny import one_thread  # noqa: F401  (autouse fixture)
 from locate_tiny import make_lm
-from rlsedit.editors import EditRecord, get_editor_class
+from rlsedit.editors import get_editor_class
 from rlsedit.editors.config import EditConfig, FTConfig, RLSEditConfig, ROMEConfig
 from rlsedit.errors import InvalidRequestError
 from rlsedit.locate.preserve import clean_title, draw_subjects, load_subject_pool, preservation_requests
@@ -206,25 +206,15 @@ def test_other_column_solvers_take_the_rows(method):
     assert method == "alphaedit" or not torch.equal(get_W(editor.lm, LAYERS[0]), W0)
 
 
-def test_undo_with_preservation_rows_equals_the_stream_without_that_edit():
-    config = dict(preserve_count=3, state_dtype="float64")
-    editor = _editor(**config)
-    records = [editor.propose(b).commit() for b in (REQUESTS[:2], REQUESTS[2:])]
-    editor.undo("b")  # its own column and the 3 preservation columns drawn for it go
-    fresh = _editor(**config)
-    kept = EditRecord(ids=("a",), tensors={k: (v[:, :3] if k.endswith(".Kp") else v[:3] if k.endswith(".Vp")
-                                               else v[:, :1] if k.endswith(".K") else v[:1])
-                                           for k, v in records[0].tensors.items()})
-    fresh.apply_record(kept)
-    fresh.apply_record(records[1])
-    for l in LAYERS:
-        a, b = editor.states_[l].W_, fresh.states_[l].W_
-        assert float((a - b).norm() / b.norm()) < 1e-9
-    assert editor.n_edits_ == 2 and sorted(editor.live_) == ["a", "c"]
-    # undoing everything leaves the unedited weights
-    editor.undo("a")
-    editor.undo("c")
-    for l in LAYERS:
+def test_undoing_every_edit_removes_its_preservation_rows_too():
+    # the stream without one edit: tests/unit/test_editors.py::test_rlsedit_undo_equals_the_stream_without_that_edit
+    editor = _editor(preserve_count=3, state_dtype="float64")
+    for batch in (REQUESTS[:2], REQUESTS[2:]):
+        editor.partial_fit(batch)
+    for edit_id in "bac":
+        editor.undo(edit_id)
+    assert editor.n_edits_ == 0 and not editor.live_
+    for l in LAYERS:  # had the rows stayed, W would keep their pull away from W_0
         assert float((editor.states_[l].W_ - editor.W0[l].double()).norm() / editor.W0[l].norm()) < 1e-9
 
 
