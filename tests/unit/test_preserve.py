@@ -148,17 +148,33 @@ def test_a_pool_too_small_or_a_missing_file_fails_before_anything_changes(tmp_pa
         assert all(torch.equal(get_W(editor.lm, l), W[l]) for l in LAYERS)
 
 
+def test_a_resumed_editor_replays_without_the_subjects_file_and_needs_it_only_for_new_edits(tmp_path):
+    subjects = tmp_path / "subjects.json"
+    subjects.write_text(json.dumps(["Paris", "Rome", "Oslo", "Lima", "Bern"]))
+    editor = _editor(preserve_count=2, preserve_subjects=str(subjects))
+    record = editor.propose(REQUESTS[:1]).commit()
+    subjects.unlink()  # moved away after the edit: the journal holds the rows
+    lm = make_lm("llama")
+    resumed = get_editor_class("rlsedit")(lm, editor.config, moments=_moments(lm), prefixes=editor.prefixes_)
+    resumed.apply_record(record)
+    assert all(torch.equal(get_W(lm, l), get_W(editor.lm, l)) for l in LAYERS)
+    with pytest.raises(InvalidRequestError, match="does not exist"):
+        resumed.partial_fit(REQUESTS[1:2])
+    assert all(torch.equal(get_W(lm, l), get_W(editor.lm, l)) for l in LAYERS)
+
+
 # ---- the edit --------------------------------------------------------------------------------
 
 def _top_states(lm, requests):
     return hidden_at_subject(lm, LAYERS[-1], requests)  # (n, d_model): what the edited layers pass on
 
 
-def test_preservation_rows_keep_other_subjects_and_the_edit_still_moves():
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # Gemma 3: a post-MLP norm after the edited output
+def test_preservation_rows_keep_other_subjects_and_the_edit_still_moves(family):
     pseudo = preservation_requests(REQUESTS[:2], load_subject_pool(), 8, seed=0)
     changes, own_changes, outputs = {}, {}, {}
     for count in (0, 8):
-        editor = _editor(preserve_count=count)
+        editor = _editor(preserve_count=count, preserve_weight=4.0, lm=make_lm(family))
         lm = editor.lm
         before_other, before_own = _top_states(lm, pseudo), _top_states(lm, REQUESTS[:2])
         W0 = get_W(lm, LAYERS[0])
@@ -166,17 +182,16 @@ def test_preservation_rows_keep_other_subjects_and_the_edit_still_moves():
         changes[count] = float((_top_states(lm, pseudo) - before_other).norm())
         own_changes[count] = float((_top_states(lm, REQUESTS[:2]) - before_own).norm())
         if count:
-            Kp = record.tensors["layers.1.Kp"]
+            Kp = record.tensors["layers.1.Kp"] / 2.0  # stored scaled by √w
             assert Kp.shape == (lm.d_k, 16) and record.tensors["layers.1.Vp"].shape == (16, lm.d_model)
             assert record.tensors["layers.1.K"].shape == (lm.d_k, 2)  # the edits' own columns as before
             assert editor.n_edits_ == 2
         outputs[count] = (W0, get_W(lm, LAYERS[0]))
     # ||Δ(K_pᵀW)|| at the first layer (same keys in both runs: read before any write, same model)
     delta = {c: float((Kp.T @ (W1 - W0)).norm()) for c, (W0, W1) in outputs.items()}
-    # weight 1 on a random tiny model: measured 0.70 and 0.65 of the change without (issue 29's numbers
-    # are for the real models); a larger weight keeps them closer (next test)
-    assert delta[8] < 0.8 * delta[0], delta
-    assert changes[8] < 0.8 * changes[0], changes  # and after the edited layers, where it counts
+    # bounds with a margin over what w = 4 gives on these random tiny models (real models: issue 29)
+    assert delta[8] < 0.6 * delta[0], delta
+    assert changes[8] < 0.65 * changes[0], changes  # and after the edited layers, where it counts
     assert own_changes[8] > 0.5 * own_changes[0], own_changes  # the edit still takes
 
 

@@ -178,7 +178,9 @@ class Editor:
     def _build(self) -> None:
         # first, so a model without a chat template fails before any statistics are computed
         chat = self._chat_prefix() if self._given_prefixes is None else None
-        self.preserve_pool_ = self._preserve_pool()  # likewise: a bad subjects file fails first
+        # likewise a bad subjects file; a resumed editor (given its prefixes) replays stored rows
+        # and reads the file only when it computes a new batch
+        self.preserve_pool_ = self._preserve_pool() if self._given_prefixes is None else None
         moments = self._given_moments
         if self.needs_moments and moments is None:
             moments = self._corpus_moments()
@@ -387,6 +389,8 @@ class Editor:
         if not self.config.preserve_count:
             return None
         c = self.config
+        if self.preserve_pool_ is None:
+            self.preserve_pool_ = self._preserve_pool()
         pseudo = preservation_requests(requests, self.preserve_pool_, c.preserve_count, c.seed)
         return BatchKeys(self.lm, self.layers[0], self.layers[-1], pseudo, [SUBJECT_SLOT], average=c.key_average)
 
