@@ -9,6 +9,8 @@ Every key/value method shares one batch procedure (MEMIT's spreading over layers
    at ``L`` (re-read after each layer's write); absolute targets ``V = KᵀW_l + R`` (u, d_v),
    mapped through a post-MLP norm where the architecture has one; then the method's
    ``_solve`` turns ``(K, V)`` into the new ``W_l``, which is written before the next layer.
+   With ``preserve_count > 0``, preservation rows (the request's template with other subjects,
+   their current output as target; :mod:`rlsedit.locate.preserve`) join ``(K, V)`` as extra columns.
 
 A batch is a transaction (:meth:`Editor.propose` → :meth:`Proposal.commit` / ``rollback``):
 the model's weights change while the batch is computed (layer ``l+1`` keys depend on layer

@@ -15,7 +15,8 @@ class EditRecord:
     Attributes:
         ids: the edit ids of the batch, in column order.
         tensors: ``"layers.<l>.K"`` (d_k, u) and ``"layers.<l>.V"`` (u, d_v) per edited layer
-            (float32), or ``"layers.<l>.W"`` (d_k, d_v) for methods without keys (FT).
+            (float32), or ``"layers.<l>.W"`` (d_k, d_v) for methods without keys (FT); with
+            ``preserve_count`` also ``"layers.<l>.Kp"``/``"layers.<l>.Vp"`` (:mod:`rlsedit.locate.preserve`).
         info: JSON-able diagnostics (target losses, steps).
     """
 
