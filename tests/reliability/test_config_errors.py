@@ -69,3 +69,11 @@ def test_bench_speed_hparams_refuses_in_one_line(files):
                         "--hparams", str(files["hparams"])])
     assert code == 3
     assert_one_line_error(code, err, NEEDLE, str(files["hparams"]))
+
+
+def test_edit_unknown_preset_refuses_in_one_line_before_loading(files):
+    code, _, err = cli(["edit", "--state", str(files["out"]), "--edits", str(files["edits"]),
+                        "--model", str(files["model"]), "--preset", "quick"])
+    assert code == 3
+    assert_one_line_error(code, err, "unknown preset 'quick'", "fast")
+    assert not files["out"].exists()

@@ -172,7 +172,7 @@ def test_variant_with_an_unknown_field_is_refused_before_any_stream(setup):
 
 @pytest.mark.parametrize("changes, needle", [
     ({"targets": ("adam",), "variants": {"adam": {}}}, "method names"),
-    ({"targets": ("fast",)}, "targets"), ({"targets": ("adam",), "variants": {"fast": {}}}, "not among"),
+    ({"targets": ("quick",)}, "targets"), ({"targets": ("adam",), "variants": {"fast": {}}}, "not among"),
     ({"variants": {"fast": 3}, "targets": ("fast",)}, "variants must"),
     ({"reference_n": 9}, "reference_n"), ({"n": 0}, "n must be"), ({"batch_size": 0}, "batch_size"),
     ({"threads": 0}, "threads"), ({"targets": ("sgd",)}, "targets"), ({"targets": ("adam", "adam")}, "targets"),

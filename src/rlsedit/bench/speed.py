@@ -48,6 +48,7 @@ import torch
 
 from ..editors import get_editor_class
 from ..editors.base import iter_batches
+from ..editors.config import PRESETS, preset_overrides
 from ..errors import InvalidRequestError
 from ..requests import EditRequest
 from .edit_stream import select_edits
@@ -76,7 +77,7 @@ class SpeedBenchConfig:
         "help": "where the session state goes (default: a temporary folder, removed after)"})
     targets: tuple[str, ...] = field(default=(), metadata={
         "help": "value-target methods to compare, each a whole stream on the same edits (adam, onestep, verify, "
-                "or a label of ``variants``; default: the method's configured one)"})
+                "a label of ``variants``, or a preset such as ``fast``; default: the method's configured one)"})
     variants: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={
         "help": "named settings to compare as targets: label -> overrides of the method's config (e.g. "
                 "{\"fast\": {\"v_early_stop_nll\": 0.5, \"v_dtype\": \"bfloat16\"}})"})
@@ -94,7 +95,7 @@ class SpeedBenchConfig:
         clash = sorted(set(self.variants) & set(TARGET_METHODS))
         if clash:
             raise InvalidRequestError(f"variant labels {clash} are value-target method names; choose other labels")
-        known = [*TARGET_METHODS, *self.variants]
+        known = [*TARGET_METHODS, *self.variants, *(p for p in PRESETS if p not in self.variants)]
         bad = [t for t in targets if t not in known]
         if bad or len(set(targets)) != len(targets):
             raise InvalidRequestError(f"targets must be distinct names among {known}, got {list(targets)}")
@@ -268,9 +269,14 @@ def run_speed_bench(config: SpeedBenchConfig, *, progress: bool = False) -> dict
 
 
 def target_overrides(config: SpeedBenchConfig, target: str) -> dict[str, Any]:
-    """The method-config fields a compared target sets: a variant's overrides, or just
+    """The method-config fields a compared target sets: a variant's overrides, a preset's
+    (:data:`~rlsedit.editors.config.PRESETS`, unless a variant takes its name), or just
     ``v_method`` for a value-target method's name."""
-    return dict(config.variants[target]) if target in config.variants else {"v_method": target}
+    if target in config.variants:
+        return dict(config.variants[target])
+    if target in PRESETS:
+        return preset_overrides(target)
+    return {"v_method": target}
 
 
 def _stream_run(config: SpeedBenchConfig, requests: list[EditRequest], method_config, *, reference: bool,

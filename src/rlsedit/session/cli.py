@@ -44,6 +44,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="edits per batch")
     p.add_argument("--hparams", default=None, help="hyperparameters JSON (ours or an official hparams file), e.g. "
                    "{\"chat_prefix\": true} to also edit through the chat template")
+    p.add_argument("--preset", default=None, help="a named setting, e.g. 'fast' (2 context prefixes, twice the "
+                   "target step size: 1.8x faster per edit, benchmarks/SPEED.md); --hparams fields apply on top")
     p.add_argument("--corpus", default=None, help="text/JSONL corpus for E[kkᵀ] (new state only)")
     p.add_argument("--n", "--limit", dest="limit", type=int, default=None,
                    help="use only the first N records of the file (--limit is the old name)")
@@ -102,12 +104,18 @@ def register(sub) -> None:
 
 
 def _load_config(args):
-    if args.hparams is None:
+    preset = getattr(args, "preset", None)
+    if args.hparams is None and preset is None:
         return None
     from ..editors import get_editor_class
+    from ..editors.config import preset_overrides
 
+    config_class = get_editor_class(args.method or "rlsedit").config_class
+    base = {} if preset is None else preset_overrides(preset)
     try:
-        return get_editor_class(args.method or "rlsedit").config_class.from_json_file(args.hparams)
+        if args.hparams is None:
+            return config_class.from_dict(base)
+        return config_class.from_json_file(args.hparams, under=base)
     except InvalidRequestError:
         raise
     except ValueError as exc:  # a config's __post_init__ names the field and value
