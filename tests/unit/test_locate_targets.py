@@ -240,7 +240,7 @@ def test_config_rejects_bad_values(field, value):
 
 def test_config_defaults_documented():
     config = TargetConfig()
-    assert config.to_dict() == {"steps": 25, "lr": None, "weight_decay": 0.5, "kl_factor": 0.0625,
+    assert config.to_dict() == {"steps": 25, "lr": None, "lr_scale": 1.0, "weight_decay": 0.5, "kl_factor": 0.0625,
                                 "clamp_norm_factor": 0.75, "early_stop_loss": 0.05, "early_stop_nll": 0.05,
                                 "kl_prompt": "{} is a", "dtype": "float32", "method": "adam",
                                 "step_sizes": (0.15, 0.3, 0.45, 0.6, 0.75), "accept_nll": 0.05}
