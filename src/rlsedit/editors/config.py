@@ -75,6 +75,8 @@ class EditConfig:
     """What every key/value editor shares: where to edit and how value targets are found."""
 
     method: ClassVar[str] = ""
+    no_key_columns: ClassVar[str | None] = None
+    """Why a method has no least squares over key columns to add preservation rows to (None: it has)."""
 
     layers: tuple[int, ...] | None = _help(
         "edited layers (ascending); None = the model's default layers", None)
@@ -136,6 +138,9 @@ class EditConfig:
         object.__setattr__(self, "mom2_update_weight",
                            check_number("mom2_update_weight", self.mom2_update_weight, optional=True))
         check_int("preserve_count", self.preserve_count, at_least=0)
+        if self.preserve_count and self.no_key_columns:
+            raise InvalidRequestError(f"preserve_count={self.preserve_count}: {self.no_key_columns}; "
+                                      "use rlsedit, memit, memit-seq or alphaedit")
         object.__setattr__(self, "preserve_weight", check_number("preserve_weight", self.preserve_weight, positive=True))
         if isinstance(self.preserve_subjects, Path):
             object.__setattr__(self, "preserve_subjects", str(self.preserve_subjects))
@@ -300,6 +305,8 @@ class ROMEConfig(EditConfig):
     """ROME: one rank-one update per request at a single layer."""
 
     method: ClassVar[str] = "rome"
+    no_key_columns: ClassVar[str | None] = (
+        "ROME's rank-one update has no least squares over key columns to add preservation rows to")
     layers: tuple[int, ...] | None = _help("the single edited layer; None = the middle default layer", None)
     v_weight_decay: float = _target(
         "v_weight_decay", text="weight of ‖δ‖/‖m‖², m the edited MLP's output at the subject (ROME compute_v)")
@@ -317,10 +324,6 @@ class ROMEConfig(EditConfig):
         super().__post_init__()
         if self.layers is not None and len(self.layers) != 1:
             raise InvalidRequestError(f"ROME edits exactly one layer, got layers={self.layers!r}")
-        if self.preserve_count:
-            raise InvalidRequestError(
-                f"preserve_count={self.preserve_count}: ROME's rank-one update has no least squares over key columns "
-                "to add preservation rows to; use rlsedit, memit, memit-seq or alphaedit")
         try:
             pairs = tuple((int(length), int(count)) for length, count in self.context_template_length_params)
         except (TypeError, ValueError):
@@ -337,6 +340,8 @@ class FTConfig(EditConfig):
     """FT-L: fine-tune the edited layers' down projections on the target NLL, within an ℓ∞ ball of W_0."""
 
     method: ClassVar[str] = "ft"
+    no_key_columns: ClassVar[str | None] = (
+        "FT fine-tunes on the target NLL and solves no least squares over key columns")
     lr: float = _help("Adam learning rate on the weights", 5e-4)
     num_steps: int = _help("optimization steps per batch", 25)
     norm_constraint: float = _help("ℓ∞ radius around W_0 the weights are clamped to", 5e-4)
@@ -346,9 +351,5 @@ class FTConfig(EditConfig):
         check_int("num_steps", self.num_steps, at_least=1)
         if self.chat_prefix:
             raise InvalidRequestError("chat_prefix is for the key/value editors; FT fine-tunes on the bare prompts")
-        if self.preserve_count:
-            raise InvalidRequestError(
-                f"preserve_count={self.preserve_count}: FT fine-tunes on the target NLL and solves no least squares "
-                "over key columns; use rlsedit, memit, memit-seq or alphaedit")
         for name in ("lr", "norm_constraint"):
             object.__setattr__(self, name, check_number(name, getattr(self, name), positive=True))
