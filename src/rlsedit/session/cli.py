@@ -104,7 +104,7 @@ def register(sub) -> None:
 
 
 def _load_config(args):
-    preset = getattr(args, "preset", None)
+    preset = args.preset
     if args.hparams is None and preset is None:
         return None
     from ..editors import get_editor_class
