@@ -400,19 +400,47 @@ def test_weights_that_differ_from_the_base_are_refused(tiny_setup, monkeypatch):
         run_method_bench(config, out)
 
 
-def test_progress_without_a_journal_is_redone(finished, tiny_setup):
-    """A run folder whose state was lost keeps no credit for its progress lines."""
+def test_a_lost_session_is_rebuilt_from_the_target_log(finished, tiny_setup):
+    """A run folder whose session was lost (a new machine gets only the committed files) rebuilds
+    its batches from the logged target residuals: no optimisation, the same weights bit for bit,
+    the first run's progress lines (timings, scores) kept."""
     import shutil
 
     out = tiny_setup["root"] / "lost-state"
     config = _config(tiny_setup, methods=("memit-seq",), general=(), checkpoints=1)
     first = run_method_bench(config, out)["methods"]["memit-seq"]
+    assert len(list((out / "memit-seq" / "targets").glob("*.safetensors"))) == 2  # one per batch
     shutil.rmtree(out / "memit-seq" / "state")
     (out / "memit-seq" / "result.json").unlink()
     again = run_method_bench(config, out)["methods"]["memit-seq"]
     assert again["status"]["edits_applied"] == 4
-    assert all(b["total_s"] is not None and "resumed" not in b for b in again["batches"])
+    assert again["batches"] == first["batches"]
+    assert again["rebuilt_batches"]["count"] == 2
+    assert again["rebuilt_batches"]["identical"] == again["rebuilt_batches"]["checked"] == 2
+    assert again["rebuilt_batches"]["max_drift_rel_diff"] == 0.0
     assert again["status"]["weights_sha256"] == first["status"]["weights_sha256"]
+
+
+def test_progress_without_a_journal_or_a_target_log_is_redone(finished, tiny_setup):
+    """A run folder whose session and target log were both lost keeps no credit for its progress
+    lines; so does FT's, which has no target log (its batches are not built from value targets)."""
+    import shutil
+
+    out = tiny_setup["root"] / "lost-all"
+    config = _config(tiny_setup, methods=("memit-seq", "ft"), general=(), checkpoints=1)
+    first = run_method_bench(config, out)["methods"]
+    assert not (out / "ft" / "targets").exists()
+    for method in ("memit-seq", "ft"):
+        shutil.rmtree(out / method / "state")
+        (out / method / "result.json").unlink()
+    shutil.rmtree(out / "memit-seq" / "targets")
+    again = run_method_bench(config, out)["methods"]
+    for method in ("memit-seq", "ft"):
+        assert again[method]["status"]["edits_applied"] == 4
+        assert all(b["total_s"] is not None and "resumed" not in b for b in again[method]["batches"])
+        assert again[method]["rebuilt_batches"] is None
+        assert again[method]["batches"][0]["finished_at"] >= first[method]["batches"][-1]["finished_at"]
+        assert again[method]["status"]["weights_sha256"] == first[method]["status"]["weights_sha256"]
 
 
 def test_report_only_gathers_finished_runs(finished, tiny_setup, capsys):

@@ -67,12 +67,14 @@ from .methods_config import MethodBenchConfig, MethodRun, plan_runs
 from .methods_eval import (GenerationPlan, consistency_reference, diagnostics_summary, evaluate_checkpoint,
                            final_extras, generation_plan, last_batch_efficacy, locality_reference)
 from .methods_report import timing_summary, write_report
+from .target_log import TargetLog
 from .resume import (add_to_unedited, append_progress, bench_settings, check_or_write_settings, read_progress,
                      rewrite_progress, unedited_once, write_json)
 
 log = logging.getLogger(__name__)
 
 LOCALITY_PRE_EDIT = "locality_pre_edit"  # the unedited row's key of EasyEdit locality's reference
+TARGETS_DIR = "targets"  # <method>/targets/: the target log a resumed run rebuilds lost batches from
 
 
 class _PhaseTimer:
@@ -232,22 +234,36 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
         timer = _PhaseTimer(session.editor, session.store)
         batches = [requests[i:i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
         checkpoints = checkpoint_plan(len(requests), config.batch_size, config.checkpoints, config.checkpoint_edits)
-        # a progress line counts only if its batch is in the journal (a state folder lost or
-        # deleted while progress.jsonl stayed must not make the run skip unapplied batches)
-        kept = [rec for rec in records
-                if 1 <= rec["batch"] <= len(batches) and all(r.id in session.index for r in batches[rec["batch"] - 1])]
+        target_log = TargetLog(folder / TARGETS_DIR) if session.editor.logs_value_targets else None
+        session.editor.target_log = target_log
+
+        def journaled(b: int) -> bool:
+            return all(r.id in session.index for r in batches[b - 1])
+
+        def rebuildable(b: int) -> bool:
+            return target_log is not None and target_log.has([r.id for r in batches[b - 1]])
+
+        # a progress line counts only if its batch is in the journal, or can be rebuilt from the
+        # target log (a state folder lost, e.g. on another machine, while progress.jsonl stayed
+        # must not make the run skip unapplied batches)
+        kept = [rec for rec in records if 1 <= rec["batch"] <= len(batches) and (journaled(rec["batch"])
+                                                                                 or rebuildable(rec["batch"]))]
         if len(kept) != len(records):
-            log.warning("%s: %d progress lines have no journaled batch; redoing those batches",
+            log.warning("%s: %d progress lines have no journaled or logged batch; redoing those batches",
                         run.name, len(records) - len(kept))
             rewrite_progress(progress_path, kept)
             records = kept
-        done = {rec["batch"] for rec in records}
+        done = {rec["batch"]: rec for rec in records}
+        rebuilt: list[dict[str, Any]] = []
         stopped = collapse_stop(records) if config.stop_below_chance else None
         for b, batch in enumerate(batches, start=1):
             if stopped is not None:
                 log.info("%s: stopped at %d edits (%s)", run.name, stopped["at_edits"], stopped["reason"])
                 break
             if b in done:
+                if not journaled(b):  # lost with its session: rebuilt from its logged targets
+                    rebuilt.append(_rebuild_batch(session, batch, b, done[b]))
+                    timer.take()
                 continue
             applied_before = all(r.id in session.index for r in batch)
             start = time.perf_counter()
@@ -264,6 +280,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
                 record.update(total_s=total, solve_s=solve_s, journal_s=journal_s,
                               locate_s=total - (solve_s or 0.0) - journal_s)
             record["diagnostics"] = diagnostics_summary(session.editor.diagnostics())
+            record["edited_weights_sha256"] = edited_weights_sha256(session.lm, session.editor.layers)
             if b in checkpoints:
                 so_far = [r for bb in batches[:b] for r in bb]
                 if checkpoints[b]:
@@ -297,8 +314,53 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
         "final": final,
         "status": status,
         "stopped": stopped,
+        "rebuilt_batches": rebuilt_summary(rebuilt),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **timing_summary(records),
         "setup_seconds_last_open": setup_s,
         "wall_seconds_this_process": time.perf_counter() - start_wall,
     }
+
+
+def edited_weights_sha256(lm, layers) -> str:
+    """sha256 of the edited layers' weights (float32, in layer order): what a batch left behind."""
+    import hashlib
+
+    from ..model.weights import get_W
+
+    digest = hashlib.sha256()
+    for l in layers:
+        digest.update(get_W(lm, l).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _rebuild_batch(session, batch: list[EditRequest], b: int, record: dict[str, Any]) -> dict[str, Any]:
+    """Apply batch ``b`` again from its logged targets (no optimisation) and compare what it
+    left with its progress line: the weights' digest (bit for bit) and each layer's drift."""
+    start = time.perf_counter()
+    report = session.edit(batch, batch_size=len(batch))
+    if len(report.applied) != len(batch):
+        raise StateMismatchError(f"batch {b}: rebuilt {len(report.applied)} of {len(batch)} edits")
+    out: dict[str, Any] = {"batch": b, "seconds": time.perf_counter() - start}
+    expected = record.get("edited_weights_sha256")
+    if expected is not None:
+        out["identical"] = expected == edited_weights_sha256(session.lm, session.editor.layers)
+    drift = diagnostics_summary(session.editor.diagnostics())["drift_fro"]
+    old_drift = (record.get("diagnostics") or {}).get("drift_fro")
+    if drift is not None and old_drift:
+        out["drift_rel_diff"] = abs(drift - old_drift) / old_drift
+    if out.get("identical") is False:
+        log.warning("batch %d rebuilt from its logged targets differs from the original run's weights "
+                    "(largest relative drift difference %.2e)", b, out.get("drift_rel_diff", float("nan")))
+    return out
+
+
+def rebuilt_summary(rebuilt: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How the batches rebuilt from the target log in this process matched their first run."""
+    if not rebuilt:
+        return None
+    checked = [r for r in rebuilt if "identical" in r]
+    diffs = [r["drift_rel_diff"] for r in rebuilt if "drift_rel_diff" in r]
+    return {"count": len(rebuilt), "identical": sum(r["identical"] for r in checked), "checked": len(checked),
+            "max_drift_rel_diff": max(diffs) if diffs else None,
+            "seconds": sum(r["seconds"] for r in rebuilt)}

@@ -116,6 +116,8 @@ class Editor:
     name: ClassVar[str] = ""
     supports_undo: ClassVar[bool] = False
     needs_moments: ClassVar[bool] = True
+    # the shared batch procedure below consults ``target_log`` (ROME and FT have their own)
+    logs_value_targets: ClassVar[bool] = True
 
     def __init__(self, lm, config: EditConfig | None = None, *, corpus=None,
                  moments: dict[int, torch.Tensor] | None = None, prefixes: Sequence[str] | None = None,
@@ -138,6 +140,9 @@ class Editor:
             self._check_moments(moments)
         self._given_moments = moments
         self._given_prefixes = None if prefixes is None else list(prefixes)
+        # optional store of each batch's target residuals δ = z − h (``lookup(ids)``,
+        # ``record(ids, δ)``): a batch it holds is replayed from them without optimising
+        self.target_log = None
         self._prepared = False
 
     def __getattr__(self, name: str):
@@ -405,12 +410,15 @@ class Editor:
         prefixes = self.prefixes_
         top = self.layers[-1]
         clock = _PhaseClock(self.lm.device)
+        logged = None if self.target_log is None else self.target_log.lookup(ids)
+        result = z = None
         with clock("targets"):
-            # "batched": by the config's v_method (the Adam loop, or fasttargets' cheap paths)
-            optimise = compute_value_targets if self.targets == "batched" else compute_targets_reference
-            result = optimise(self.lm, top, requests, prefixes, self._target_config())
-        z = result.z.float()  # (u, d_model)
-        _check_finite("value target z", z, ids)
+            if logged is None:
+                # "batched": by the config's v_method (the Adam loop, or fasttargets' cheap paths)
+                optimise = compute_value_targets if self.targets == "batched" else compute_targets_reference
+                result = optimise(self.lm, top, requests, prefixes, self._target_config())
+                z = result.z.float()  # (u, d_model)
+                _check_finite("value target z", z, ids)
         tensors: dict[str, torch.Tensor] = {}
         new_state: dict[int, Any] = {}
         average = self.config.key_average
@@ -425,6 +433,8 @@ class Editor:
                 K = compute_keys(self.lm, l, requests, prefixes, average=average, reader=reader).float()  # (d_k, u)
                 _check_finite(f"layers.{l}.K", K, ids)
                 h = reader.hidden_at_top().float()  # (u, d_model), as hidden_at_subject(lm, top, requests)
+            if i == 0 and self.target_log is not None:
+                z = self._logged_target(ids, z, h, logged)
             with clock("solve"):
                 R = (z - h) / (len(self.layers) - i)  # this layer's share of the residual
                 W = get_W(self.lm, l)
@@ -450,7 +460,24 @@ class Editor:
         info = {"target_loss": [float(x) for x in getattr(result, "losses", [])],
                 "target_steps": [int(x) for x in getattr(result, "steps", [])],
                 "seconds": clock.seconds}
+        if logged is not None:
+            info["targets_replayed"] = True
         return EditRecord(ids=ids, tensors=tensors, info=info), new_state
+
+    def _logged_target(self, ids: tuple[str, ...], z: torch.Tensor | None, h: torch.Tensor,
+                       logged: torch.Tensor | None) -> torch.Tensor:
+        """``z = h + δ`` with ``h`` the current state at the top layer (before any write of this
+        batch) and ``δ`` the log's: the stored one when the batch is replayed, else the one just
+        found, as the log stores it (it may round it). A run and its replay then build ``z`` from
+        the same ``δ`` and the same ``h``, so they write the same weights bit for bit."""
+        if logged is None:
+            logged = self.target_log.record(ids, z - h)
+        if tuple(logged.shape) != tuple(h.shape):
+            raise StateMismatchError(
+                f"logged target residuals of shape {tuple(logged.shape)} for a batch of shape {tuple(h.shape)}")
+        z = h + logged.to(device=h.device, dtype=h.dtype)
+        _check_finite("value target z", z, ids)
+        return z
 
     def _absolute_targets(self, layer: int, K: torch.Tensor, W: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """``V = KᵀW + R`` (u, d_v): the layer's current output plus its share of the residual.

@@ -63,6 +63,7 @@ def ft_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Te
 class FT(Editor):
     config_class = FTConfig
     name = "ft"
+    logs_value_targets = False  # its own batch procedure; a target log is not consulted
     needs_moments = False
 
     def _compute_batch(self, requests):

@@ -57,6 +57,7 @@ def mlp_output_at_subject(lm, layer: int, request) -> torch.Tensor:
 class ROME(Editor):
     config_class = ROMEConfig
     name = "rome"
+    logs_value_targets = False  # its own batch procedure; a target log is not consulted
 
     @classmethod
     def layers_for(cls, lm, config):
