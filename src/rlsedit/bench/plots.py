@@ -10,7 +10,9 @@
   generation success on the edit prompt of the sampled edits in each bin (dashed);
 * ``drift_anchor.png`` — ``‖W − W_0‖_F`` and ``‖K_0ᵀ(W − W_0)‖_F`` (summed in squares over
   layers) after every batch (RQ4);
-* ``solve_cost.png`` — solve seconds of each batch (RLSEdit's recursion vs MEMIT-seq's re-solve);
+* ``solve_cost.png`` — cost along the stream: wall seconds per edit of each batch (targets,
+  keys, solve, journal; flat means an edit's cost does not grow with history) and the solve's
+  seconds alone (RLSEdit's recursion vs MEMIT-seq's re-solve);
 * ``sweep.png`` — final efficacy/specificity of the RLSEdit sweep points: the first swept setting
   on the x axis, one line per combination of the others.
 
@@ -185,15 +187,23 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
     axes[0].legend(fontsize=7)
     save(fig, "drift_anchor.png")
 
-    # solve cost per batch
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    # cost per batch: the whole batch per edit, and the solve alone
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, result in main.items():
-        pts = [(b["batch"], b["solve_s"]) for b in result["batches"] if b.get("solve_s") is not None]
+        batches = sorted(result["batches"], key=lambda b: b["batch"])
+        pts = [(b["edits"], b["total_s"] / (b["edits"] - prev)) for prev, b in
+               zip([0] + [b["edits"] for b in batches], batches) if b.get("total_s") is not None]
         if pts:
-            ax.plot(*zip(*pts), marker=".", label=name)
-    ax.set_xlabel("batch")
-    ax.set_ylabel("solve seconds (all layers)")
-    ax.legend(fontsize=7)
+            axes[0].plot(*zip(*pts), marker=".", label=name)
+        pts = [(b["edits"], b["solve_s"]) for b in batches if b.get("solve_s") is not None]
+        if pts:
+            axes[1].plot(*zip(*pts), marker=".", label=name)
+    axes[0].set_ylabel("wall seconds per edit (whole batch)")
+    axes[1].set_ylabel("solve seconds per batch (all layers)")
+    for ax in axes:
+        ax.set_xlabel("edits applied")
+        ax.set_ylim(bottom=0)
+    axes[0].legend(fontsize=7)
     save(fig, "solve_cost.png")
 
     sweep = {k: v for k, v in methods.items() if "[" in k and "partial" not in v}  # partial runs lack final scores
