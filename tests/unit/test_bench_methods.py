@@ -400,6 +400,23 @@ def test_weights_that_differ_from_the_base_are_refused(tiny_setup, monkeypatch):
         run_method_bench(config, out)
 
 
+def test_the_forgetting_curve_reads_the_last_checkpoints_scores(tiny_setup, monkeypatch):
+    """After the last batch, the checkpoint has just scored every edit on the final weights: the
+    forgetting curve (methods and the unedited row) takes those records instead of scoring again."""
+    import rlsedit.eval.retention as retention
+
+    def no_second_scoring(*args, **kwargs):
+        raise AssertionError("the forgetting curve scored the edits again")
+
+    monkeypatch.setattr(retention, "score_requests", no_second_scoring)
+    out = tiny_setup["root"] / "curve-from-checkpoint"
+    result = run_method_bench(_config(tiny_setup, methods=("rlsedit",), general=(), checkpoints=1), out)
+    final = result["methods"]["rlsedit"]["final"]["retention"]["bins"]["success"]
+    last = result["methods"]["rlsedit"]["batches"][-1]["evaluation"]["counterfact"]["summary"]["efficacy"]
+    assert sum(b["mean"] * b["count"] for b in final) / sum(b["count"] for b in final) == pytest.approx(last)
+    assert "records" not in result["methods"]["rlsedit"]["batches"][-1]["evaluation"]["counterfact"]
+
+
 def test_a_lost_session_is_rebuilt_from_the_target_log(finished, tiny_setup):
     """A run folder whose session was lost (a new machine gets only the committed files) rebuilds
     its batches from the logged target residuals: no optimisation, the same weights bit for bit,

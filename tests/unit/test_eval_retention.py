@@ -45,3 +45,8 @@ def test_forgetting_curve_per_edit_is_rewrite_efficacy():
     assert curve["chance"]["success"] == 0.5
     with pytest.raises(EvalDataError):
         forgetting_curve(lm, [])
+    # all groups' records of a checkpoint give the same curve without scoring again
+    full = score_requests(lm, reqs)
+    assert forgetting_curve(lm, reqs, n_bins=2, records=full) == curve
+    with pytest.raises(EvalDataError, match="not those of the requests"):
+        forgetting_curve(lm, reqs, n_bins=2, records=full[::-1])

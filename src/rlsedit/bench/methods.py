@@ -187,8 +187,9 @@ def _run_unedited(config, requests, general, consistency_ref) -> dict[str, Any]:
     # every method's locality compares against these; this row's own compares the model with
     # itself in other batches (a determinism check, like its generation figure)
     locality = locality_reference(lm, requests, config)
-    evaluation = evaluate_checkpoint(lm, requests, config, general, plan, locality)
-    extras = final_extras(lm, requests, config, consistency_ref)
+    records: list[dict[str, Any]] = []
+    evaluation = evaluate_checkpoint(lm, requests, config, general, plan, locality, records_out=records)
+    extras = final_extras(lm, requests, config, consistency_ref, records=records)
     return {"weights_sha256": sha, "model_fingerprint": lm.fingerprint, "evaluation": evaluation,
             "final": extras, "generation_pre_edit": pre_edit, LOCALITY_PRE_EDIT: locality,
             "seconds": time.perf_counter() - start}
@@ -255,6 +256,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
             records = kept
         done = {rec["batch"]: rec for rec in records}
         rebuilt: list[dict[str, Any]] = []
+        last_records: list[dict[str, Any]] | None = None
         stopped = collapse_stop(records) if config.stop_below_chance else None
         for b, batch in enumerate(batches, start=1):
             if stopped is not None:
@@ -285,8 +287,9 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
                 so_far = [r for bb in batches[:b] for r in bb]
                 if checkpoints[b]:
                     record["checkpoint_for"] = checkpoints[b]  # the edit counts asked; "edits" is the actual one
+                last_records = [] if b == len(batches) else None  # the forgetting curve reads them
                 record["evaluation"] = evaluate_checkpoint(session.lm, so_far, config, general, plan,
-                                                           locality_pre_edit)
+                                                           locality_pre_edit, records_out=last_records)
                 if config.stop_below_chance:
                     record["evaluation"]["last_batch_efficacy"] = last_batch_efficacy(session.lm, batch, config)
             record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -297,7 +300,10 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
             log.info("%s: batch %d/%d (%.1f s)", run.name, b, len(batches), total)
         records.sort(key=lambda r: r["batch"])
         applied = requests[:stopped["at_edits"]] if stopped is not None else requests
-        final = final_extras(session.lm, applied, config, consistency_ref)
+        # the last batch's checkpoint scored exactly these on these weights, unless it ran in an
+        # earlier process (a resumed run) or the method stopped early
+        reuse = last_records if last_records and len(last_records) == len(applied) else None
+        final = final_extras(session.lm, applied, config, consistency_ref, records=reuse)
         status = {"weights_sha256": weights_sha256(session.lm), "layers": list(session.editor.layers),
                   "edits_applied": len(session.index)}
     finally:

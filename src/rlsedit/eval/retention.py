@@ -44,17 +44,23 @@ def bin_by_position(values: Sequence[float | None], n_bins: int) -> list[dict[st
 
 
 def forgetting_curve(
-    lm, requests: Sequence[EditRequest], *, n_bins: int = 10, batch_size: int = 16
+    lm, requests: Sequence[EditRequest], *, n_bins: int = 10, batch_size: int = 16,
+    records: Sequence[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Per-edit efficacy after the stream and its binned means.
 
-    ``requests`` must be in the order they were applied. Returns
-    ``{"per_edit": [{"position", "id", "success", "acc", "exact"}], "bins": {"success": [...],
-    "acc": [...]}, "chance": {...}}``.
+    ``requests`` must be in the order they were applied. ``records``: their
+    :func:`~rlsedit.eval.counterfact.score_requests` records on the model as it is now, when
+    the caller already scored them (a checkpoint just did); else the rewrite prompts are scored
+    here. Returns ``{"per_edit": [{"position", "id", "success", "acc", "exact"}], "bins":
+    {"success": [...], "acc": [...]}, "chance": {...}}``.
     """
     if not requests:
         raise EvalDataError("forgetting_curve needs the edited requests, in the order applied")
-    records = score_requests(lm, requests, groups=("rewrite",), batch_size=batch_size)
+    if records is None:
+        records = score_requests(lm, requests, groups=("rewrite",), batch_size=batch_size)
+    elif [r["id"] for r in records] != [q.id for q in requests]:
+        raise EvalDataError("forgetting_curve: the given records are not those of the requests, in order")
     per_edit = [
         {"position": i, "id": r["id"], "success": r["rewrite_success"], "acc": r["rewrite_acc"],
          "exact": r["rewrite_exact"]}
