@@ -52,7 +52,7 @@ def test_values_and_gradient_equal_autograd(monkeypatch, cap, with_ref, rows_per
     W, b, x, y, ref, weights = problem()
     ref = ref if with_ref else None
     x1 = x.clone().requires_grad_(True)
-    values, kl_logp = _HeadLoss.apply(x1, W, b, cap, y, ref, True)
+    values, kl_logp, top1 = _HeadLoss.apply(x1, W, b, cap, y, ref, True)
     (values * weights).sum().backward()
     x2 = x.clone().requires_grad_(True)
     expected, expected_logp = autograd_values(x2, W, b, cap, y, ref)
@@ -64,8 +64,21 @@ def test_values_and_gradient_equal_autograd(monkeypatch, cap, with_ref, rows_per
         torch.testing.assert_close(kl_logp, expected_logp, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-12)
     assert x1.grad.abs().max() > 1e-3  # the rows do carry a gradient
+    logits = x @ W.T + b
+    assert torch.equal(top1, logits[:E].argmax(dim=-1) == y)  # the cap is monotone: same argmax
     if not with_ref:
         assert (values[E:] == 0).all()  # against its own distribution: zero KL
+
+
+def test_top1_counts_a_tied_maximum_and_nothing_below_it():
+    W, b, x, y, ref, _ = problem()
+    logits = x[:E] @ W.T + b
+    y = logits.argmax(dim=-1)
+    y[1] = logits[1].argsort()[-2]            # the second most probable token: not top-1
+    W2, b2 = torch.cat([W, W[y[0]].unsqueeze(0)]), torch.cat([b, b[y[0]].unsqueeze(0)])
+    y[0] = V                                  # a copy of row 0's argmax token: a tie, still top-1
+    _, _, top1 = _HeadLoss.apply(x, W2, b2, None, y, ref.new_zeros(N - E, V + 1), False)
+    assert top1.tolist() == [True, False, True, True, True]
 
 
 @pytest.mark.parametrize("cap", [None, 2.5])
@@ -80,7 +93,7 @@ def test_float32_within_bound_of_float64():
     grads, values = [], []
     for dtype in (torch.float32, torch.float64):
         xi = x.to(dtype).requires_grad_(True)
-        v, _ = _HeadLoss.apply(xi, W.to(dtype), b.to(dtype), 2.5, y, ref.to(dtype), True)
+        v, _, _ = _HeadLoss.apply(xi, W.to(dtype), b.to(dtype), 2.5, y, ref.to(dtype), True)
         (v * weights.to(dtype)).sum().backward()
         values.append(v.double())
         grads.append(xi.grad.double())
@@ -93,9 +106,9 @@ def test_without_grad_mode_nothing_is_kept_for_a_backward():
     hidden = torch.randn(4, lm.d_model, requires_grad=True)
     y = torch.tensor([1, 2, 3])
     with torch.no_grad():
-        values, logp = head_losses(lm, hidden, y, None)
+        values, logp, _ = head_losses(lm, hidden, y, None)
     assert not values.requires_grad and values.grad_fn is None
-    with_grad, _ = head_losses(lm, hidden, y, None)
+    with_grad, _, _ = head_losses(lm, hidden, y, None)
     torch.testing.assert_close(values, with_grad.detach())
     assert logp.shape == (1, lm.model.get_output_embeddings().weight.shape[0])  # the one KL row
 

@@ -231,7 +231,7 @@ def test_bad_requests_are_refused():
 @pytest.mark.parametrize("field, value", [
     ("steps", 0), ("steps", 2.5), ("lr", 0.0), ("lr", float("nan")), ("weight_decay", -1.0),
     ("kl_factor", float("inf")), ("clamp_norm_factor", 0), ("early_stop_loss", -0.1),
-    ("kl_prompt", "is a"), ("kl_prompt", "{} {}"), ("lr", True),
+    ("kl_prompt", "is a"), ("kl_prompt", "{} {}"), ("lr", True), ("early_stop_top1", 1),
 ])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
@@ -243,8 +243,56 @@ def test_config_defaults_documented():
     assert config.to_dict() == {"steps": 25, "lr": None, "lr_scale": 1.0, "weight_decay": 0.5, "kl_factor": 0.0625,
                                 "clamp_norm_factor": 0.75, "early_stop_loss": 0.05, "early_stop_nll": 0.05,
                                 "kl_prompt": "{} is a", "dtype": "float32", "method": "adam",
-                                "step_sizes": (0.15, 0.3, 0.45, 0.6, 0.75), "accept_nll": 0.05}
+                                "step_sizes": (0.15, 0.3, 0.45, 0.6, 0.75), "accept_nll": 0.05,
+                                "early_stop_top1": False}
     assert all(TargetConfig.field_help().values())
+
+
+def greedy_under_delta(lm, request, prefix, delta) -> bool:
+    """Teacher-forced: is every target token the argmax with ``delta`` added at the subject's
+    last token of ``prefix``'s prompt (an independent forward through the whole model)?"""
+    from rlsedit.model.hooks import edit_output
+    from rlsedit.requests import target_text
+
+    text = prefix.replace("{}", request.prompt.replace("{}", request.subject))
+    before_subject = prefix.replace("{}", request.prompt[:request.prompt.index("{}")] + request.subject)
+    subj = len(lm.tokenizer(before_subject)["input_ids"]) - 1
+    prompt = lm.tokenizer(text)["input_ids"]
+    target = lm.tokenizer(target_text(request.target_new), add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + target[:-1]])
+
+    def add(out):
+        return out.index_put((torch.tensor([0]), torch.tensor([subj])), delta.view(1, -1), accumulate=True)
+
+    with torch.no_grad(), edit_output(block(lm, LAYER), add):
+        logits = lm.model(input_ids=ids).logits[0]
+    first = len(prompt) - 1
+    return logits[first:first + len(target)].argmax(dim=-1).tolist() == target
+
+
+def test_most_probable_early_stop_stops_once_every_prompt_says_the_target(lm):
+    # MPES (early_stop_top1): a request stops at the first step where its target is the greedy
+    # continuation under every prompt, checked here by a separate forward with δ added by a hook
+    # (one-token targets: a tiny random model cannot make a later target token the argmax)
+    edits = [EditRequest(id="a", prompt="{} is located in", subject="The Eiffel Tower", target_new="the"),
+             EditRequest(id="b", prompt="The mother tongue of {}", subject="Danielle Darrieux", target_new="a"),
+             EditRequest(id="c", prompt="{}", subject="Toko Yasuda", target_new="is")]
+    config = replace(NO_STOP, steps=25, early_stop_top1=True)
+    batched = compute_targets(lm, LAYER, edits, PREFIXES, config)
+    reference = compute_targets_reference(lm, LAYER, edits, PREFIXES, config)
+    assert batched.steps.tolist() == reference.steps.tolist()
+    assert_rows_close(batched.z, reference.z)
+    stopped = [i for i, s in enumerate(batched.steps.tolist()) if s < config.steps - 1]
+    assert stopped and len(stopped) < len(edits), batched.steps.tolist()  # fires for some, not all
+    for i in range(len(edits)):
+        said = [greedy_under_delta(lm, edits[i], p, batched.delta[i]) for p in PREFIXES]
+        assert all(said) == (i in stopped)
+        if i in stopped and batched.steps[i] > 0:  # one step earlier it was not yet said everywhere
+            earlier = compute_targets(lm, LAYER, edits[i:i + 1], PREFIXES,
+                                      replace(config, steps=int(batched.steps[i]), early_stop_top1=False))
+            assert not all(greedy_under_delta(lm, edits[i], p, earlier.delta[0]) for p in PREFIXES)
+    without = compute_targets(lm, LAYER, edits, PREFIXES, replace(config, early_stop_top1=False))
+    assert batched.steps.sum() < without.steps.sum()
 
 
 def test_nll_early_stop_fires_and_batched_matches_reference(lm):

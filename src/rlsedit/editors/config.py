@@ -65,8 +65,8 @@ _IGNORED_OFFICIAL_KEYS = {
 }
 
 
-_WRITTEN_WHEN_SET = {"v_lr_scale": 1.0, "chat_prefix": False, "preserve_count": 0, "preserve_weight": 1.0,
-                     "preserve_subjects": None}
+_WRITTEN_WHEN_SET = {"v_lr_scale": 1.0, "v_early_stop_top1": False, "chat_prefix": False, "preserve_count": 0,
+                     "preserve_weight": 1.0, "preserve_subjects": None}
 """Fields :meth:`EditConfig.to_dict` writes only when they differ from their default."""
 
 
@@ -88,6 +88,7 @@ class EditConfig:
     clamp_norm_factor: float = _target("clamp_norm_factor")
     v_early_stop_loss: float = _target("v_early_stop_loss")
     v_early_stop_nll: float = _target("v_early_stop_nll")
+    v_early_stop_top1: bool = _target("v_early_stop_top1")
     v_dtype: str = _target("v_dtype")
     v_method: str = _target("v_method")
     v_accept_nll: float = _target("v_accept_nll")

@@ -67,7 +67,7 @@ def _gradient_at_zero(lm, problem, groups) -> tuple[torch.Tensor, torch.Tensor]:
     row_nll = torch.zeros(u * P, device=lm.device)
     for g in groups:
         with torch.enable_grad():
-            tok_nll, _kl, kl_logp = _replay(lm, problem, g, delta[problem.row_req[g.rows]])
+            tok_nll, _kl, kl_logp, _top1 = _replay(lm, problem, g, delta[problem.row_req[g.rows]])
             # the KL rows add nothing at δ = 0 (headloss.py zeroes their value and gradient
             # while the reference is taken); δ_i reaches only request i's rows
             (tok_nll.sum() / P).backward()
@@ -93,7 +93,7 @@ def _line_search(lm, problem, groups, candidates: torch.Tensor) -> tuple[torch.T
             for a in range(0, K, per_pass):
                 b = min(K, a + per_pass)
                 shift = candidates[req, a:b].transpose(0, 1).reshape((b - a) * n, -1)   # copy-major
-                tok_nll, kl_group, _ = _replay(lm, problem, g, shift, copies=b - a)
+                tok_nll, kl_group, _, _ = _replay(lm, problem, g, shift, copies=b - a)
                 row_nll[:, a:b].index_add_(0, problem.tgt_row[g.tgt], tok_nll.T)
                 kl[g.kl_req, a:b] = kl_group.T
     return row_nll.view(u, P, K).transpose(1, 2), kl

@@ -51,7 +51,9 @@ class _HeadLoss(torch.autograd.Function):
     """``x (n, d) → L (n,)``: rows ``0..e-1`` NLL of ``tgt_id``, rows ``e..n-1`` KL against
     ``kl_ref`` (log-probs ``(n − e, V)``; ``None``: against this forward's own distribution,
     so those values and their gradients are zero, and the KL rows' log-probs are returned to
-    become the reference; otherwise the second output is empty)."""
+    become the reference; otherwise the second output is empty). The third output, ``(e,)``
+    bool, says whether each NLL row's target is the most probable token (``s_y = 0``: the
+    shifted logits are ``ℓ − max ℓ``, so the maximum is exactly zero)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, cap, tgt_id, kl_ref, with_grad):
@@ -59,6 +61,7 @@ class _HeadLoss(torch.autograd.Function):
         dtype = torch.promote_types(weight.dtype, torch.float32)
         values = torch.empty(n, dtype=dtype, device=x.device)
         kl_logp = torch.empty((n - e if kl_ref is None else 0, weight.shape[0]), dtype=dtype, device=x.device)
+        top1 = torch.empty(e, dtype=torch.bool, device=x.device)
         grad_x = torch.empty_like(x) if with_grad else None
         step = max(1, CHUNK_ELEMENTS // weight.shape[0])
         for a in range(0, n, step):
@@ -72,6 +75,7 @@ class _HeadLoss(torch.autograd.Function):
             shifted, squash = _shifted_logits(x[a:b], weight, bias, cap)
             y = tgt_id[a:a + nll.stop]
             picked = shifted[nll].gather(1, y.unsqueeze(1)).squeeze(1)  # s_y
+            top1[a:a + nll.stop] = picked >= 0                          # y is an argmax
             log_p_kl = shifted[kl].clone()                             # (k, V)
             p = shifted.exp_()                                         # `shifted` is spent
             total = p.sum(dim=-1, keepdim=True)
@@ -99,11 +103,11 @@ class _HeadLoss(torch.autograd.Function):
                 grad.mul_(squash.square_().neg_().add_(1))             # ∂ℓ/∂z = 1 − tanh²(z/c)
             grad_x[a:b] = (grad.to(weight.dtype) @ weight).to(x.dtype)
         ctx.save_for_backward(grad_x if with_grad else None)
-        ctx.mark_non_differentiable(kl_logp)
-        return values, kl_logp
+        ctx.mark_non_differentiable(kl_logp, top1)
+        return values, kl_logp, top1
 
     @staticmethod
-    def backward(ctx, grad_values, _grad_kl_logp):
+    def backward(ctx, grad_values, _grad_kl_logp, _grad_top1):
         (grad_x,) = ctx.saved_tensors
         if grad_x is None:
             raise RuntimeError("head_losses was run with with_grad=False; it has no gradient")
@@ -111,7 +115,7 @@ class _HeadLoss(torch.autograd.Function):
 
 
 def head_losses(lm, hidden: torch.Tensor, tgt_id: torch.Tensor,
-                kl_ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                kl_ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row losses from final-block states ``hidden (n, d_model)``.
 
     Rows ``0..e-1`` (``e = tgt_id.numel()``) give ``−log p(tgt_id[i])``; rows ``e..n-1``

@@ -61,6 +61,10 @@ class TargetConfig:
         0.05, "a request also stops once its mean target NLL alone is below this (p(target) ≈ 0.95; 0 "
               "disables, MEMIT's rule): the test on the whole loss rarely fires on small models, where the KL "
               "term alone stays near 0.05", "v_early_stop_nll")
+    early_stop_top1: bool = _setting(
+        False, "a request also stops once every token of its target is the most probable token (teacher-forced) "
+               "under every one of its prompts, i.e. the target is each prompt's greedy continuation: ENCORE's "
+               "most-probable early stopping (MPES, arXiv 2502.01636); off = MEMIT's rules alone", "v_early_stop_top1")
     kl_prompt: str = _setting("{} is a", "prompt with '{}' for the subject on which the KL term is measured")
     dtype: str = _setting(
         "float32", "precision of the model's weights during the optimisation ('float32' or 'bfloat16'); δ, "
@@ -113,6 +117,10 @@ def check_setting(name: str, value: Any, label: str | None = None) -> Any:
         return check_number(label, value, positive=True, optional=name == "lr")
     if name in ("weight_decay", "kl_factor", "early_stop_loss", "early_stop_nll"):
         return check_number(label, value)
+    if name == "early_stop_top1":
+        if not isinstance(value, bool):
+            raise InvalidRequestError(f"{label} must be true or false, got {value!r}")
+        return value
     if name == "dtype":
         return check_choice(label, value, TARGET_DTYPES)
     if name == "method":

@@ -13,7 +13,11 @@ forcing: the prompt is followed by ``y_<T``), ``kl(x_i)`` the prompt ``"{subject
 read at the subject's last token, and the KL measured against the unedited model.
 Adam on ``δ``; after every step ``δ`` is pulled back into the ball
 ``‖δ‖ ≤ clamp_norm_factor · ‖h_i‖``; a request stops once ``L_i`` is below
-``early_stop_loss`` (its ``δ`` is then frozen). The result is ``z_i = h_i + δ_i``.
+``early_stop_loss`` or its mean target NLL below ``early_stop_nll`` (its ``δ`` is then frozen),
+or, with ``early_stop_top1``, once every target token is the most probable token under every
+one of its prompts (teacher-forced: the target is the greedy continuation of each prompt;
+ENCORE's most-probable early stopping, Gupta et al. 2025, arXiv 2502.01636). The result is
+``z_i = h_i + δ_i``.
 
 Two details follow the official code (``memit/compute_z.py``, ``AlphaEdit/compute_z.py``)
 where a squared-norm or last-token reading would differ: the size term is ``‖δ‖/‖h‖²``
@@ -304,10 +308,11 @@ class _Group:
 
 
 def _replay(lm, problem: _Problem, g: _Group, row_delta: torch.Tensor, *,
-            copies: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            copies: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One group's losses with ``δ`` added at every row's subject: ``(tok_nll (copies, e),
-    kl (copies, k), kl_log_probs)``, the target entries' ``−log p(y)/T`` and the KL rows'
-    ``KL(p ‖ p0)`` (zero, and ``p0`` returned, while the group has no reference yet).
+    kl (copies, k), kl_log_probs, tok_top1 (copies, e))``, the target entries' ``−log p(y)/T``,
+    the KL rows' ``KL(p ‖ p0)`` (zero, and ``p0`` returned, while the group has no reference
+    yet) and whether each target entry's token is the most probable one.
 
     ``row_delta`` is ``(copies·g, d_model)``: with ``copies > 1`` the group's rows run
     ``copies`` times side by side in one forward, copy ``c`` shifted by rows
@@ -334,10 +339,10 @@ def _replay(lm, problem: _Problem, g: _Group, row_delta: torch.Tensor, *,
     # the KL rows' distributions become p0, kept by their group (headloss.py: no
     # vocab-sized tensor is kept for the backward)
     e = g.tgt.numel() * copies
-    values, kl_logp = head_losses(lm, read, problem.tgt_id[g.tgt].repeat(copies), kl_ref)
+    values, kl_logp, top1 = head_losses(lm, read, problem.tgt_id[g.tgt].repeat(copies), kl_ref)
     values = values.float()  # the loss is float32 whatever the model's dtype
     tok_nll = values[:e].view(copies, -1) * problem.tgt_scale[g.tgt]                  # (copies, e_g)
-    return tok_nll, values[e:].view(copies, -1), kl_logp
+    return tok_nll, values[e:].view(copies, -1), kl_logp, top1.view(copies, -1)
 
 
 def _local_index(rows: torch.Tensor, problem: _Problem) -> torch.Tensor:
@@ -491,10 +496,11 @@ def _adam(lm, layer: int, requests: list[EditRequest], problem: _Problem, config
         optimizer.zero_grad(set_to_none=True)
         row_nll = torch.zeros(u * P, device=device)    # (1/T) Σ_t −log p(y_t) per rewriting row
         kl = torch.zeros(u, device=device)
+        not_top1 = torch.zeros(u, device=device)        # target entries whose token is not the argmax
         groups = [g for g in groups if g.keep_active(active, problem)]
         for g in groups:
             with torch.set_grad_enabled(backward):
-                tok_nll, kl_group, kl_logp = _replay(lm, problem, g, delta[problem.row_req[g.rows]])
+                tok_nll, kl_group, kl_logp, top1 = _replay(lm, problem, g, delta[problem.row_req[g.rows]])
                 tok_nll, kl_group = tok_nll[0], kl_group[0]                              # (e,), (k,)
                 if g.kl_ref is None:   # step 0 of a loop from δ = 0
                     g.kl_ref = kl_logp
@@ -502,6 +508,7 @@ def _adam(lm, layer: int, requests: list[EditRequest], problem: _Problem, config
                     # this group's share of Σ_i L_i: δ_i reaches only request i's rows
                     (tok_nll.sum() / P + config.kl_factor * kl_group.sum()).backward()
             row_nll.index_add_(0, problem.tgt_row[g.tgt], tok_nll.detach())
+            not_top1.index_add_(0, problem.row_req[problem.tgt_row[g.tgt]], (~top1[0]).float())
             kl[g.kl_req] = kl_group.detach()
         req = torch.nonzero(active).flatten()
         with torch.enable_grad():
@@ -523,7 +530,10 @@ def _adam(lm, layer: int, requests: list[EditRequest], problem: _Problem, config
         log.debug("layer %d step %d: mean loss %.4f (nll %.4f), mean p(target) %.4f, active %d/%d; losses %s",
                   layer, step, loss.mean().item(), nll.mean().item(), probs[req].mean().item(), req.numel(), u,
                   [round(v, 4) for v in loss.tolist()])
-        active[req[(loss < config.early_stop_loss) | (nll < config.early_stop_nll)]] = False
+        stop = (loss < config.early_stop_loss) | (nll < config.early_stop_nll)
+        if config.early_stop_top1:   # MPES: the target is the greedy continuation under every prompt
+            stop |= not_top1[req] == 0
+        active[req[stop]] = False
         if not backward or not active.any():
             break
         optimizer.step()

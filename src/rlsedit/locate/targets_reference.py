@@ -69,6 +69,9 @@ def compute_targets_reference(lm, layer: int, requests, prefixes, config: Target
                 row_nll = torch.zeros(P, device=device).index_add(
                     0, local[problem.tgt_row[tgt]], -tok_logp * problem.tgt_scale[tgt])  # (P,)
                 kl_logp = logp[kl_local, subj[kl_local]].unsqueeze(0)                 # (1, V)
+                tgt_logits = logits[local[problem.tgt_row[tgt]], problem.tgt_pos[tgt]]  # (e, V)
+                all_top1 = bool((tgt_logits.gather(1, problem.tgt_id[tgt].unsqueeze(1)).squeeze(1)
+                                 >= tgt_logits.amax(dim=-1)).all())
                 if kl_init is None:
                     kl_init = kl_logp.detach().clone()
                     h_init = seen[0] if seen else hidden_at_subject(lm, layer, [requests[i]])[0]
@@ -78,7 +81,7 @@ def compute_targets_reference(lm, layer: int, requests, prefixes, config: Target
             log.debug("reference layer %d edit %r step %d: loss %.4f, p(target) %.4f",
                       layer, requests[i].id, step, loss.item(), torch.exp(-row_nll).mean().item())
             if loss.item() < config.early_stop_loss or row_nll.mean().item() < config.early_stop_nll \
-                    or step == config.steps - 1:
+                    or (config.early_stop_top1 and all_top1) or step == config.steps - 1:
                 break
             loss.backward()
             optimizer.step()
