@@ -246,6 +246,10 @@ def test_a_partial_run_reports_the_edits_done_and_the_date(setup, monkeypatch):
     row = next(line for line in md.splitlines() if line.startswith("| rlsedit |"))
     assert row.startswith(f"| rlsedit | partial: 4 of 5 edits, {partial['date']} |")
     assert "| ft | not run |" in md
+    # each progress line names the code and machine that ran it; the partial report reads them
+    last = full["methods"]["rlsedit"]["batches"][-1]
+    assert last["code"]["rlsedit"] and last["machine"]["torch_threads"] >= 1
+    assert full["machine"] == last["machine"] and full["machine"].get("note") is None
     # the report found on its own (no names) holds the same partial run; a line written before
     # progress lines had dates takes the file's date
     lines = (out / "rlsedit" / "progress.jsonl").read_text().splitlines()

@@ -67,6 +67,7 @@ from .methods_config import MethodBenchConfig, MethodRun, plan_runs
 from .methods_eval import (GenerationPlan, consistency_reference, diagnostics_summary, evaluate_checkpoint,
                            final_extras, generation_plan, last_batch_efficacy, locality_reference)
 from .methods_report import timing_summary, write_report
+from .provenance import code_description
 from .target_log import TargetLog
 from .resume import (add_to_unedited, append_progress, bench_settings, check_or_write_settings, read_progress,
                      rewrite_progress, unedited_once, write_json)
@@ -122,10 +123,6 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
     from ..eval.runner import general_suite_names
     from ..eval.zsre import is_mend_zsre_file
     from ..session.session import Runtime
-    from .solver import machine_description
-
-    import torch
-
     if not config.data:
         raise InvalidRequestError("data: pass the edit file (--data FILE, e.g. a CounterFact JSON)")
     if is_mend_zsre_file(config.data):
@@ -165,8 +162,16 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
         write_json(result_path, results[run.name])
         if on_method_done is not None:
             on_method_done(run.name, results[run.name])
-    machine = machine_description(torch.device(config.device)) | {"torch_threads": torch.get_num_threads()}
-    return write_report(out, [r.name for r in runs], machine=machine)
+    return write_report(out, [r.name for r in runs], machine=_machine(config))
+
+
+def _machine(config: MethodBenchConfig) -> dict[str, Any]:
+    """The device, CPU, torch version and thread count this process benchmarks on."""
+    import torch
+
+    from .solver import machine_description
+
+    return machine_description(torch.device(config.device)) | {"torch_threads": torch.get_num_threads()}
 
 
 def _run_unedited(config, requests, general, consistency_ref) -> dict[str, Any]:
@@ -255,6 +260,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
             rewrite_progress(progress_path, kept)
             records = kept
         done = {rec["batch"]: rec for rec in records}
+        ran_on = {"code": code_description(), "machine": _machine(config)}  # written on each new progress line
         rebuilt: list[dict[str, Any]] = []
         last_records: list[dict[str, Any]] | None = None
         stopped = collapse_stop(records) if config.stop_below_chance else None
@@ -293,6 +299,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
                 if config.stop_below_chance:
                     record["evaluation"]["last_batch_efficacy"] = last_batch_efficacy(session.lm, batch, config)
             record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            record.update(ran_on)
             append_progress(progress_path, record)
             records.append(record)
             if config.stop_below_chance:
@@ -308,13 +315,9 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
                   "edits_applied": len(session.index)}
     finally:
         session.close()
-    from .solver import machine_description
-
-    import torch
-
     return {
         "method": run.method,
-        "machine": machine_description(torch.device(config.device)) | {"torch_threads": torch.get_num_threads()},
+        "machine": _machine(config),
         "config": run.config.to_dict(),
         "batches": records,
         "final": final,

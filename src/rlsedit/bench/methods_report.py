@@ -75,8 +75,11 @@ def partial_result(folder: Path, n: int) -> dict[str, Any] | None:
     stamp = records[-1].get("finished_at")
     date = stamp[:10] if stamp else \
         datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).date().isoformat()  # lines written before dates
-    return {"batches": records, "final": {}, "status": {"edits_applied": records[-1]["edits"]},
-            **timing_summary(records), "partial": {"edits_done": records[-1]["edits"], "of": n, "date": date}}
+    partial = {"batches": records, "final": {}, "status": {"edits_applied": records[-1]["edits"]},
+               **timing_summary(records), "partial": {"edits_done": records[-1]["edits"], "of": n, "date": date}}
+    if "machine" in records[-1]:  # progress lines name the machine and code from 2026-12-03 on
+        partial["machine"] = records[-1]["machine"]
+    return partial
 
 
 def write_report(out: str | Path, run_names: Sequence[str] | None = None, *,
