@@ -250,6 +250,8 @@ def test_a_partial_run_reports_the_edits_done_and_the_date(setup, monkeypatch):
     last = full["methods"]["rlsedit"]["batches"][-1]
     assert last["code"]["rlsedit"] and last["machine"]["torch_threads"] >= 1
     assert full["machine"] == last["machine"] and full["machine"].get("note") is None
+    # and the Adam steps its value targets took (the journal's target_steps, summarised)
+    assert last["target_steps_mean"] >= 0 and 0 <= last["target_steps_capped"] <= 2  # a batch of 2
     # the report found on its own (no names) holds the same partial run; a line written before
     # progress lines had dates takes the file's date
     lines = (out / "rlsedit" / "progress.jsonl").read_text().splitlines()
@@ -274,3 +276,11 @@ def format_partial_row(full) -> str:
     from rlsedit.bench.methods_report import format_results_markdown
 
     return next(line for line in format_results_markdown(full).splitlines() if line.startswith("| rlsedit |"))
+
+
+def test_target_steps_summary():
+    from rlsedit.bench.methods import target_steps_summary
+
+    assert target_steps_summary([3, 24, 10, 24], 25) == {"target_steps_mean": 15.25, "target_steps_capped": 2}
+    assert target_steps_summary([3, 5], None) == {"target_steps_mean": 4.0}
+    assert target_steps_summary([], 25) == {} and target_steps_summary(None, 25) == {}

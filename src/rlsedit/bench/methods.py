@@ -89,6 +89,7 @@ class _PhaseTimer:
         self.solve_s = 0.0
         self.solve_calls = 0
         self.journal_s = 0.0
+        self.last_info: dict[str, Any] = {}  # the info of the last journaled batch (its Adam steps)
         self._wrap(editor, "_solve", "solve")
         self._wrap(store, "append", "journal")
 
@@ -106,6 +107,8 @@ class _PhaseTimer:
                     self.solve_calls += 1
                 else:
                     self.journal_s += elapsed
+                    meta = args[1] if len(args) > 1 else kwargs.get("meta", {})
+                    self.last_info = dict(meta.get("info") or {})
 
         setattr(obj, attr, timed)
 
@@ -163,6 +166,18 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
         if on_method_done is not None:
             on_method_done(run.name, results[run.name])
     return write_report(out, [r.name for r in runs], machine=_machine(config))
+
+
+def target_steps_summary(steps: list[int] | None, max_steps: int | None) -> dict[str, Any]:
+    """``target_steps_mean`` (Adam steps per edit of a batch) and ``target_steps_capped`` (its
+    requests that used every step: ``max_steps − 1``, the last evaluation takes none); empty for
+    a method without value targets."""
+    if not steps:
+        return {}
+    out: dict[str, Any] = {"target_steps_mean": sum(steps) / len(steps)}
+    if max_steps is not None:
+        out["target_steps_capped"] = sum(s >= max_steps - 1 for s in steps)
+    return out
 
 
 def _machine(config: MethodBenchConfig) -> dict[str, Any]:
@@ -287,6 +302,8 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
             else:
                 record.update(total_s=total, solve_s=solve_s, journal_s=journal_s,
                               locate_s=total - (solve_s or 0.0) - journal_s)
+                record.update(target_steps_summary(timer.last_info.get("target_steps"),
+                                                   getattr(run.config, "v_num_grad_steps", None)))
             record["diagnostics"] = diagnostics_summary(session.editor.diagnostics())
             record["edited_weights_sha256"] = edited_weights_sha256(session.lm, session.editor.layers)
             if b in checkpoints:
