@@ -89,7 +89,6 @@ class _PhaseTimer:
         self.solve_s = 0.0
         self.solve_calls = 0
         self.journal_s = 0.0
-        self.last_info: dict[str, Any] = {}  # the info of the last journaled batch (its Adam steps)
         self._wrap(editor, "_solve", "solve")
         self._wrap(store, "append", "journal")
 
@@ -107,8 +106,6 @@ class _PhaseTimer:
                     self.solve_calls += 1
                 else:
                     self.journal_s += elapsed
-                    meta = args[1] if len(args) > 1 else kwargs.get("meta", {})
-                    self.last_info = dict(meta.get("info") or {})
 
         setattr(obj, attr, timed)
 
@@ -302,7 +299,8 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
             else:
                 record.update(total_s=total, solve_s=solve_s, journal_s=journal_s,
                               locate_s=total - (solve_s or 0.0) - journal_s)
-                record.update(target_steps_summary(timer.last_info.get("target_steps"),
+                info = session.store.read_entry(session.store.journal_count - 1).meta.get("info", {})
+                record.update(target_steps_summary(info.get("target_steps"),
                                                    getattr(run.config, "v_num_grad_steps", None)))
             record["diagnostics"] = diagnostics_summary(session.editor.diagnostics())
             record["edited_weights_sha256"] = edited_weights_sha256(session.lm, session.editor.layers)
@@ -334,7 +332,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
         session.close()
     return {
         "method": run.method,
-        "machine": _machine(config),
+        "machine": ran_on["machine"],
         "config": run.config.to_dict(),
         "batches": records,
         "final": final,
