@@ -35,6 +35,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..errors import NumericalError
+from ..model.cache import cache_kwarg as _cache_kwarg, cache_of as _cache_of, positions_from_mask  # noqa: F401
 from .datafiles import EvalDataError
 
 logger = logging.getLogger(__name__)
@@ -129,11 +130,6 @@ def _pad(seqs: Sequence[Sequence[int]], pad: int, *, left: bool) -> tuple[torch.
     return ids, mask
 
 
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """``pos_t = (Σ_{s≤t} mask_s) − 1``, clamped at 0 on the padding: ``(B, L)``."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 def _max_positions(model) -> int | None:
     value = getattr(model.config, "max_position_embeddings", None)
     return int(value) if isinstance(value, int) and value > 0 else None
@@ -147,16 +143,6 @@ def _check_length(model, length: int, what: str) -> None:
 
 def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-def _cache_kwarg(model) -> str:
-    """Name of the KV-cache argument: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cache_of(out) -> object:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def _float_logits(logits: torch.Tensor) -> torch.Tensor:
