@@ -401,6 +401,14 @@ class Editor:
         pseudo = preservation_requests(requests, self.preserve_pool_, c.preserve_count, c.seed)
         return BatchKeys(self.lm, self.layers[0], self.layers[-1], pseudo, [SUBJECT_SLOT], average=c.key_average)
 
+    def _paraphrases(self, requests: list[EditRequest]) -> list[list[str]] | None:
+        """The model's rewordings of each prompt for the value targets (``paraphrase_count``), else None."""
+        if not self.config.paraphrase_count:
+            return None
+        from ..locate.paraphrases import paraphrase_templates
+
+        return paraphrase_templates(self.lm, requests, self.config.paraphrase_count, seed=self.config.seed)
+
     def _compute_batch(self, requests: list[EditRequest]) -> tuple[EditRecord, dict[int, Any]]:
         from ..locate.fasttargets import compute_value_targets
         from ..locate.keys import BatchKeys, compute_keys
@@ -416,7 +424,8 @@ class Editor:
             if logged is None:
                 # "batched": by the config's v_method (the Adam loop, or fasttargets' cheap paths)
                 optimise = compute_value_targets if self.targets == "batched" else compute_targets_reference
-                result = optimise(self.lm, top, requests, prefixes, self._target_config())
+                result = optimise(self.lm, top, requests, prefixes, self._target_config(),
+                                  paraphrases=self._paraphrases(requests))
                 z = result.z.float()  # (u, d_model)
                 _check_finite("value target z", z, ids)
         tensors: dict[str, torch.Tensor] = {}

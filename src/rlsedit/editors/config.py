@@ -65,8 +65,8 @@ _IGNORED_OFFICIAL_KEYS = {
 }
 
 
-_WRITTEN_WHEN_SET = {"v_lr_scale": 1.0, "v_early_stop_top1": False, "chat_prefix": False, "preserve_count": 0,
-                     "preserve_weight": 1.0, "preserve_subjects": None}
+_WRITTEN_WHEN_SET = {"v_lr_scale": 1.0, "v_early_stop_top1": False, "chat_prefix": False, "paraphrase_count": 0,
+                     "preserve_count": 0, "preserve_weight": 1.0, "preserve_subjects": None}
 """Fields :meth:`EditConfig.to_dict` writes only when they differ from their default."""
 
 
@@ -102,11 +102,16 @@ class EditConfig:
         "more context prefix, the target after the assistant's header), so the fact transfers to chat use of an "
         "instruct model; an error for a model without a chat template. In the key average it joins the generated "
         "prefixes ('per_type': the bare prompt keeps 1/2)", False)
+    paraphrase_count: int = _help(
+        "also fit each value target under this many of the model's own rewordings of the edit's prompt (sampled "
+        "few-shot, kept when they hold the subject and ask for the same kind of answer; rlsedit.locate.paraphrases), "
+        "so the fact is said when asked another way; 0 = off. Keys are unchanged. Only for the batch key/value "
+        "editors (not ROME, FT)", 0)
     mom2_n_samples: int = _help("corpus tokens used for the key second moment E[kk^T]", 100_000)
     mom2_update_weight: float | None = _help(
         "n: the anchor Gram is n * E[kk^T]; None = 15000 * d_k / 14336, the official Llama-3-8B value "
         "scaled to the model's key width (see anchor_weight)", None)
-    seed: int = _help("seed for anything random (context prefixes, preservation subjects)", 0)
+    seed: int = _help("seed for anything random (context prefixes, rewordings, preservation subjects)", 0)
     preserve_count: int = _help(
         "preservation rows per edit: the edit's prompt template filled with this many other subjects, whose "
         "current layer output joins the batch's least-squares solve as a target to keep (rlsedit.locate.preserve); "
@@ -136,6 +141,10 @@ class EditConfig:
         check_choice("key_average", self.key_average, ("per_type", "uniform"))
         if not isinstance(self.chat_prefix, bool):
             raise InvalidRequestError(f"chat_prefix must be true or false, got {self.chat_prefix!r}")
+        check_int("paraphrase_count", self.paraphrase_count, at_least=0)
+        if self.paraphrase_count and self.no_key_columns:
+            raise InvalidRequestError(f"paraphrase_count={self.paraphrase_count}: only the batch key/value editors "
+                                      "take rewording rows; use rlsedit, memit, memit-seq or alphaedit")
         object.__setattr__(self, "mom2_update_weight",
                            check_number("mom2_update_weight", self.mom2_update_weight, optional=True))
         check_int("preserve_count", self.preserve_count, at_least=0)

@@ -41,22 +41,24 @@ and ~30 tokens per row."""
 
 
 def compute_value_targets(lm, layer: int, requests, prefixes, config: TargetConfig | None = None, *,
-                          batch_size: int = TARGET_BATCH_SIZE) -> TargetResult:
+                          batch_size: int = TARGET_BATCH_SIZE,
+                          paraphrases: list[list[str]] | None = None) -> TargetResult:
     """Targets by ``config.method``: ``"adam"`` is :func:`compute_targets` unchanged,
     ``"onestep"`` and ``"verify"`` are :func:`compute_fast_targets`."""
     if config is None or config.method == "adam":
-        return compute_targets(lm, layer, requests, prefixes, config, batch_size=batch_size)
-    return compute_fast_targets(lm, layer, requests, prefixes, config, batch_size=batch_size)
+        return compute_targets(lm, layer, requests, prefixes, config, batch_size=batch_size, paraphrases=paraphrases)
+    return compute_fast_targets(lm, layer, requests, prefixes, config, batch_size=batch_size, paraphrases=paraphrases)
 
 
 def compute_fast_targets(lm, layer: int, requests, prefixes, config: TargetConfig, *,
-                         batch_size: int = TARGET_BATCH_SIZE) -> TargetResult:
+                         batch_size: int = TARGET_BATCH_SIZE,
+                         paraphrases: list[list[str]] | None = None) -> TargetResult:
     """``z_i = h_i + δ_i`` by one gradient and a line search (module doc); ``steps`` counts
     the Adam steps of ``"verify"``'s refinement (0 for requests the line search settled)."""
     method = getattr(config, "method", None)
     if method not in ("onestep", "verify"):
         raise ValueError(f"compute_fast_targets needs a TargetConfig with method 'onestep' or 'verify', got {method!r}")
-    return _run_prepared(lm, layer, requests, prefixes, config, batch_size, _fast)
+    return _run_prepared(lm, layer, requests, prefixes, config, batch_size, _fast, paraphrases)
 
 
 def _gradient_at_zero(lm, problem, groups) -> tuple[torch.Tensor, torch.Tensor]:

@@ -158,11 +158,14 @@ class _Problem:
     n_prefixes: int
 
 
-def _build_problem(lm, requests: list[EditRequest], prefixes: list[str], config: TargetConfig) -> _Problem:
-    u, P = len(requests), len(prefixes)
+def _build_problem(lm, requests: list[EditRequest], prefixes: list[str], config: TargetConfig,
+                   paraphrases: list[list[str]] | None = None) -> _Problem:
     for r in requests:
         request_template(r)  # validates every subject before any model work
-    prompt_ids, prompt_subj = encode_at_subject(lm, prompt_texts(requests, prefixes))
+    texts = prompt_texts(requests, prefixes, paraphrases)
+    u = len(requests)
+    P = len(texts) // u  # the prefixes, then each request's extra templates
+    prompt_ids, prompt_subj = encode_at_subject(lm, texts)
     kl_items = [fill_subject(config.kl_prompt, r.subject, f"edit {r.id!r}") for r in requests]
     kl_ids, kl_subj = encode_through_subject(lm, kl_items)
 
@@ -402,7 +405,7 @@ def _groups(lm, layer: int, problem: _Problem, batch_size: int) -> list[_Group]:
 
 
 def compute_targets(lm, layer: int, requests, prefixes, config: TargetConfig | None = None, *,
-                    batch_size: int = TARGET_BATCH_SIZE) -> TargetResult:
+                    batch_size: int = TARGET_BATCH_SIZE, paraphrases: list[list[str]] | None = None) -> TargetResult:
     """Optimise ``z_i = h_i + δ_i`` for every request of a batch at once (see module doc).
 
     All ``u`` requests share each step: their rewriting and KL prompts run in groups of at
@@ -416,18 +419,20 @@ def compute_targets(lm, layer: int, requests, prefixes, config: TargetConfig | N
     request whose loss drops below ``early_stop_loss`` keeps its ``δ`` and leaves the batch;
     the loop ends when every request has stopped or ``steps`` are spent. ``batch_size``
     trades memory and per-call overhead against replayed width; the result does not depend
-    on it beyond float rounding.
+    on it beyond float rounding. ``paraphrases`` (one list of prompt templates per request, all
+    of one length; :func:`~rlsedit.locate.paraphrases.paraphrase_templates`) adds rewording
+    rows to each request's rewriting prompts (:func:`~rlsedit.locate.tokens.prompt_texts`).
     """
-    return _run_prepared(lm, layer, requests, prefixes, config, batch_size, _optimise)
+    return _run_prepared(lm, layer, requests, prefixes, config, batch_size, _optimise, paraphrases)
 
 
-def _run_prepared(lm, layer, requests, prefixes, config, batch_size, find) -> TargetResult:
+def _run_prepared(lm, layer, requests, prefixes, config, batch_size, find, paraphrases=None) -> TargetResult:
     """Validate, build the token rows, and run ``find(lm, layer, requests, problem, config,
     batch_size)`` in the config's precision."""
     layer, requests, prefixes, config = _prepare(lm, layer, requests, prefixes, config, batch_size)
     if not requests:
         return _empty(lm)
-    problem = _build_problem(lm, requests, prefixes, config)
+    problem = _build_problem(lm, requests, prefixes, config, paraphrases)
     if config.dtype == "float32":
         return find(lm, layer, requests, problem, config, batch_size)
     # δ is found against the model in low precision, then added to the float32 state:

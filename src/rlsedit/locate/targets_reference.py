@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def compute_targets_reference(lm, layer: int, requests, prefixes, config: TargetConfig | None = None, *,
-                              batch_size: int = TARGET_BATCH_SIZE) -> TargetResult:
+                              batch_size: int = TARGET_BATCH_SIZE,
+                              paraphrases: list[list[str]] | None = None) -> TargetResult:
     """The same objective, one request at a time through the whole model.
 
     For each request: its rewriting and KL prompts in one padded batch, ``δ`` added to the
@@ -34,8 +35,8 @@ def compute_targets_reference(lm, layer: int, requests, prefixes, config: Target
     layer, requests, prefixes, config = _prepare(lm, layer, requests, prefixes, config, batch_size)
     if not requests:
         return _empty(lm)
-    problem = _build_problem(lm, requests, prefixes, config)
-    device, P = lm.device, len(prefixes)
+    problem = _build_problem(lm, requests, prefixes, config, paraphrases)
+    device, P = lm.device, problem.n_prefixes
     z, initial, losses, probs, steps_used = [], [], [], [], []
     for i in range(len(requests)):
         rows = torch.nonzero(problem.row_req == i).flatten()   # P rewriting rows, then the KL row

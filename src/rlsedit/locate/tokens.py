@@ -84,21 +84,47 @@ def fill_subject(template: str, subject: str, owner: str) -> SubjectText:
     return SubjectText(text=text, start=start, end=start + len(subject), owner=owner)
 
 
-def prompt_texts(requests: list[EditRequest], prefixes: list[str]) -> list[SubjectText]:
-    """``prefix.replace("{}", request.text)`` for every request × prefix, request-major.
+def prompt_texts(requests: list[EditRequest], prefixes: list[str],
+                 paraphrases: list[list[str]] | None = None) -> list[SubjectText]:
+    """``prefix.replace("{}", request.text)`` for every request × prefix, request-major, then
+    the request's extra templates (``paraphrases[i]``: prompt templates with ``"{}"`` for the
+    subject, the same number for every request).
 
-    Row ``i * len(prefixes) + p`` is request ``i`` under prefix ``p``.
+    Row ``i * P + p`` (``P = len(prefixes) + k``) is request ``i`` under prefix ``p`` for
+    ``p < len(prefixes)``; row ``i * P + len(prefixes) + j`` is its template ``j`` behind the
+    prefix ``prefixes[(1 + j) % len(prefixes)]`` (the generated prefixes in turn after the bare
+    one, so the rewordings also meet other contexts).
     """
+    extra = check_paraphrases(requests, paraphrases)
     out = []
-    for request in requests:
-        template = request_template(request)
+    for request, templates in zip(requests, extra):
         owner = f"edit {request.id!r}"
-        for prefix in prefixes:
+        rows = [(prefix, request_template(request)) for prefix in prefixes]
+        rows += [(prefixes[(1 + j) % len(prefixes)], t) for j, t in enumerate(templates)]
+        for prefix, template in rows:
             # The prefix's "{}" takes the prompt template, whose "{}" then takes the subject.
             slot = prefix.index(SUBJECT_SLOT)
             combined = prefix[:slot] + template + prefix[slot + len(SUBJECT_SLOT):]
             out.append(fill_subject(combined, request.subject, owner))
     return out
+
+
+def check_paraphrases(requests: list[EditRequest], paraphrases: list[list[str]] | None) -> list[list[str]]:
+    """Validate per-request extra templates: one list per request, all of one length, each a
+    string with exactly one ``{}``. None gives empty lists."""
+    if paraphrases is None:
+        return [[] for _ in requests]
+    paraphrases = [list(t) for t in paraphrases]
+    if len(paraphrases) != len(requests):
+        raise InvalidRequestError(f"paraphrases: {len(paraphrases)} lists for {len(requests)} requests")
+    if len({len(t) for t in paraphrases}) > 1:
+        raise InvalidRequestError("paraphrases: every request needs the same number of templates")
+    for request, templates in zip(requests, paraphrases):
+        for t in templates:
+            if not isinstance(t, str) or t.count(SUBJECT_SLOT) != 1:
+                raise InvalidRequestError(
+                    f"edit {request.id!r}: paraphrase template {t!r} must be a string with exactly one '{{}}'")
+    return paraphrases
 
 
 def max_positions(lm) -> int | None:
