@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -25,6 +24,7 @@ from typing import Iterator
 import torch
 
 from ..errors import UnsupportedError
+from ..model.cache import cache_kwarg
 from ..model.weights import block
 
 
@@ -131,12 +131,6 @@ class _DroppedLayer:
         raise UnsupportedError(f"a replay read the key/value cache of block {self.index}, below the replayed blocks")
 
 
-def _cache_argument(lm) -> str:
-    # transformers >= 5.24 names the cache argument ``cache``; earlier 5.x ``past_key_values``
-    params = inspect.signature(lm.model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _copy_cache(cache, index: torch.Tensor | None = None, batch: int | None = None):
     """A shallow copy of a layered key/value cache whose layers can be updated without
     touching ``cache``; with ``index``, batch-shaped layer tensors keep only those rows.
@@ -193,7 +187,7 @@ def capture_above(lm, layer: int, input_ids: torch.Tensor, attention_mask: torch
         if cache is None or not hasattr(cache, "layers"):
             raise UnsupportedError(f"{type(lm.model).__name__} returned no layered key/value cache")
         snapshot, live_cache = _copy_cache(cache), cache
-        extra[_cache_argument(lm)] = cache
+        extra[cache_kwarg(lm.model)] = cache
         input_ids = input_ids[:, split:]
 
     def keep_output(_mod, _args, output):
