@@ -15,7 +15,7 @@ from rlsedit.errors import InvalidRequestError
 from rlsedit.locate import paraphrases as para
 from rlsedit.locate.targets import TargetConfig, _build_problem, compute_targets
 from rlsedit.locate.targets_reference import compute_targets_reference
-from rlsedit.locate.tokens import prompt_texts
+from rlsedit.locate.tokens import pad_left, pad_right, prompt_texts
 from rlsedit.model.weights import get_W, weights_sha256
 from rlsedit.requests import EditRequest
 
@@ -177,3 +177,11 @@ def test_the_setting_is_checked_and_only_for_batch_key_value_editors():
         with pytest.raises(InvalidRequestError, match="paraphrase_count=2"):
             config(paraphrase_count=2)
     assert MEMITConfig(paraphrase_count=2).paraphrase_count == 2
+
+
+def test_left_and_right_padding_put_the_same_tokens_at_opposite_ends():
+    seqs = [[5, 6, 7], [8]]
+    ids, mask = pad_left(seqs, 0, "cpu")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_right(seqs, 0, "cpu")
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]

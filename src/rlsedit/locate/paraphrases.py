@@ -39,7 +39,7 @@ from ..errors import InvalidRequestError
 from ..model.cache import cache_kwarg, cache_of, positions_from_mask
 from ..requests import SUBJECT_SLOT, EditRequest
 from .prefixes import TOP_K
-from .tokens import max_positions, pad_id, request_template
+from .tokens import max_positions, pad_id, pad_left, request_template
 
 REWORD_INSTRUCTION = ("Rewrite each sentence start in other words. Keep the name exactly as it is. "
                       "The missing last word must still come right after it.")
@@ -123,12 +123,8 @@ def _query_logits(lm, requests: list[EditRequest], new_tokens: int = 0):
             raise InvalidRequestError(
                 f"the rewording prompt needs {H + width + new_tokens} positions, more than the model's {what} "
                 f"of {limit}; set paraphrase_count to 0 for this model")
-    rows = torch.full((u, width), pad_id(lm), dtype=torch.long, device=device)
-    mask = torch.zeros((u, H + width), dtype=torch.long, device=device)
-    mask[:, :H] = 1
-    for i, q in enumerate(queries):
-        rows[i, width - len(q):] = torch.tensor(q, device=device)
-        mask[i, H + width - len(q):] = 1
+    rows, query_mask = pad_left(queries, pad_id(lm), device)
+    mask = torch.cat([torch.ones((u, H), dtype=torch.long, device=device), query_mask], dim=1)
     positions = positions_from_mask(mask)
     with torch.no_grad():
         cache = cache_of(model(input_ids=head, use_cache=True, logits_to_keep=1))
@@ -183,12 +179,7 @@ def _next_token_probs(lm, texts: list[str], batch_size: int = 64) -> torch.Tenso
         for start in range(0, len(texts), batch_size):
             chunk = texts[start:start + batch_size]
             ids = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in chunk]
-            width = max(len(x) for x in ids)
-            input_ids = torch.full((len(ids), width), pad_id(lm), dtype=torch.long, device=lm.device)
-            mask = torch.zeros_like(input_ids)
-            for i, x in enumerate(ids):  # left padding: every row's last token in the last column
-                input_ids[i, width - len(x):] = torch.tensor(x, device=lm.device)
-                mask[i, width - len(x):] = 1
+            input_ids, mask = pad_left(ids, pad_id(lm), lm.device)  # every row's last token last
             logits = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=positions_from_mask(mask),
                               use_cache=False, logits_to_keep=1).logits[:, -1]
             out.append(torch.softmax(logits.float(), dim=-1))

@@ -198,12 +198,23 @@ def pad_id(lm) -> int:
 
 def pad_right(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists into ``input_ids (B, L)`` and ``attention_mask (B, L)``."""
+    return _pad(seqs, pad, device, left=False)
+
+
+def pad_left(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists (every row's last token in the last column) into ``input_ids
+    (B, L)`` and ``attention_mask (B, L)``."""
+    return _pad(seqs, pad, device, left=True)
+
+
+def _pad(seqs: list[list[int]], pad: int, device, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), length), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
     for row, seq in enumerate(seqs):
-        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[row, : len(seq)] = 1
+        cols = slice(length - len(seq), length) if left else slice(0, len(seq))
+        input_ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, cols] = 1
     return input_ids.to(device), attention_mask.to(device)
 
 
