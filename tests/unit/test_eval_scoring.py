@@ -199,13 +199,3 @@ def test_next_token_logprobs_equal_one_token_continuations(attn, dtype, tol):
     with pytest.raises(EvalDataError):
         next_token_logprobs(lm, PROMPTS, candidates[:2])
 
-
-def test_left_and_right_padding_place_ids_and_mask_on_their_side():
-    from rlsedit.eval.scoring import left_pad, right_pad
-
-    ids, mask = left_pad([[1, 2, 3], [4], []], 0)
-    assert ids.tolist() == [[1, 2, 3], [0, 0, 4], [0, 0, 0]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
-    ids, mask = right_pad([[1, 2, 3], [4], []], 9)
-    assert ids.tolist() == [[1, 2, 3], [4, 9, 9], [9, 9, 9]]
-    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]

@@ -185,3 +185,7 @@ def test_left_and_right_padding_put_the_same_tokens_at_opposite_ends():
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     ids, mask = pad_right(seqs, 0, "cpu")
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_left([(1, 2), []], 9)                 # any sequence; an empty row is all padding
+    assert ids.tolist() == [[1, 2], [9, 9]] and mask.tolist() == [[1, 1], [0, 0]]
+    ids, mask = pad_right([[4], [], [1, 2, 3]], 9)
+    assert ids.tolist() == [[4, 9, 9], [9, 9, 9], [1, 2, 3]] and mask.tolist() == [[1, 0, 0], [0, 0, 0], [1, 1, 1]]

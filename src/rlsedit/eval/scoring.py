@@ -35,7 +35,8 @@ from typing import Iterator, Sequence
 import torch
 
 from ..errors import NumericalError
-from ..model.cache import cache_kwarg as _cache_kwarg, cache_of as _cache_of, positions_from_mask  # noqa: F401
+from ..model.cache import cache_kwarg, cache_of, positions_from_mask
+from ..locate.tokens import pad_left, pad_right, pad_token_id
 from .datafiles import EvalDataError
 
 logger = logging.getLogger(__name__)
@@ -103,33 +104,6 @@ def encode_continuation(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def pad_id(tokenizer) -> int:
-    """The id written into padded slots (never attended to, so any valid id works)."""
-    return int(next(c for c in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if c is not None))
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad id lists: returns ``ids (B, L)`` and ``mask (B, L)`` (1 = real token)."""
-    return _pad(seqs, pad, left=True)
-
-
-def right_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id lists: returns ``ids (B, L)`` and ``mask (B, L)`` (1 = real token)."""
-    return _pad(seqs, pad, left=False)
-
-
-def _pad(seqs: Sequence[Sequence[int]], pad: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        if seq:
-            cols = slice(width - len(seq), width) if left else slice(0, len(seq))
-            ids[row, cols] = torch.tensor(list(seq), dtype=torch.long)
-            mask[row, cols] = 1
-    return ids, mask
-
-
 def _max_positions(model) -> int | None:
     value = getattr(model.config, "max_position_embeddings", None)
     return int(value) if isinstance(value, int) and value > 0 else None
@@ -161,7 +135,7 @@ def forward_last(model, ids: torch.Tensor, mask: torch.Tensor, keep: int, **extr
         out = model(**kwargs, logits_to_keep=keep)
     else:
         out = model(**kwargs)
-    return _float_logits(out.logits[:, -keep:, :]), _cache_of(out)
+    return _float_logits(out.logits[:, -keep:, :]), cache_of(out)
 
 
 def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
@@ -202,7 +176,7 @@ def score_continuations(
     order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
     with eval_mode(model):
         for rows in _batches(order, batch_size):
-            ids, mask = right_pad([encoded[i][0] + encoded[i][1] for i in rows], pad_id(tokenizer))
+            ids, mask = pad_right([encoded[i][0] + encoded[i][1] for i in rows], pad_token_id(tokenizer))
             width = ids.shape[1]
             # column t predicts token t+1, so c_1 of row i is predicted at column len(p_i) - 1
             first = min(len(encoded[i][0]) - 1 for i in rows)
@@ -258,7 +232,7 @@ def next_token_logprobs(
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     with eval_mode(model):
         for rows in _batches(order, batch_size):
-            ids, mask = right_pad([encoded[i] for i in rows], pad_id(tokenizer))
+            ids, mask = pad_right([encoded[i] for i in rows], pad_token_id(tokenizer))
             first = min(len(encoded[i]) for i in rows) - 1  # earliest last-prompt column
             logits, _ = forward_last(model, ids.to(lm.device), mask.to(lm.device), ids.shape[1] - first)
             for b, i in enumerate(rows):
@@ -278,7 +252,7 @@ def next_token_topk(lm, prompt: str, k: int = 10) -> list[TokenScore]:
         raise EvalDataError(f"prompt {prompt!r} has no tokens")
     _check_length(lm.model, len(ids), "prompt")
     with eval_mode(lm.model):
-        ids_t, mask = left_pad([ids], pad_id(lm.tokenizer))
+        ids_t, mask = pad_left([ids], pad_token_id(lm.tokenizer))
         logits, _ = forward_last(lm.model, ids_t.to(lm.device), mask.to(lm.device), 1)
         logp = torch.log_softmax(logits[0, -1], dim=-1)
         values, indices = logp.topk(min(k, logp.numel()))
@@ -313,7 +287,7 @@ def _decode_batch(lm, seqs: list[list[int]], max_new_tokens: int, stop: Sequence
                   eos: set[int], pad: int) -> list[list[int]]:
     """Decode one left-padded batch with a KV cache; returns the new token ids of each row."""
     tokenizer, model = lm.tokenizer, lm.model
-    ids, mask = left_pad(seqs, pad)
+    ids, mask = pad_left(seqs, pad)
     ids, mask = ids.to(lm.device), mask.to(lm.device)
     logits, cache = forward_last(model, ids, mask, 1, use_cache=True)  # (B, 1, V)
     generated: list[list[int]] = [[] for _ in seqs]
@@ -340,8 +314,8 @@ def _decode_batch(lm, seqs: list[list[int]], max_new_tokens: int, stop: Sequence
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = positions_from_mask(mask)[:, -1:]  # pos_t = Σ mask − 1 at the new column
         out = model(input_ids=feed, attention_mask=mask, position_ids=position,
-                    use_cache=True, **{_cache_kwarg(model): cache})
-        logits, cache = _float_logits(out.logits[:, -1:, :]), _cache_of(out)
+                    use_cache=True, **{cache_kwarg(model): cache})
+        logits, cache = _float_logits(out.logits[:, -1:, :]), cache_of(out)
     return generated
 
 
@@ -365,7 +339,7 @@ def _generate(
         if not ids:
             raise EvalDataError(f"prompt {row} ({prompts[row]!r}) has no tokens")
         _check_length(model, len(ids) + max_new_tokens, f"prompt {row} plus {max_new_tokens} new tokens")
-    eos, pad = _eos_ids(lm), pad_id(tokenizer)
+    eos, pad = _eos_ids(lm), pad_token_id(tokenizer)
     texts: list[str] = [""] * len(encoded)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     with eval_mode(model):

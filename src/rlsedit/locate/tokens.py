@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -187,33 +188,40 @@ def check_length(lm, ids: list[int], owner: str) -> None:
         )
 
 
-def pad_id(lm) -> int:
-    """The id used for padding (never read: it sits after every real token)."""
-    tokenizer = lm.tokenizer
+def pad_token_id(tokenizer) -> int:
+    """The id written into padded slots (never attended to, so any valid id works): the
+    tokenizer's pad token, else its end-of-sequence token, else 0."""
     for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if value is not None:
             return int(value)
     return 0
 
 
-def pad_right(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists into ``input_ids (B, L)`` and ``attention_mask (B, L)``."""
+def pad_id(lm) -> int:
+    """:func:`pad_token_id` of the model's tokenizer."""
+    return pad_token_id(lm.tokenizer)
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into ``input_ids (B, L)`` and ``attention_mask (B, L)`` (1 = real token)."""
     return _pad(seqs, pad, device, left=False)
 
 
-def pad_left(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_left(seqs: Sequence[Sequence[int]], pad: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token id lists (every row's last token in the last column) into ``input_ids
-    (B, L)`` and ``attention_mask (B, L)``."""
+    (B, L)`` and ``attention_mask (B, L)`` (1 = real token)."""
     return _pad(seqs, pad, device, left=True)
 
 
-def _pad(seqs: list[list[int]], pad: int, device, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(seqs: Sequence[Sequence[int]], pad: int, device, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), length), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
     for row, seq in enumerate(seqs):
+        if not len(seq):  # an empty row stays all padding
+            continue
         cols = slice(length - len(seq), length) if left else slice(0, len(seq))
-        input_ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+        input_ids[row, cols] = torch.tensor(list(seq), dtype=torch.long)
         attention_mask[row, cols] = 1
     return input_ids.to(device), attention_mask.to(device)
 

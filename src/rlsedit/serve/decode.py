@@ -20,8 +20,9 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import NumericalError
-from ..eval.scoring import (_cache_kwarg, _cache_of, _cut_at_stop, _eos_ids, _float_logits, eval_mode,
-                            forward_last, left_pad, pad_id, positions_from_mask)
+from ..eval.scoring import _cut_at_stop, _eos_ids, _float_logits, eval_mode, forward_last
+from ..locate.tokens import pad_left, pad_token_id
+from ..model.cache import cache_kwarg, cache_of, positions_from_mask
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,11 @@ def decode_rows(lm, rows: Sequence[Row], decode_text: Callable[[list[int]], str]
     Raises :class:`~rlsedit.errors.NumericalError` when a live row's logits are not finite.
     """
     model = lm.model
-    eos, pad = _eos_ids(lm), pad_id(lm.tokenizer)
+    eos, pad = _eos_ids(lm), pad_token_id(lm.tokenizer)
     rows = list(rows)
     steps = max(r.sampling.max_tokens for r in rows)
     with eval_mode(model):
-        ids, mask = left_pad([r.prompt_ids for r in rows], pad)
+        ids, mask = pad_left([r.prompt_ids for r in rows], pad)
         ids, mask = ids.to(lm.device), mask.to(lm.device)
         logits, cache = forward_last(model, ids, mask, 1, use_cache=True)  # (B, 1, V)
         for step in range(steps):
@@ -125,8 +126,8 @@ def decode_rows(lm, rows: Sequence[Row], decode_text: Callable[[list[int]], str]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             position = positions_from_mask(mask)[:, -1:]  # pos_t = Σ mask − 1 at the new column
             out = model(input_ids=feed, attention_mask=mask, position_ids=position,
-                        use_cache=True, **{_cache_kwarg(model): cache})
-            logits, cache = _float_logits(out.logits[:, -1:, :]), _cache_of(out)
+                        use_cache=True, **{cache_kwarg(model): cache})
+            logits, cache = _float_logits(out.logits[:, -1:, :]), cache_of(out)
     for row in rows:
         row.text = _cut_at_stop(decode_text(row.tokens), row.sampling.stop)[0]
         if row.finish_reason is None:
