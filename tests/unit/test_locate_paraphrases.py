@@ -13,6 +13,7 @@ from rlsedit.editors import RLSEdit
 from rlsedit.editors.config import FTConfig, MEMITConfig, RLSEditConfig, ROMEConfig
 from rlsedit.errors import InvalidRequestError
 from rlsedit.locate import paraphrases as para
+from rlsedit.locate.keys import BatchKeys, compute_keys, row_weights
 from rlsedit.locate.targets import TargetConfig, _build_problem, compute_targets
 from rlsedit.locate.targets_reference import compute_targets_reference
 from rlsedit.locate.tokens import pad_left, pad_right, prompt_texts
@@ -168,6 +169,61 @@ def test_the_editor_fits_targets_on_rewordings_and_keys_stay(monkeypatch):
     assert not torch.allclose(record.tensors["layers.2.V"], plain.tensors["layers.2.V"])   # targets changed
     assert config.replace(paraphrase_count=2).to_dict()["paraphrase_count"] == 2
     assert "paraphrase_count" not in config.to_dict()
+
+
+def test_rewording_rows_weigh_as_a_third_type_in_the_key_average(lm):
+    reqs = requests()
+    extra = [["Where is {} now", "{} stands in"], ["{} speaks", "The tongue of {}"], ["Say {}", "{} plays"]]
+    assert row_weights(PREFIXES).tolist() == pytest.approx([0.5, 0.25, 0.25])
+    assert row_weights(PREFIXES, 2).tolist() == pytest.approx([1 / 3, 1 / 6, 1 / 6, 1 / 6, 1 / 6])
+    assert row_weights(PREFIXES[1:], 2).tolist() == pytest.approx([0.25] * 4)           # one prefix type
+    assert row_weights(PREFIXES, 2, "uniform").tolist() == pytest.approx([0.2] * 5)
+    # by hand: the keys of the prefix rows alone and of each rewording (behind its prefix) alone
+    plain = compute_keys(lm, 1, reqs, PREFIXES)
+    own = [compute_keys(lm, 1, [EditRequest(id=r.id, prompt=extra[i][j], subject=r.subject, target_new=r.target_new)
+                                for i, r in enumerate(reqs)], [PREFIXES[(1 + j) % len(PREFIXES)]])
+           for j in range(2)]
+    torch.testing.assert_close(compute_keys(lm, 1, reqs, PREFIXES, paraphrases=extra),
+                               2 / 3 * plain + (own[0] + own[1]) / 6, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(compute_keys(lm, 1, reqs, PREFIXES, paraphrases=extra), plain, atol=1e-3)
+    torch.testing.assert_close(compute_keys(lm, 1, reqs, PREFIXES, paraphrases=[[], [], []]), plain)
+
+
+def test_the_batch_key_reader_with_rewordings_equals_a_fresh_computation():
+    lm = make_lm("llama", n_layers=5)
+    reqs = requests()
+    extra = [["Where is {} now"], ["{} speaks"], ["Say {}"]]
+    prefixes = ["The city is far away. {}", "{}"]  # the bare prompt not first: hidden_at_top must find it
+    reader = BatchKeys(lm, 1, 3, reqs, prefixes, paraphrases=extra, batch_size=2)
+    for layer in (1, 3):
+        torch.testing.assert_close(compute_keys(lm, layer, reqs, prefixes, reader=reader, paraphrases=extra),
+                                   compute_keys(lm, layer, reqs, prefixes, paraphrases=extra), rtol=0, atol=1e-5)
+    from rlsedit.locate.targets import hidden_at_subject
+    torch.testing.assert_close(reader.hidden_at_top(), hidden_at_subject(lm, 3, reqs), rtol=0, atol=1e-5)
+    with pytest.raises(InvalidRequestError, match="rewordings"):
+        compute_keys(lm, 3, reqs, prefixes, reader=reader)                     # made with rewordings, asked without
+
+
+def test_the_editor_averages_keys_over_rewordings_only_when_asked(monkeypatch):
+    # a random tiny model's own rewordings are mostly the prompt itself (the fill-up), which
+    # would leave the average as it was: fixed rewordings make the difference visible
+    monkeypatch.setattr(para, "paraphrase_templates", lambda lm, reqs, k, seed: [["Where is {} now", "Say {}"]] * len(reqs))
+    X = torch.randn(64, 400, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    moments = {l: X @ X.T / 400 for l in range(4)}
+    config = RLSEditConfig(layers=(1, 2), context_count=1, v_num_grad_steps=4, paraphrase_count=2)
+    lm = make_lm("llama", max_positions=1024)
+    targets_only = RLSEdit(lm, config, moments=moments).propose(requests()[:2]).commit()
+    lm = make_lm("llama", max_positions=1024)
+    with_keys = RLSEdit(lm, config.replace(paraphrase_keys=True), moments=moments).propose(requests()[:2]).commit()
+    # the same rewordings (same seed, same model) in the targets; the keys move
+    torch.testing.assert_close(with_keys.info["target_loss"], targets_only.info["target_loss"])
+    assert not torch.allclose(with_keys.tensors["layers.1.K"], targets_only.tensors["layers.1.K"], atol=1e-4)
+    assert config.replace(paraphrase_keys=True).to_dict()["paraphrase_keys"] is True
+    assert "paraphrase_keys" not in config.to_dict()
+    with pytest.raises(InvalidRequestError, match="paraphrase_count > 0"):
+        RLSEditConfig(paraphrase_keys=True)
+    with pytest.raises(InvalidRequestError, match="paraphrase_keys must be true or false"):
+        RLSEditConfig(paraphrase_count=2, paraphrase_keys="yes")
 
 
 def test_the_setting_is_checked_and_only_for_batch_key_value_editors():

@@ -421,25 +421,28 @@ class Editor:
         logged = None if self.target_log is None else self.target_log.lookup(ids)
         result = z = None
         with clock("targets"):
+            rewordings = self._paraphrases(requests) if logged is None or self.config.paraphrase_keys else None
             if logged is None:
                 # "batched": by the config's v_method (the Adam loop, or fasttargets' cheap paths)
                 optimise = compute_value_targets if self.targets == "batched" else compute_targets_reference
-                result = optimise(self.lm, top, requests, prefixes, self._target_config(),
-                                  paraphrases=self._paraphrases(requests))
+                result = optimise(self.lm, top, requests, prefixes, self._target_config(), paraphrases=rewordings)
                 z = result.z.float()  # (u, d_model)
                 _check_finite("value target z", z, ids)
         tensors: dict[str, torch.Tensor] = {}
         new_state: dict[int, Any] = {}
         average = self.config.key_average
+        key_rewordings = rewordings if self.config.paraphrase_keys else None
         with clock("keys"):
             # runs the blocks below the first layer once; each block above once, after the layers
             # below it were written (the keys a fresh compute_keys would read then)
-            reader = BatchKeys(self.lm, self.layers[0], top, requests, prefixes, average=average)
+            reader = BatchKeys(self.lm, self.layers[0], top, requests, prefixes, average=average,
+                               paraphrases=key_rewordings)
             keeper = self._preservation_reader(requests)
         root_w = self.config.preserve_weight ** 0.5
         for i, l in enumerate(self.layers):
             with clock("keys"):
-                K = compute_keys(self.lm, l, requests, prefixes, average=average, reader=reader).float()  # (d_k, u)
+                K = compute_keys(self.lm, l, requests, prefixes, average=average, reader=reader,
+                                 paraphrases=key_rewordings).float()  # (d_k, u)
                 _check_finite(f"layers.{l}.K", K, ids)
                 h = reader.hidden_at_top().float()  # (u, d_model), as hidden_at_subject(lm, top, requests)
             if i == 0 and self.target_log is not None:

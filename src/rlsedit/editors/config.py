@@ -66,6 +66,7 @@ _IGNORED_OFFICIAL_KEYS = {
 
 
 _WRITTEN_WHEN_SET = {"v_lr_scale": 1.0, "v_early_stop_top1": False, "chat_prefix": False, "paraphrase_count": 0,
+                     "paraphrase_keys": False,
                      "preserve_count": 0, "preserve_weight": 1.0, "preserve_subjects": None}
 """Fields :meth:`EditConfig.to_dict` writes only when they differ from their default."""
 
@@ -105,8 +106,11 @@ class EditConfig:
     paraphrase_count: int = _help(
         "also fit each value target under this many of the model's own rewordings of the edit's prompt (sampled "
         "few-shot, kept when they hold the subject and ask for the same kind of answer; rlsedit.locate.paraphrases), "
-        "so the fact is said when asked another way; 0 = off. Keys are unchanged. Only for the batch key/value "
-        "editors (not ROME, FT)", 0)
+        "so the fact is said when asked another way; 0 = off. Keys are unchanged unless paraphrase_keys is set. "
+        "Only for the batch key/value editors (not ROME, FT)", 0)
+    paraphrase_keys: bool = _help(
+        "also average each key over the rewording rows (needs paraphrase_count > 0): the rewordings are one more "
+        "type in a 'per_type' average (bare, generated prefixes, rewordings: 1/3 each), rows alike in 'uniform'", False)
     mom2_n_samples: int = _help("corpus tokens used for the key second moment E[kk^T]", 100_000)
     mom2_update_weight: float | None = _help(
         "n: the anchor Gram is n * E[kk^T]; None = 15000 * d_k / 14336, the official Llama-3-8B value "
@@ -145,6 +149,10 @@ class EditConfig:
         if self.paraphrase_count and self.no_key_columns:
             raise InvalidRequestError(f"paraphrase_count={self.paraphrase_count}: only the batch key/value editors "
                                       "take rewording rows; use rlsedit, memit, memit-seq or alphaedit")
+        if not isinstance(self.paraphrase_keys, bool):
+            raise InvalidRequestError(f"paraphrase_keys must be true or false, got {self.paraphrase_keys!r}")
+        if self.paraphrase_keys and not self.paraphrase_count:
+            raise InvalidRequestError("paraphrase_keys needs rewordings to average over: set paraphrase_count > 0")
         object.__setattr__(self, "mom2_update_weight",
                            check_number("mom2_update_weight", self.mom2_update_weight, optional=True))
         check_int("preserve_count", self.preserve_count, at_least=0)

@@ -12,6 +12,13 @@ prompt ``["{}"]`` and the generated prefixes, so the bare prompt weighs ½ and e
 averages its flat template list uniformly, ``w_p = 1/P`` (``average="uniform"``). The keys
 of a batch are the columns of ``K (d_k, u)``.
 
+With rewordings of the request (``paraphrases[i]``, :mod:`~rlsedit.locate.paraphrases`) the
+sum also runs over request ``i``'s rewording rows (:func:`~rlsedit.locate.tokens.prompt_texts`:
+rewording ``j`` behind prefix ``(1 + j) % P``), so the key stands for the subject in the
+contexts the request is asked in as well: :func:`row_weights` makes them a third type
+(``"per_type"``: bare, generated prefixes and rewordings weigh ⅓ each) or ``1/(P + k)`` rows
+alike (``"uniform"``).
+
 :func:`compute_keys` runs every text from the embedding to block ``layer``. A batch edits
 several layers ``l_1 < .. < l_m`` in turn, writing each before the keys of the next are read;
 :class:`BatchKeys` runs the embedding and the blocks below ``l_1`` once per batch and then
@@ -63,8 +70,29 @@ def prefix_weights(prefixes, average: str = "per_type") -> torch.Tensor:
     return w
 
 
+def row_weights(prefixes, n_rewordings: int = 0, average: str = "per_type") -> torch.Tensor:
+    """Weights ``(P + k,)`` float64 (summing to 1) of one request's key rows: its ``P``
+    prefix rows, then its ``k = n_rewordings`` rewording rows. Without rewordings,
+    :func:`prefix_weights`; with them, ``"per_type"`` gives the rewordings the weight of one
+    more type (the prefix types share the rest as before) and ``"uniform"`` ``1/(P + k)`` each.
+    """
+    w = prefix_weights(prefixes, average)
+    if n_rewordings < 0:
+        raise ValueError(f"n_rewordings must be >= 0, got {n_rewordings!r}")
+    if not n_rewordings:
+        return w
+    P = len(w)
+    if average == "uniform":
+        return torch.full((P + n_rewordings,), 1.0 / (P + n_rewordings), dtype=torch.float64)
+    bare = sum(p == SUBJECT_SLOT for p in check_prefixes(prefixes))
+    prefix_types = (bare > 0) + (bare < P)
+    share = 1.0 / (prefix_types + 1)  # the rewordings are one more type
+    return torch.cat([w * (1.0 - share), torch.full((n_rewordings,), share / n_rewordings, dtype=torch.float64)])
+
+
 def compute_keys(lm, layer: int, requests, prefixes, *, average: str = "per_type",
-                 batch_size: int = DEFAULT_BATCH_SIZE, reader: BatchKeys | None = None) -> torch.Tensor:
+                 batch_size: int = DEFAULT_BATCH_SIZE, reader: BatchKeys | None = None,
+                 paraphrases: list[list[str]] | None = None) -> torch.Tensor:
     """The keys ``K (d_k, u)`` float32 of ``requests`` at block ``layer``.
 
     Args:
@@ -77,9 +105,11 @@ def compute_keys(lm, layer: int, requests, prefixes, *, average: str = "per_type
             :func:`prefix_weights`.
         batch_size: sequences per forward pass; every request × prefix text runs in
             length-sorted, right-padded batches and the forward stops at the down projection.
-        reader: a :class:`BatchKeys` made for the same model, requests, prefixes and average;
-            the keys then come from its cached states (``batch_size`` is its own). Editors pass
-            one, so every key of a batch still goes through this function.
+        reader: a :class:`BatchKeys` made for the same model, requests, prefixes, average and
+            rewordings; the keys then come from its cached states (``batch_size`` is its own).
+            Editors pass one, so every key of a batch still goes through this function.
+        paraphrases: per request, prompt templates (``"{}"`` for the subject) whose rows join
+            the average (:func:`row_weights`); None = the prefixes only.
 
     Raises:
         InvalidRequestError: a subject missing from its prompt, a text longer than the
@@ -87,20 +117,26 @@ def compute_keys(lm, layer: int, requests, prefixes, *, average: str = "per_type
         NumericalError: the model produced non-finite keys.
     """
     if reader is not None:
-        reader.check_made_for(lm, requests, prefixes, average)
+        reader.check_made_for(lm, requests, prefixes, average, paraphrases)
         return reader.keys(layer)
     layer = check_layer(lm, layer)
     prefixes = check_prefixes(prefixes)
-    weights = prefix_weights(prefixes, average)
-    _check_batch_size(batch_size)
     requests = list(requests)
+    texts = prompt_texts(requests, prefixes, paraphrases)
+    weights = row_weights(prefixes, _rewordings_per_request(paraphrases), average)
+    _check_batch_size(batch_size)
     module = down_proj(lm, layer)
-    ids, positions = encode_through_subject(lm, prompt_texts(requests, prefixes))
+    ids, positions = encode_through_subject(lm, texts)
     rows = torch.empty((len(ids), lm.d_k), dtype=torch.float32, device=lm.device)  # (u·P, d_k)
     for chunk, input_ids, attention_mask in _padded_chunks(lm, ids, batch_size):
         keys_in = read_module(lm, module, input_ids, attention_mask, read="input")  # (b, L, d_k)
         _gather_at_subject(rows, keys_in, chunk, positions)
     return _average_keys(lm, layer, rows, weights, requests)
+
+
+def _rewordings_per_request(paraphrases: list[list[str]] | None) -> int:
+    """Rewording rows per request (``prompt_texts`` has checked they are equal in number)."""
+    return len(paraphrases[0]) if paraphrases else 0
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -157,32 +193,37 @@ class BatchKeys:
 
     Exact while nothing below the current block changes after it was passed: an editor
     writes layer ``l`` only after reading its keys, and nothing below ``l`` afterwards.
-    Memory: the kept states, ``u·P`` rows × their length × ``d_model``.
+    Memory: the kept states, ``u·(P + k)`` rows × their length × ``d_model`` (``k`` rewordings).
     """
 
     def __init__(self, lm, first: int, top: int, requests, prefixes, *, average: str = "per_type",
-                 batch_size: int = DEFAULT_BATCH_SIZE):
+                 batch_size: int = DEFAULT_BATCH_SIZE, paraphrases: list[list[str]] | None = None):
         first, top = check_layer(lm, first), check_layer(lm, top)
         if top < first:
             raise InvalidRequestError(f"top layer {top} is below the first layer {first}")
         self.lm, self.first, self.top = lm, first, top
         self.prefixes = check_prefixes(prefixes)
         self.average = average
-        self.weights = prefix_weights(self.prefixes, average)
         _check_batch_size(batch_size)
         self.requests = list(requests)
-        ids, self.positions = encode_through_subject(lm, prompt_texts(self.requests, self.prefixes))
+        texts = prompt_texts(self.requests, self.prefixes, paraphrases)
+        self.paraphrases = None if paraphrases is None else [list(t) for t in paraphrases]
+        self.weights = row_weights(self.prefixes, _rewordings_per_request(paraphrases), average)
+        self.rows_per_request = len(self.weights)
+        ids, self.positions = encode_through_subject(lm, texts)
         self.current = first  # the block the kept states enter next
         self._chunks = []
         for chunk, input_ids, attention_mask in _padded_chunks(lm, ids, batch_size):
             state, calls = capture_entering(lm, first, top, input_ids, attention_mask)
             self._chunks.append(_Chunk(rows=chunk, state=state, calls=calls))
 
-    def check_made_for(self, lm, requests, prefixes, average: str) -> None:
-        """Refuse a call about other requests, prefixes, averaging or another model."""
+    def check_made_for(self, lm, requests, prefixes, average: str, paraphrases=None) -> None:
+        """Refuse a call about other requests, prefixes, averaging, rewordings or another model."""
+        theirs = None if paraphrases is None else [list(t) for t in paraphrases]
         if lm is not self.lm or list(prefixes) != self.prefixes or average != self.average \
-                or [r.id for r in requests] != [r.id for r in self.requests]:
-            raise InvalidRequestError("the BatchKeys reader was made for another model, batch, prefixes or average")
+                or [r.id for r in requests] != [r.id for r in self.requests] or theirs != self.paraphrases:
+            raise InvalidRequestError(
+                "the BatchKeys reader was made for another model, batch, prefixes, average or rewordings")
 
     def _advance(self, layer: int) -> None:
         """Carry the kept states through blocks ``current..layer-1``."""
@@ -215,7 +256,7 @@ class BatchKeys:
         now: from the kept bare-prompt rows when ``"{}"`` is a prefix, else by that function."""
         if SUBJECT_SLOT not in self.prefixes:
             return hidden_at_subject(self.lm, self.top, self.requests)
-        P, bare = len(self.prefixes), self.prefixes.index(SUBJECT_SLOT)
+        P, bare = self.rows_per_request, self.prefixes.index(SUBJECT_SLOT)
         out = torch.empty((len(self.requests), self.lm.d_model), dtype=torch.float32, device=self.lm.device)
         positions = self.positions[bare::P]  # request i's bare row is i·P + bare
         with torch.no_grad():
