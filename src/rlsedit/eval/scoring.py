@@ -35,8 +35,8 @@ from typing import Iterator, Sequence
 import torch
 
 from ..errors import NumericalError
-from ..model.cache import cache_kwarg, cache_of, positions_from_mask
 from ..locate.tokens import pad_left, pad_right, pad_token_id
+from ..model.cache import cache_kwarg, cache_of, positions_from_mask
 from .datafiles import EvalDataError
 
 logger = logging.getLogger(__name__)

@@ -56,38 +56,25 @@ def prefix_weights(prefixes, average: str = "per_type") -> torch.Tensor:
     weighs ½ and each generated one 1/10; a chat context prefix (``chat_prefix``) is one more
     non-bare prefix, so the bare prompt keeps ½. ``"uniform"``: ``1/P`` each (ROME ``compute_u``).
     """
-    if average not in AVERAGES:
-        raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
-    prefixes = check_prefixes(prefixes)
-    P = len(prefixes)
-    if average == "uniform":
-        return torch.full((P,), 1.0 / P, dtype=torch.float64)
-    bare = torch.tensor([p == SUBJECT_SLOT for p in prefixes])
-    types = [t for t in (bare, ~bare) if t.any()]
-    w = torch.zeros(P, dtype=torch.float64)
-    for members in types:
-        w[members] = 1.0 / (len(types) * int(members.sum()))
-    return w
+    return row_weights(prefixes, 0, average)
 
 
 def row_weights(prefixes, n_rewordings: int = 0, average: str = "per_type") -> torch.Tensor:
     """Weights ``(P + k,)`` float64 (summing to 1) of one request's key rows: its ``P``
-    prefix rows, then its ``k = n_rewordings`` rewording rows. Without rewordings,
-    :func:`prefix_weights`; with them, ``"per_type"`` gives the rewordings the weight of one
-    more type (the prefix types share the rest as before) and ``"uniform"`` ``1/(P + k)`` each.
+    prefix rows, then its ``k = n_rewordings`` rewording rows; with ``k = 0``,
+    :func:`prefix_weights`. ``"per_type"``: the rewordings are one more type beside the bare
+    prompt and the generated prefixes; ``"uniform"``: ``1/(P + k)`` each.
     """
-    w = prefix_weights(prefixes, average)
+    if average not in AVERAGES:
+        raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
     if n_rewordings < 0:
         raise ValueError(f"n_rewordings must be >= 0, got {n_rewordings!r}")
-    if not n_rewordings:
-        return w
-    P = len(w)
+    prefixes = check_prefixes(prefixes)
+    kinds = ["bare" if p == SUBJECT_SLOT else "prefix" for p in prefixes] + ["rewording"] * n_rewordings
     if average == "uniform":
-        return torch.full((P + n_rewordings,), 1.0 / (P + n_rewordings), dtype=torch.float64)
-    bare = sum(p == SUBJECT_SLOT for p in check_prefixes(prefixes))
-    prefix_types = (bare > 0) + (bare < P)
-    share = 1.0 / (prefix_types + 1)  # the rewordings are one more type
-    return torch.cat([w * (1.0 - share), torch.full((n_rewordings,), share / n_rewordings, dtype=torch.float64)])
+        return torch.full((len(kinds),), 1.0 / len(kinds), dtype=torch.float64)
+    present = set(kinds)
+    return torch.tensor([1.0 / (len(present) * kinds.count(kind)) for kind in kinds], dtype=torch.float64)
 
 
 def compute_keys(lm, layer: int, requests, prefixes, *, average: str = "per_type",
@@ -137,6 +124,11 @@ def compute_keys(lm, layer: int, requests, prefixes, *, average: str = "per_type
 def _rewordings_per_request(paraphrases: list[list[str]] | None) -> int:
     """Rewording rows per request (``prompt_texts`` has checked they are equal in number)."""
     return len(paraphrases[0]) if paraphrases else 0
+
+
+def _as_lists(paraphrases) -> list[list[str]] | None:
+    """Rewordings in one comparable form (lists of lists), None kept."""
+    return None if paraphrases is None else [list(t) for t in paraphrases]
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -207,7 +199,7 @@ class BatchKeys:
         _check_batch_size(batch_size)
         self.requests = list(requests)
         texts = prompt_texts(self.requests, self.prefixes, paraphrases)
-        self.paraphrases = None if paraphrases is None else [list(t) for t in paraphrases]
+        self.paraphrases = _as_lists(paraphrases)
         self.weights = row_weights(self.prefixes, _rewordings_per_request(paraphrases), average)
         self.rows_per_request = len(self.weights)
         ids, self.positions = encode_through_subject(lm, texts)
@@ -219,9 +211,9 @@ class BatchKeys:
 
     def check_made_for(self, lm, requests, prefixes, average: str, paraphrases=None) -> None:
         """Refuse a call about other requests, prefixes, averaging, rewordings or another model."""
-        theirs = None if paraphrases is None else [list(t) for t in paraphrases]
         if lm is not self.lm or list(prefixes) != self.prefixes or average != self.average \
-                or [r.id for r in requests] != [r.id for r in self.requests] or theirs != self.paraphrases:
+                or [r.id for r in requests] != [r.id for r in self.requests] \
+                or _as_lists(paraphrases) != self.paraphrases:
             raise InvalidRequestError(
                 "the BatchKeys reader was made for another model, batch, prefixes, average or rewordings")
 
