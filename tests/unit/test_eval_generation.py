@@ -79,6 +79,8 @@ def test_locality_is_identical_continuations_before_and_after():
     assert s["edit_begins"] == 1.0 and s["old_begins"] == 0.0
     assert s["paraphrase_begins"] == 0.0  # "the city of Rome" mentions but does not begin with Rome
     assert s["paraphrase_mentions"] == 0.5 and s["open_mentions"] is None
+    assert s["neighbour_first_word_unchanged"] == 0.5  # "Spain" stays; "guitar" became "piano"
+    assert s["neighbour_new_mentions"] == 0.5 and s["neighbour_new_mentions_pre_edit"] == 0.0  # Lennon: piano
     # the unedited model: the old facts are said, the new ones are not
     base = evaluate_generation(before, [EIFFEL, YASUDA], GenerationConfig(chat=False), pre_edit=pre)
     assert base["summary"]["edit_begins"] == 0.0 and base["summary"]["old_begins"] == 1.0
@@ -87,6 +89,27 @@ def test_locality_is_identical_continuations_before_and_after():
     none = evaluate_generation(after, [EIFFEL], GenerationConfig(chat=False))
     assert none["summary"]["neighbour_unchanged"] is None
     assert any("not computed" in note for note in none["notes"])
+
+
+def test_late_drift_and_bleed_are_told_apart_from_a_changed_first_word():
+    eiffel = EditRequest(id="e0", prompt="{} is in", subject="The Eiffel Tower", target_new="Rome",
+                         neighborhood=("Berlin is in", "Vienna is in", "Bern is in"))
+    before = {"Berlin is in": "Germany and more", "Vienna is in": "the heart of Austria", "Bern is in": "Rome"}
+    after = {"Berlin is in": "Germany and Rome", "Vienna is in": "Heart of Austria", "Bern is in": "Rome"}
+    pre = pre_edit_generations(scripted_lm(before), [eiffel], GenerationConfig(chat=False))
+    out = evaluate_generation(scripted_lm(after), [eiffel], GenerationConfig(chat=False), pre_edit=pre)
+    got = [(n["unchanged"], n["first_word_unchanged"], n["new_mentions"], n["pre_edit_new_mentions"])
+           for n in out["records"][0]["neighbours"]]
+    # late drift that says the new object; the same first word once normalised; said before the edit too
+    assert got == [(False, True, True, False), (False, True, False, False), (True, True, True, True)]
+    s = out["summary"]
+    assert s["neighbour_unchanged"] == pytest.approx(1 / 3) and s["neighbour_first_word_unchanged"] == 1.0
+    assert s["neighbour_new_mentions"] == pytest.approx(2 / 3)
+    assert s["neighbour_new_mentions_pre_edit"] == pytest.approx(1 / 3)
+    none = evaluate_generation(scripted_lm(after), [eiffel], GenerationConfig(chat=False))
+    assert none["summary"]["neighbour_first_word_unchanged"] is None
+    assert none["summary"]["neighbour_new_mentions_pre_edit"] is None
+    assert none["summary"]["neighbour_new_mentions"] == pytest.approx(2 / 3)  # needs no pre-edit text
 
 
 def test_open_rephrases_report_mentions_only():

@@ -37,7 +37,8 @@ NOTES = [
     "says it = the continuation begins with the new object; mentions (rephrase) = the new object occurs in the "
     "continuation of an open rephrase prompt (MEND layout); still says old = begins with the old object; neighbour "
     "gen unchanged = the neighbourhood prompt's continuation is identical to the unedited model's (the unedited row: "
-    "two decodings of the same model, a determinism check); chat says it = the chat-template answer to the edit "
+    "two decodings of the same model, a determinism check); neighbour 1st word unchanged = only its first "
+    "normalised word is; neighbour says new = it mentions the edit's new object (bleed); chat says it = the chat-template answer to the edit "
     "prompt mentions the new object (– where the model has no chat template)",
     "Edits: how far each method got. 'stopped at E edits': settings.stop_below_chance stopped it there (the "
     "efficacy of the batch just applied was below chance, 0.5, at two consecutive checkpoints); 'partial: E of N "

@@ -20,8 +20,13 @@ For each edit (a seeded sample of ``n`` when asked):
   The kind is read from the data file's layout (:func:`paraphrase_kind_of_file`): one record
   cannot be told apart reliably, a file can.
 * **neighbourhood** — *unchanged*: the greedy continuation is identical to the unedited
-  model's (``pre_edit``, from :func:`pre_edit_generations` on the unedited model); *true
-  begins / mentions*: it still says the neighbour's answer.
+  model's (``pre_edit``, from :func:`pre_edit_generations` on the unedited model); *first word
+  unchanged*: only its first normalised word is; *new mentions*: it mentions the edit's new
+  object (bleed into other subjects, beside the unedited continuations' rate); *true
+  begins / mentions*: it still says the neighbour's answer. Twelve identical greedy tokens is
+  a strict bar: a random weight change of one edit's norm alters about as many neighbour
+  continuations as the edit does (benchmarks/quality/README.md), mostly after the first word,
+  so the first word and the bleed tell locality apart from drift.
 * **portability** — the record's ``generation_prompts`` (ROME-layout CounterFact: open text
   that needs the edited fact, "Danielle Darrieux's mother tongue is", "People in Wellington's
   twin city speak the language of"): *mentions* the new target, and *still mentions* the old
@@ -116,6 +121,12 @@ def mentions(generation: str, target: str) -> bool:
     want = normalize_answer(target).split()
     words = normalize_answer(generation).split()
     return bool(want) and any(words[i:i + len(want)] == want for i in range(len(words) - len(want) + 1))
+
+
+def first_word(generation: str) -> str:
+    """The normalised generation's first word (``""`` when it has none)."""
+    words = normalize_answer(generation).split()
+    return words[0] if words else ""
 
 
 def verdict(generation: str, target: str) -> str:
@@ -250,6 +261,9 @@ def evaluate_generation(
             rec["neighbours"].append({
                 "prompt": p, "generation": raw_text[p], "pre_edit": before, "answer": answer,
                 "unchanged": None if before is None else raw_text[p] == before,
+                "first_word_unchanged": None if before is None else first_word(raw_text[p]) == first_word(before),
+                "new_mentions": mentions(raw_text[p], r.target_new),
+                "pre_edit_new_mentions": None if before is None else mentions(before, r.target_new),
                 "true_begins": None if answer is None else begins_with(raw_text[p], answer),
                 "true_mentions": None if answer is None else mentions(raw_text[p], answer)})
         if chat:
@@ -272,6 +286,9 @@ def evaluate_generation(
         "paraphrase_mentions": _mean([p["new_mentions"] for p in para]) if kind == PARAPHRASE else None,
         "open_mentions": _mean([p["new_mentions"] for p in para]) if kind == OPEN else None,
         "neighbour_unchanged": _mean([n["unchanged"] for n in neigh]),
+        "neighbour_first_word_unchanged": _mean([n["first_word_unchanged"] for n in neigh]),
+        "neighbour_new_mentions": _mean([n["new_mentions"] for n in neigh]),
+        "neighbour_new_mentions_pre_edit": _mean([n["pre_edit_new_mentions"] for n in neigh]),
         "neighbour_true_begins": _mean([n["true_begins"] for n in neigh]),
         "neighbour_true_mentions": _mean([n["true_mentions"] for n in neigh]),
         "portability_mentions": _mean([p["new_mentions"] for p in port]),
@@ -287,7 +304,9 @@ def evaluate_generation(
         f"paraphrase prompts are scored as {kind!r}: "
         + ("begins-with is meaningful (the object is the natural next words)" if kind == PARAPHRASE else
            "open generation prompts (MEND rephrase_prompt), so only mentions is reported"),
-        "neighbour unchanged: the greedy continuation is identical to the unedited model's"
+        "neighbour unchanged: the greedy continuation is identical to the unedited model's; first word "
+        "unchanged: its first normalised word is; new mentions: it mentions the edit's new object (bleed), "
+        "beside the unedited continuation's rate"
         + ("" if pre_edit is not None else " (no pre-edit generations were given: not computed)"),
         ("portability: the records' generation prompts (open text needing the edited fact); only mentions is "
          "meaningful there (the object need not be the next words)" if port else
@@ -386,6 +405,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("open_mentions", "mentions (rephrase)"),
     ("old_begins", "still says old"),
     ("neighbour_unchanged", "neighbour gen unchanged"),
+    ("neighbour_first_word_unchanged", "neighbour 1st word unchanged"),
+    ("neighbour_new_mentions", "neighbour says new"),
     ("portability_mentions", "mentions (portability)"),
     ("chat_mentions", "chat says it"),
 )
