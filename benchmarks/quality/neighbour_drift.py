@@ -24,7 +24,7 @@ import torch
 
 from rlsedit import RLSEdit, RLSEditConfig, load_model
 from rlsedit.eval.generation import STOP_STRINGS, first_word, mentions
-from rlsedit.eval.scoring import greedy_generate
+from rlsedit.eval.decoding import greedy_generate
 from rlsedit.requests import read_requests
 
 DATA = Path(os.environ.get("RLSEDIT_DATA", Path(__file__).resolve().parents[3] / "shared/data")) \

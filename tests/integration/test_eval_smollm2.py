@@ -19,7 +19,8 @@ import torch
 from rlsedit.eval.general import known_facts_recall
 from rlsedit.eval.runner import run_eval
 from rlsedit.eval.sandbox import SandboxLimits
-from rlsedit.eval.scoring import greedy_generate, next_token_topk
+from rlsedit.eval.decoding import greedy_generate
+from rlsedit.eval.scoring import next_token_topk
 from rlsedit.requests import read_requests
 
 pytestmark = pytest.mark.integration

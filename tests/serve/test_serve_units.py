@@ -65,7 +65,8 @@ def tiny_lm(tmp_path_factory):
 
 
 def test_a_row_alone_is_greedy_generate_and_tiny_top_p_is_greedy(tiny_lm):
-    from rlsedit.eval.scoring import encode_prompt, greedy_generate
+    from rlsedit.eval.decoding import greedy_generate
+    from rlsedit.eval.scoring import encode_prompt
     from rlsedit.serve.decode import Row, Sampling, decode_rows
 
     prompts = ["Paris 0 is located in", "Toko Yasuda plays the", "The"]

@@ -60,7 +60,7 @@ def test_stop_strings_eos_and_token_cap_cut_the_continuation():
     assert rec["neighbours"][0]["generation"].strip() == "Spain"  # cut before the newline
     assert rec["edit"]["new_begins"] and not rec["edit"]["old_begins"]
     # the cap counts tokens: 3 of the 6 words; EOS ends the script's continuations early
-    from rlsedit.eval.scoring import greedy_generate
+    from rlsedit.eval.decoding import greedy_generate
 
     assert greedy_generate(lm, ["A B"], 3, stop=(".", "\n")) == ["x y z"]
     assert greedy_generate(lm, ["A B"], 12, stop=(".", "\n")) == ["x y z w v u"]

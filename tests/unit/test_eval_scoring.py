@@ -10,13 +10,12 @@ import torch
 from eval_tiny_lm import make_lm
 from rlsedit.errors import NumericalError
 from rlsedit.eval.datafiles import EvalDataError
+from rlsedit.eval.decoding import greedy_generate, sample_generate
 from rlsedit.eval.scoring import (
     ContinuationScore,
     continuation_logprobs,
-    greedy_generate,
     next_token_logprobs,
     next_token_topk,
-    sample_generate,
     score_continuations,
 )
 

@@ -52,7 +52,8 @@ from ..requests import EditRequest, target_text
 from .consistency import ConsistencyReference
 from .datafiles import EvalDataError
 from .fluency import ngram_entropy
-from .scoring import ContinuationScore, greedy_generate, sample_generate, score_continuations
+from .decoding import greedy_generate, sample_generate
+from .scoring import ContinuationScore, score_continuations
 
 logger = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ from typing import Any, Mapping, Sequence
 from ..locate.prefixes import chat_text, has_chat_template
 from ..requests import EditRequest, iter_records
 from .datafiles import EvalDataError
-from .scoring import greedy_generate
+from .decoding import greedy_generate
 
 STOP_STRINGS: tuple[str, ...] = (".", "\n")  # EOS ends decoding inside greedy_generate
 PARAPHRASE = "paraphrase"
@@ -139,7 +139,7 @@ def verdict(generation: str, target: str) -> str:
 def chat_prompt(tokenizer, question: str) -> str:
     """``question`` as the user turn of the tokenizer's chat template, ready for the assistant.
 
-    The returned text is what :func:`~rlsedit.eval.scoring.greedy_generate` encodes (with the
+    The returned text is what :func:`~rlsedit.eval.decoding.greedy_generate` encodes (with the
     tokenizer's special tokens; :func:`~rlsedit.locate.prefixes.chat_text` drops a template's BOS
     when the tokenizer adds one). A tokenizer without a template raises
     :class:`ChatTemplateError` (a raw prompt would measure something else).

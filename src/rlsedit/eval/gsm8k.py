@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .datafiles import EvalDataError, check_count, field, read_jsonl
-from .scoring import greedy_generate
+from .decoding import greedy_generate
 
 STOP = ("\n\nQuestion:", "Question:", "\n\n\n")
 _NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\$?\s?\.\d+")

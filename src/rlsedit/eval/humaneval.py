@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from .datafiles import EvalDataError, check_count, field, read_jsonl
 from .sandbox import ExecutionResult, SandboxLimits, run_python
-from .scoring import greedy_generate
+from .decoding import greedy_generate
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from ..requests import EditRequest, is_mquake_case, iter_records, parse_mquake_c
 from .datafiles import EvalDataError
 from .generation import (STOP_STRINGS, GenerationConfig, begins_with, chat_enabled, chat_prompt, format_samples,
                          interleave_samples, mentions, sample_positions)
-from .scoring import greedy_generate
+from .decoding import greedy_generate
 
 RAW_QUESTION = "Question: {}\nAnswer:"
 """The raw prompt of a question: ``{}`` takes the question."""

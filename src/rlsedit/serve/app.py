@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InvalidRequestError, RLSEditError
-from ..eval.scoring import _cut_at_stop
+from ..eval.decoding import cut_at_stop
 from ..requests import check_unique_ids, parse_request
 from .auth import TokenTable, require
 from .bodylimit import BodyLimit
@@ -327,7 +327,7 @@ def _stream(service: Service, body, prompts: list[list[int]], rows: list[Row], *
             version = job.future.result()
             for index, row in enumerate(rows):  # anything not yet sent (see on_step)
                 if not closed[index]:
-                    rest = _cut_at_stop(row.text, stops)[0][len(sent[index]):]
+                    rest = cut_at_stop(row.text, stops)[0][len(sent[index]):]
                     yield chunk(index, rest, row.finish_reason, version)
             if body.include_usage:
                 payload = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",

@@ -1,6 +1,6 @@
 """Decode a batch of rows, each with its own sampling, in shared forward passes.
 
-The same procedure as :func:`rlsedit.eval.scoring.greedy_generate` (which ``rlsedit ask``
+The same procedure as :func:`rlsedit.eval.decoding.greedy_generate` (which ``rlsedit ask``
 uses), step for step: left padding, position ids from the mask
 (``pos_t = (Σ_{s≤t} mask_s) − 1``), a KV cache, finished rows fed a pad token whose output is
 never read, end-of-sequence tokens never emitted, and the text cut before the first stop
@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import NumericalError
-from ..eval.scoring import _cut_at_stop, _eos_ids, _float_logits, eval_mode, forward_last
+from ..eval.decoding import cut_at_stop, eos_ids
+from ..eval.scoring import eval_mode, float_logits, forward_last
 from ..locate.tokens import pad_left, pad_token_id
 from ..model.cache import cache_kwarg, cache_of, positions_from_mask
 
@@ -90,7 +91,7 @@ def decode_rows(lm, rows: Sequence[Row], decode_text: Callable[[list[int]], str]
     Raises :class:`~rlsedit.errors.NumericalError` when a live row's logits are not finite.
     """
     model = lm.model
-    eos, pad = _eos_ids(lm), pad_token_id(lm.tokenizer)
+    eos, pad = eos_ids(lm), pad_token_id(lm.tokenizer)
     rows = list(rows)
     steps = max(r.sampling.max_tokens for r in rows)
     with eval_mode(model):
@@ -113,7 +114,7 @@ def decode_rows(lm, rows: Sequence[Row], decode_text: Callable[[list[int]], str]
                     row.tokens.append(tok)
                     found = False
                     if row.sampling.stop or row.on_step is not None:  # else the text is decoded once, at the end
-                        row.text, found = _cut_at_stop(decode_text(row.tokens), row.sampling.stop)
+                        row.text, found = cut_at_stop(decode_text(row.tokens), row.sampling.stop)
                     if found:
                         row.finish_reason = "stop"
                     elif len(row.tokens) >= row.sampling.max_tokens:
@@ -127,8 +128,8 @@ def decode_rows(lm, rows: Sequence[Row], decode_text: Callable[[list[int]], str]
             position = positions_from_mask(mask)[:, -1:]  # pos_t = Σ mask − 1 at the new column
             out = model(input_ids=feed, attention_mask=mask, position_ids=position,
                         use_cache=True, **{cache_kwarg(model): cache})
-            logits, cache = _float_logits(out.logits[:, -1:, :]), cache_of(out)
+            logits, cache = float_logits(out.logits[:, -1:, :]), cache_of(out)
     for row in rows:
-        row.text = _cut_at_stop(decode_text(row.tokens), row.sampling.stop)[0]
+        row.text = cut_at_stop(decode_text(row.tokens), row.sampling.stop)[0]
         if row.finish_reason is None:
             row.finish_reason = "length"

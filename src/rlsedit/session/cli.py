@@ -160,7 +160,8 @@ def cmd_edit(args) -> int:
 
 def _ask(lm, prompt: str, max_new_tokens: int, *, chat: bool = False) -> dict:
     from ..eval.generation import chat_prompt
-    from ..eval.scoring import greedy_generate, next_token_topk
+    from ..eval.decoding import greedy_generate
+    from ..eval.scoring import next_token_topk
 
     text = chat_prompt(lm.tokenizer, prompt) if chat else prompt
     completion = greedy_generate(lm, [text], max_new_tokens=max_new_tokens)[0]
