@@ -31,14 +31,13 @@ instruction and examples run once and are shared by every row.
 from __future__ import annotations
 
 import re
-import unicodedata
 
 import torch
 
 from ..errors import InvalidRequestError
 from ..model.cache import cache_kwarg, cache_of, positions_from_mask
 from ..requests import SUBJECT_SLOT, EditRequest
-from .prefixes import TOP_K
+from .prefixes import TOP_K, clean_sampled_text
 from .tokens import max_positions, pad_id, pad_left, request_template
 
 REWORD_INSTRUCTION = ("Rewrite each sentence start in other words. Keep the name exactly as it is. "
@@ -65,12 +64,6 @@ def _head() -> str:
 
 def _query(text: str) -> str:
     return f"Start: {text}\nRewrite:"
-
-
-def _clean(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text).replace("\ufffd", "")
-    text = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)
-    return re.sub(r"\s+", " ", text).strip()
 
 
 def _norm(text: str) -> str:
@@ -167,7 +160,7 @@ def _sample_rewordings(lm, requests: list[EditRequest], samples: int, new_tokens
     texts = []
     for row in picked.tolist():
         kept = [t for t in row if t != pad]
-        texts.append(_clean(tokenizer.decode(kept, skip_special_tokens=True)))
+        texts.append(clean_sampled_text(tokenizer.decode(kept, skip_special_tokens=True)))
     return [texts[i * samples:(i + 1) * samples] for i in range(u)]
 
 

@@ -40,13 +40,21 @@ TOP_K = 5
 """Top-k sampling width, as MEMIT's ``generate_fast``."""
 
 
-def _clean(text: str) -> str:
-    # Braces would clash with the "{}" slot; control characters, newlines and runs of
-    # spaces would make the prefix look like a separate document. NFKC folds odd forms;
-    # U+FFFD marks a multi-byte character cut by the token limit.
+def clean_sampled_text(text: str, *, blank: str = "") -> str:
+    """Sampled text on one line: NFKC-folded, control characters and the characters of ``blank``
+    turned into spaces, runs of spaces collapsed.
+
+    Control characters, newlines and runs of spaces would make the text look like a separate
+    document; U+FFFD marks a multi-byte character cut by the token limit (dropped).
+    """
     text = unicodedata.normalize("NFKC", text).replace("\ufffd", "")
-    text = "".join(" " if ch in "{}" or unicodedata.category(ch).startswith("C") else ch for ch in text)
+    text = "".join(" " if ch in blank or unicodedata.category(ch).startswith("C") else ch for ch in text)
     return re.sub(r"\s+", " ", text).strip()
+
+
+def _clean(text: str) -> str:
+    # braces would clash with the "{}" slot of a prefix template
+    return clean_sampled_text(text, blank="{}")
 
 
 def _sample_continuation(lm, start: str, new_tokens: int, generator: torch.Generator) -> str:
