@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from rlsedit import RLSEdit, RLSEditConfig, load_model
-from rlsedit.eval.generation import STOP_STRINGS, first_word, mentions
+from rlsedit.eval.generation import STOP_STRINGS, GenerationConfig, first_word, mentions
 from rlsedit.eval.decoding import greedy_generate
 from rlsedit.requests import read_requests
 
@@ -41,7 +41,7 @@ def main() -> None:
     new_objects = sorted({r.target_new for r in requests})
 
     def generate() -> list[str]:
-        return greedy_generate(lm, prompts, 12, stop=STOP_STRINGS, batch_size=16)
+        return greedy_generate(lm, prompts, GenerationConfig().max_new_tokens, stop=STOP_STRINGS, batch_size=16)
 
     before = generate()
 
@@ -67,10 +67,9 @@ def main() -> None:
                 editor.partial_fit(requests[i:min(i + 20, upto)])
             done = upto
         t = time.time()
-        rows[f"{upto} real edits"] = compare(generate())
-        rows[f"{upto} real edits"]["weight_change_norm"] = {
-            str(l): float((m.weight.detach() - w0[l]).norm()) for l, m in modules.items()}
         delta[upto] = {l: (m.weight.detach() - w0[l]).clone() for l, m in modules.items()}
+        rows[f"{upto} real edits"] = compare(generate())
+        rows[f"{upto} real edits"]["weight_change_norm"] = {str(l): float(d.norm()) for l, d in delta[upto].items()}
         print(upto, rows[f"{upto} real edits"], f"{time.time() - t:.0f}s", flush=True)
     for label, upto, scale in (("random, norm of 1 edit", 1, 1.0), ("random, 1/10 the norm of 1 edit", 1, 0.1),
                                (f"random, norm of {n} edits", n, 1.0)):
