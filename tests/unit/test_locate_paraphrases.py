@@ -160,11 +160,11 @@ def test_the_editor_fits_targets_on_rewordings_and_keys_stay(monkeypatch):
     lm = make_lm("llama", max_positions=1024)
     before = weights_sha256(lm.model)
     record = RLSEdit(lm, config.replace(paraphrase_count=2), moments=moments).propose(requests()[:2]).commit()
-    assert calls == [(2, {"seed": config.seed})]
+    assert calls == [(2, {"samples": 6, "seed": config.seed})]
     assert weights_sha256(lm.model) != before and all(torch.isfinite(get_W(lm, l)).all() for l in (1, 2))
     plain_lm = make_lm("llama", max_positions=1024)
     plain = RLSEdit(plain_lm, config, moments=moments).propose(requests()[:2]).commit()
-    assert calls == [(2, {"seed": config.seed})]                    # off: never asked
+    assert calls == [(2, {"samples": 6, "seed": config.seed})]      # off: never asked
     torch.testing.assert_close(record.tensors["layers.1.K"], plain.tensors["layers.1.K"])  # keys unchanged
     assert not torch.allclose(record.tensors["layers.2.V"], plain.tensors["layers.2.V"])   # targets changed
     assert config.replace(paraphrase_count=2).to_dict()["paraphrase_count"] == 2
@@ -207,7 +207,7 @@ def test_the_batch_key_reader_with_rewordings_equals_a_fresh_computation():
 def test_the_editor_averages_keys_over_rewordings_only_when_asked(monkeypatch):
     # a random tiny model's own rewordings are mostly the prompt itself (the fill-up), which
     # would leave the average as it was: fixed rewordings make the difference visible
-    monkeypatch.setattr(para, "paraphrase_templates", lambda lm, reqs, k, seed: [["Where is {} now", "Say {}"]] * len(reqs))
+    monkeypatch.setattr(para, "paraphrase_templates", lambda lm, reqs, k, samples, seed: [["Where is {} now", "Say {}"]] * len(reqs))
     X = torch.randn(64, 400, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     moments = {l: X @ X.T / 400 for l in range(4)}
     config = RLSEditConfig(layers=(1, 2), context_count=1, v_num_grad_steps=4, paraphrase_count=2)
@@ -233,6 +233,12 @@ def test_the_setting_is_checked_and_only_for_batch_key_value_editors():
         with pytest.raises(InvalidRequestError, match="paraphrase_count=2"):
             config(paraphrase_count=2)
     assert MEMITConfig(paraphrase_count=2).paraphrase_count == 2
+    with pytest.raises(InvalidRequestError, match="paraphrase_samples=4 cannot yield paraphrase_count=8"):
+        RLSEditConfig(paraphrase_count=8, paraphrase_samples=4)
+    with pytest.raises(InvalidRequestError, match="paraphrase_samples"):
+        RLSEditConfig(paraphrase_samples=0)
+    assert "paraphrase_samples" not in RLSEditConfig(paraphrase_count=2).to_dict()
+    assert RLSEditConfig(paraphrase_count=8, paraphrase_samples=12).to_dict()["paraphrase_samples"] == 12
 
 
 def test_left_and_right_padding_put_the_same_tokens_at_opposite_ends():

@@ -407,7 +407,8 @@ class Editor:
             return None
         from ..locate.paraphrases import paraphrase_templates
 
-        return paraphrase_templates(self.lm, requests, self.config.paraphrase_count, seed=self.config.seed)
+        c = self.config
+        return paraphrase_templates(self.lm, requests, c.paraphrase_count, samples=c.paraphrase_samples, seed=c.seed)
 
     def _compute_batch(self, requests: list[EditRequest]) -> tuple[EditRecord, dict[int, Any]]:
         from ..locate.fasttargets import compute_value_targets

@@ -66,7 +66,7 @@ _IGNORED_OFFICIAL_KEYS = {
 
 
 _WRITTEN_WHEN_SET = {"v_lr_scale": 1.0, "v_early_stop_top1": False, "chat_prefix": False, "paraphrase_count": 0,
-                     "paraphrase_keys": False,
+                     "paraphrase_keys": False, "paraphrase_samples": 6,
                      "preserve_count": 0, "preserve_weight": 1.0, "preserve_subjects": None}
 """Fields :meth:`EditConfig.to_dict` writes only when they differ from their default."""
 
@@ -111,6 +111,9 @@ class EditConfig:
     paraphrase_keys: bool = _help(
         "also average each key over the rewording rows (needs paraphrase_count > 0): the rewordings are one more "
         "type in a 'per_type' average (bare, generated prefixes, rewordings: 1/3 each), rows alike in 'uniform'", False)
+    paraphrase_samples: int = _help(
+        "rewordings sampled per edit before the checks pick paraphrase_count of them (at least paraphrase_count; "
+        "places left when fewer pass are filled with the edit's own prompt)", 6)
     mom2_n_samples: int = _help("corpus tokens used for the key second moment E[kk^T]", 100_000)
     mom2_update_weight: float | None = _help(
         "n: the anchor Gram is n * E[kk^T]; None = 15000 * d_k / 14336, the official Llama-3-8B value "
@@ -153,6 +156,10 @@ class EditConfig:
             raise InvalidRequestError(f"paraphrase_keys must be true or false, got {self.paraphrase_keys!r}")
         if self.paraphrase_keys and not self.paraphrase_count:
             raise InvalidRequestError("paraphrase_keys needs rewordings to average over: set paraphrase_count > 0")
+        check_int("paraphrase_samples", self.paraphrase_samples, at_least=1)
+        if self.paraphrase_samples < self.paraphrase_count:
+            raise InvalidRequestError(f"paraphrase_samples={self.paraphrase_samples} cannot yield paraphrase_count="
+                                      f"{self.paraphrase_count} rewordings: sample at least as many as are kept")
         object.__setattr__(self, "mom2_update_weight",
                            check_number("mom2_update_weight", self.mom2_update_weight, optional=True))
         check_int("preserve_count", self.preserve_count, at_least=0)
