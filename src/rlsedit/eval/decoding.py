@@ -11,7 +11,7 @@ caller's order; the model is in ``eval()`` mode for the call.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -46,21 +46,40 @@ class _NonFiniteLogits(Exception):
     """Internal: a decoding step produced NaN/inf logits for a live row."""
 
 
-def _decode_batch(lm, seqs: list[list[int]], max_new_tokens: int, stop: Sequence[str], choose,
-                  eos: set[int], pad: int) -> list[list[int]]:
-    """Decode one left-padded batch with a KV cache; returns the new token ids of each row."""
-    tokenizer, model = lm.tokenizer, lm.model
-    ids, mask = pad_left(seqs, pad)
+def decode_with_cache(lm, seqs: Sequence[Sequence[int]], pad: int, steps: int,
+                      next_tokens: Callable[[torch.Tensor], list[int | None]]) -> None:
+    """The KV-cache loop under every decoder here and in ``serve/``: one left-padded prefill of
+    ``seqs``, then up to ``steps`` calls ``next_tokens(logits (B, V))`` with each row's logits at
+    its last position; it returns each row's next token, or None for a finished row (fed a pad
+    token whose output is never read). Ends when every row is finished or after ``steps`` calls."""
+    model = lm.model
+    ids, mask = pad_left([list(s) for s in seqs], pad)
     ids, mask = ids.to(lm.device), mask.to(lm.device)
     logits, cache = forward_last(model, ids, mask, 1, use_cache=True)  # (B, 1, V)
+    for step in range(steps):
+        feed = next_tokens(logits[:, -1, :])
+        if all(t is None for t in feed) or step == steps - 1:
+            return
+        column = torch.tensor([pad if t is None else t for t in feed], device=lm.device)[:, None]  # (B, 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position = positions_from_mask(mask)[:, -1:]  # pos_t = Σ mask − 1 at the new column
+        out = model(input_ids=column, attention_mask=mask, position_ids=position,
+                    use_cache=True, **{cache_kwarg(model): cache})
+        logits, cache = float_logits(out.logits[:, -1:, :]), cache_of(out)
+
+
+def _decode_batch(lm, seqs: list[list[int]], max_new_tokens: int, stop: Sequence[str], choose,
+                  eos: set[int], pad: int) -> list[list[int]]:
+    """Decode one left-padded batch; returns the new token ids of each row."""
+    tokenizer = lm.tokenizer
     generated: list[list[int]] = [[] for _ in seqs]
     done = [False] * len(seqs)
-    for step in range(max_new_tokens):
+
+    def next_tokens(logits: torch.Tensor) -> list[int | None]:
         live = torch.tensor([not d for d in done], device=logits.device)
-        if not bool(torch.isfinite(logits[live, -1, :]).all()):
+        if not bool(torch.isfinite(logits[live]).all()):
             raise _NonFiniteLogits()
-        next_ids = choose(logits[:, -1, :])  # (B,)
-        for b, tok in enumerate(next_ids.tolist()):
+        for b, tok in enumerate(choose(logits).tolist()):
             if done[b]:
                 continue
             if tok in eos:
@@ -69,16 +88,9 @@ def _decode_batch(lm, seqs: list[list[int]], max_new_tokens: int, stop: Sequence
             generated[b].append(tok)
             if stop and cut_at_stop(tokenizer.decode(generated[b], skip_special_tokens=True), stop)[1]:
                 done[b] = True
-        if all(done) or step == max_new_tokens - 1:
-            break
-        # finished rows keep decoding a pad token whose output is never read
-        feed = torch.tensor([pad if done[b] else generated[b][-1] for b in range(len(seqs))],
-                            device=lm.device)[:, None]  # (B, 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        position = positions_from_mask(mask)[:, -1:]  # pos_t = Σ mask − 1 at the new column
-        out = model(input_ids=feed, attention_mask=mask, position_ids=position,
-                    use_cache=True, **{cache_kwarg(model): cache})
-        logits, cache = float_logits(out.logits[:, -1:, :]), cache_of(out)
+        return [None if done[b] else generated[b][-1] for b in range(len(seqs))]
+
+    decode_with_cache(lm, seqs, pad, max_new_tokens, next_tokens)
     return generated
 
 

@@ -1,9 +1,9 @@
 """Decode a batch of rows, each with its own sampling, in shared forward passes.
 
-The same procedure as :func:`rlsedit.eval.decoding.greedy_generate` (which ``rlsedit ask``
-uses), step for step: left padding, position ids from the mask
-(``pos_t = (Σ_{s≤t} mask_s) − 1``), a KV cache, finished rows fed a pad token whose output is
-never read, end-of-sequence tokens never emitted, and the text cut before the first stop
+The loop is :func:`rlsedit.eval.decoding.decode_with_cache`, the one under
+:func:`~rlsedit.eval.decoding.greedy_generate` (which ``rlsedit ask`` uses): left padding,
+position ids from the mask (``pos_t = (Σ_{s≤t} mask_s) − 1``), a KV cache, finished rows fed a
+pad token whose output is never read, end-of-sequence tokens never emitted, and the text cut before the first stop
 string. A row decoded alone therefore runs exactly ``greedy_generate``'s computation and
 yields its tokens; in a padded batch the logits may differ from it in the last bits.
 
@@ -20,10 +20,9 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import NumericalError
-from ..eval.decoding import cut_at_stop, eos_ids
-from ..eval.scoring import eval_mode, float_logits, forward_last
-from ..locate.tokens import pad_left, pad_token_id
-from ..model.cache import cache_kwarg, cache_of, positions_from_mask
+from ..eval.decoding import cut_at_stop, decode_with_cache, eos_ids
+from ..eval.scoring import eval_mode
+from ..locate.tokens import pad_token_id
 
 
 @dataclass(frozen=True)
@@ -90,45 +89,37 @@ def decode_rows(lm, rows: Sequence[Row], decode_text: Callable[[list[int]], str]
     ``decode_text(ids)`` turns token ids into text (the caller serialises tokenizer use).
     Raises :class:`~rlsedit.errors.NumericalError` when a live row's logits are not finite.
     """
-    model = lm.model
     eos, pad = eos_ids(lm), pad_token_id(lm.tokenizer)
     rows = list(rows)
-    steps = max(r.sampling.max_tokens for r in rows)
-    with eval_mode(model):
-        ids, mask = pad_left([r.prompt_ids for r in rows], pad)
-        ids, mask = ids.to(lm.device), mask.to(lm.device)
-        logits, cache = forward_last(model, ids, mask, 1, use_cache=True)  # (B, 1, V)
-        for step in range(steps):
-            for b, row in enumerate(rows):
-                if row.done:
-                    continue
-                if row.cancelled:
-                    row.finish_reason = "cancelled"
-                    continue
-                if not bool(torch.isfinite(logits[b, -1]).all()):
-                    raise NumericalError("the model produced non-finite logits; its weights may be broken")
-                tok = choose(row, logits[b, -1])
-                if tok in eos:
+
+    def next_tokens(logits: torch.Tensor) -> list[int | None]:
+        for b, row in enumerate(rows):
+            if row.done:
+                continue
+            if row.cancelled:
+                row.finish_reason = "cancelled"
+                continue
+            if not bool(torch.isfinite(logits[b]).all()):
+                raise NumericalError("the model produced non-finite logits; its weights may be broken")
+            tok = choose(row, logits[b])
+            if tok in eos:
+                row.finish_reason = "stop"
+            else:
+                row.tokens.append(tok)
+                found = False
+                if row.sampling.stop or row.on_step is not None:  # else the text is decoded once, at the end
+                    row.text, found = cut_at_stop(decode_text(row.tokens), row.sampling.stop)
+                if found:
                     row.finish_reason = "stop"
-                else:
-                    row.tokens.append(tok)
-                    found = False
-                    if row.sampling.stop or row.on_step is not None:  # else the text is decoded once, at the end
-                        row.text, found = cut_at_stop(decode_text(row.tokens), row.sampling.stop)
-                    if found:
-                        row.finish_reason = "stop"
-                    elif len(row.tokens) >= row.sampling.max_tokens:
-                        row.finish_reason = "length"
-                if row.on_step is not None:
-                    row.on_step(row)
-            if all(r.done for r in rows) or step == steps - 1:
-                break
-            feed = torch.tensor([pad if r.done else r.tokens[-1] for r in rows], device=lm.device)[:, None]  # (B, 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            position = positions_from_mask(mask)[:, -1:]  # pos_t = Σ mask − 1 at the new column
-            out = model(input_ids=feed, attention_mask=mask, position_ids=position,
-                        use_cache=True, **{cache_kwarg(model): cache})
-            logits, cache = float_logits(out.logits[:, -1:, :]), cache_of(out)
+                elif len(row.tokens) >= row.sampling.max_tokens:
+                    row.finish_reason = "length"
+            if row.on_step is not None:
+                row.on_step(row)
+        return [None if row.done else row.tokens[-1] for row in rows]
+
+    with eval_mode(lm.model):
+        decode_with_cache(lm, [r.prompt_ids for r in rows], pad, max(r.sampling.max_tokens for r in rows),
+                          next_tokens)
     for row in rows:
         row.text = cut_at_stop(decode_text(row.tokens), row.sampling.stop)[0]
         if row.finish_reason is None:
