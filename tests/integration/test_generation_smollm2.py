@@ -55,9 +55,13 @@ def test_the_unedited_model_does_not_say_the_new_objects(measured):
 def test_generation_success_locality_and_chat_are_computed_after_editing(measured):
     after = measured["after"]
     s = after["summary"]
-    assert after["counts"] == {"edits": N_EDITS, "edits_total": N_EDITS, "paraphrases": N_EDITS,
-                               "neighbours": N_EDITS, "chat": N_EDITS,
-                               "portability": 0}  # the MEND layout has no generation_prompts
+    counts = dict(after["counts"])
+    answered = counts.pop("edits_answered_pre_edit")  # edit prompts the unedited model answered with the old object
+    assert counts == {"edits": N_EDITS, "edits_total": N_EDITS, "paraphrases": N_EDITS,
+                      "neighbours": N_EDITS, "chat": N_EDITS,
+                      "portability": 0,  # the MEND layout has no generation_prompts
+                      "paraphrases_answered_pre_edit": 0}  # open prompts: not scored by begins-with
+    assert 0 <= answered <= N_EDITS and s["edit_answered_pre_edit"] is not None
     for key in ("edit_begins", "edit_mentions", "old_begins", "open_mentions", "neighbour_unchanged",
                 "neighbour_true_begins", "chat_mentions", "chat_begins"):
         assert s[key] is not None and 0.0 <= s[key] <= 1.0, (key, s[key])

@@ -232,9 +232,11 @@ def test_reports_and_plots_are_written(finished):
 def test_generation_metrics_sit_beside_the_teacher_forced_ones(finished):
     out, full = finished
     unedited = full["unedited"]
-    # the unedited model's neighbourhood continuations are kept for every method to compare against
-    neighbours = {p for e in EDITS for p in e["neighborhood"]}
-    assert set(unedited["generation_pre_edit"]) == neighbours
+    # the unedited model's continuations (edit, paraphrase and neighbourhood prompts) are kept for
+    # every method to compare against
+    prompts = {p for e in EDITS for p in (e["prompt"].replace("{}", e["subject"]), *e["paraphrases"],
+                                          *e["neighborhood"])}
+    assert set(unedited["generation_pre_edit"]) == prompts
     assert all(isinstance(t, str) for t in unedited["generation_pre_edit"].values())
     # the same model decoded in other batches gives the same tokens
     assert unedited["evaluation"]["generation"]["summary"]["neighbour_unchanged"] == 1.0

@@ -69,7 +69,9 @@ def test_stop_strings_eos_and_token_cap_cut_the_continuation():
 def test_locality_is_identical_continuations_before_and_after():
     before, after = scripted_lm(BEFORE), scripted_lm(AFTER)
     pre = pre_edit_generations(before, [EIFFEL, YASUDA], GenerationConfig(chat=False))
-    assert pre == {"Madrid is in": "Spain ", "John Lennon plays the": "guitar"}
+    assert pre == {"The Eiffel Tower is in": "Paris ", "Where is The Eiffel Tower ? It is in": "Paris",
+                   "Madrid is in": "Spain ", "Toko Yasuda plays the": "guitar and sings",
+                   "The instrument of Toko Yasuda is the": "guitar", "John Lennon plays the": "guitar"}
     out = evaluate_generation(after, [EIFFEL, YASUDA], GenerationConfig(chat=False), pre_edit=pre)
     # "Spain \n and less" is cut at the newline, so it equals the pre-edit "Spain"; "piano" != "guitar"
     assert [n["unchanged"] for r in out["records"] for n in r["neighbours"]] == [True, False]
@@ -110,6 +112,37 @@ def test_late_drift_and_bleed_are_told_apart_from_a_changed_first_word():
     assert none["summary"]["neighbour_first_word_unchanged"] is None
     assert none["summary"]["neighbour_new_mentions_pre_edit"] is None
     assert none["summary"]["neighbour_new_mentions"] == pytest.approx(2 / 3)  # needs no pre-edit text
+
+
+def test_paraphrases_the_unedited_model_did_not_answer_are_scored_apart():
+    # "which stands in" draws a date from the unedited model, not the old object: it cannot tell
+    # whether the fact moved, so the where-answered figures leave it out
+    eiffel = EditRequest(id="e0", prompt="{} was built in", subject="The Eiffel Tower", target_new="Rome",
+                         target_true="Paris", paraphrases=("Where is The Eiffel Tower ? It is in",
+                                                           "The Eiffel Tower , which stands in"))
+    nameless = EditRequest(id="e1", prompt="{} plays the", subject="Toko Yasuda", target_new="piano",
+                           paraphrases=("The instrument of Toko Yasuda is the",))  # no old object
+    before = {"The Eiffel Tower was built in": "1889", "Where is The Eiffel Tower ? It is in": "Paris",
+              "The Eiffel Tower , which stands in": "1889 , was", "Toko Yasuda plays the": "guitar",
+              "The instrument of Toko Yasuda is the": "guitar"}
+    after = {"The Eiffel Tower was built in": "Rome", "Where is The Eiffel Tower ? It is in": "Rome",
+             "The Eiffel Tower , which stands in": "a park", "Toko Yasuda plays the": "piano",
+             "The instrument of Toko Yasuda is the": "piano"}
+    pre = pre_edit_generations(scripted_lm(before), [eiffel, nameless], GenerationConfig(chat=False))
+    out = evaluate_generation(scripted_lm(after), [eiffel, nameless], GenerationConfig(chat=False), pre_edit=pre)
+    s, counts = out["summary"], out["counts"]
+    assert [p["old_begins_pre_edit"] for r in out["records"] for p in r["paraphrases"]] == [True, False, None]
+    assert s["paraphrase_begins"] == pytest.approx(2 / 3)            # all three paraphrases
+    assert s["paraphrase_answered_pre_edit"] == 0.5                  # of the two with an old object
+    assert s["paraphrase_begins_where_answered"] == 1.0 and counts["paraphrases_answered_pre_edit"] == 1
+    assert s["edit_answered_pre_edit"] == 0.0 and s["edit_begins_where_answered"] is None  # "1889": not answered
+    assert counts["edits_answered_pre_edit"] == 0
+    none = evaluate_generation(scripted_lm(after), [eiffel], GenerationConfig(chat=False))
+    assert none["summary"]["paraphrase_begins_where_answered"] is None
+    assert none["summary"]["paraphrase_answered_pre_edit"] is None
+    opened = evaluate_generation(scripted_lm(after), [eiffel], GenerationConfig(chat=False, paraphrase_kind="open"),
+                                 pre_edit=pre)
+    assert opened["summary"]["paraphrase_begins_where_answered"] is None  # open prompts: mentions only
 
 
 def test_open_rephrases_report_mentions_only():
@@ -177,7 +210,7 @@ def test_seeded_sample_of_edits():
     assert picked != sample_positions(100, 7, seed=4)
     out = evaluate_generation(scripted_lm(AFTER), [EIFFEL, YASUDA], GenerationConfig(n=1, seed=0, chat=False))
     assert out["counts"] == {"edits": 1, "edits_total": 2, "paraphrases": 1, "neighbours": 1, "portability": 0,
-                             "chat": 0}
+                             "chat": 0, "edits_answered_pre_edit": 0, "paraphrases_answered_pre_edit": 0}
     assert out["records"][0]["position"] == sample_positions(2, 1, 0)[0]
 
 

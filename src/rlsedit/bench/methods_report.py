@@ -34,7 +34,8 @@ NOTES = [
     "solve_s is the closed-form solve summed over layers (None for FT)",
     "generation columns (settings.gen_n: a seeded sample of the edits, the same for every method and checkpoint): "
     "greedy decoding to '.', a newline or EOS, at most settings.gen_max_new_tokens tokens, SQuAD-normalised; "
-    "says it = the continuation begins with the new object; mentions (rephrase) = the new object occurs in the "
+    "says it = the continuation begins with the new object; says it (paraphrase it answered unedited) = the same "
+    "over only the paraphrases whose unedited continuation began with the old object; mentions (rephrase) = the new object occurs in the "
     "continuation of an open rephrase prompt (MEND layout); still says old = begins with the old object; neighbour "
     "gen unchanged = the neighbourhood prompt's continuation is identical to the unedited model's (the unedited row: "
     "two decodings of the same model, a determinism check); neighbour 1st word unchanged = only its first "

@@ -19,6 +19,12 @@ For each edit (a seeded sample of ``n`` when asked):
   for") whose next words need not be the object — for those only *mentions* is meaningful.
   The kind is read from the data file's layout (:func:`paraphrase_kind_of_file`): one record
   cannot be told apart reliably, a file can.
+* **where the unedited model answered** — a prompt need not make the object the next words even
+  when it asks for it ("X passed away in" → "1947"); with ``pre_edit`` also holding the edit
+  and paraphrase prompts' unedited continuations, ``edit_begins_where_answered`` and
+  ``paraphrase_begins_where_answered`` score only the prompts whose unedited continuation
+  began with the *old* object, so the two are compared on prompts that elicit the fact at all
+  (``*_answered_pre_edit``: how many did).
 * **neighbourhood** — *unchanged*: the greedy continuation is identical to the unedited
   model's (``pre_edit``, from :func:`pre_edit_generations` on the unedited model); *first word
   unchanged*: only its first normalised word is; *new mentions*: it mentions the edit's new
@@ -183,10 +189,11 @@ def chat_enabled(lm, config: GenerationConfig) -> bool:
 
 def pre_edit_generations(lm, requests: Sequence[EditRequest], config: GenerationConfig = GenerationConfig()
                          ) -> dict[str, str]:
-    """Greedy continuations of the sampled edits' neighbourhood prompts (prompt → text): run it
-    on the unedited model and pass the result as ``pre_edit`` to :func:`evaluate_generation`."""
+    """Greedy continuations of the sampled edits' edit, paraphrase and neighbourhood prompts
+    (prompt → text): run it on the unedited model and pass the result as ``pre_edit`` to
+    :func:`evaluate_generation`."""
     chosen = [requests[i] for i in sample_positions(len(requests), config.n, config.seed)]
-    prompts = list(dict.fromkeys(p for r in chosen for p in r.neighborhood))
+    prompts = list(dict.fromkeys(p for r in chosen for p in (r.text, *r.paraphrases, *r.neighborhood)))
     if not prompts:
         return {}
     texts = greedy_generate(lm, prompts, config.max_new_tokens, stop=STOP_STRINGS, batch_size=config.batch_size)
@@ -207,8 +214,8 @@ def evaluate_generation(
 ) -> dict[str, Any]:
     """Generation metrics of ``requests`` on ``lm`` as it is now (see the module docstring).
 
-    ``pre_edit`` maps neighbourhood prompts to the unedited model's continuations; without it
-    (or for a prompt it lacks) *unchanged* is ``None``. Returns ``{"summary", "counts",
+    ``pre_edit`` maps prompts to the unedited model's continuations; without it (or for a prompt
+    it lacks) *unchanged* and the *where answered* figures are ``None``. Returns ``{"summary", "counts",
     "records", "samples", "settings", "notes"}``; ``summary`` holds fractions in ``[0, 1]``
     (``None`` where nothing was scored), each a mean over prompts of its kind. ``records`` keep
     each edit's ``position`` in ``requests``.
@@ -235,6 +242,11 @@ def evaluate_generation(
                                   stop=STOP_STRINGS, batch_size=config.batch_size)
         chat_text = dict(zip(questions, answers))
 
+    def answered_before(prompt: str, old: str | None) -> bool | None:
+        """Whether the unedited model's continuation of ``prompt`` began with the old object."""
+        before = None if pre_edit is None else pre_edit.get(prompt)
+        return None if before is None or old is None else begins_with(before, old)
+
     records = []
     for i in positions:
         r = requests[i]
@@ -245,10 +257,12 @@ def evaluate_generation(
             "edit": {"prompt": r.text, "generation": gen, "new_begins": begins_with(gen, r.target_new),
                      "new_mentions": mentions(gen, r.target_new),
                      "old_begins": None if old is None else begins_with(gen, old),
-                     "old_mentions": None if old is None else mentions(gen, old)},
+                     "old_mentions": None if old is None else mentions(gen, old),
+                     "old_begins_pre_edit": answered_before(r.text, old)},
             "paraphrases": [{"prompt": p, "generation": raw_text[p], "kind": kind,
                              "new_begins": begins_with(raw_text[p], r.target_new),
-                             "new_mentions": mentions(raw_text[p], r.target_new)} for p in r.paraphrases],
+                             "new_mentions": mentions(raw_text[p], r.target_new),
+                             "old_begins_pre_edit": answered_before(p, old)} for p in r.paraphrases],
             "neighbours": [],
             "portability": [{"prompt": p, "generation": raw_text[p],
                              "new_mentions": mentions(raw_text[p], r.target_new),
@@ -277,6 +291,8 @@ def evaluate_generation(
     neigh = [n for rec in records for n in rec["neighbours"]]
     chats = [rec["chat"] for rec in records if "chat" in rec]
     port = [p for rec in records for p in rec["portability"]]
+    edits_answered = [rec["edit"] for rec in records if rec["edit"]["old_begins_pre_edit"]]
+    para_answered = [p for p in para if p["old_begins_pre_edit"]] if kind == PARAPHRASE else []
     summary = {
         "edit_begins": _mean([rec["edit"]["new_begins"] for rec in records]),
         "edit_mentions": _mean([rec["edit"]["new_mentions"] for rec in records]),
@@ -285,6 +301,11 @@ def evaluate_generation(
         "paraphrase_begins": _mean([p["new_begins"] for p in para]) if kind == PARAPHRASE else None,
         "paraphrase_mentions": _mean([p["new_mentions"] for p in para]) if kind == PARAPHRASE else None,
         "open_mentions": _mean([p["new_mentions"] for p in para]) if kind == OPEN else None,
+        "edit_answered_pre_edit": _mean([rec["edit"]["old_begins_pre_edit"] for rec in records]),
+        "edit_begins_where_answered": _mean([e["new_begins"] for e in edits_answered]),
+        "paraphrase_answered_pre_edit": (_mean([p["old_begins_pre_edit"] for p in para])
+                                         if kind == PARAPHRASE else None),
+        "paraphrase_begins_where_answered": _mean([p["new_begins"] for p in para_answered]),
         "neighbour_unchanged": _mean([n["unchanged"] for n in neigh]),
         "neighbour_first_word_unchanged": _mean([n["first_word_unchanged"] for n in neigh]),
         "neighbour_new_mentions": _mean([n["new_mentions"] for n in neigh]),
@@ -306,7 +327,8 @@ def evaluate_generation(
            "open generation prompts (MEND rephrase_prompt), so only mentions is reported"),
         "neighbour unchanged: the greedy continuation is identical to the unedited model's; first word "
         "unchanged: its first normalised word is; new mentions: it mentions the edit's new object (bleed), "
-        "beside the unedited continuation's rate"
+        "beside the unedited continuation's rate; where answered: only the prompts whose unedited "
+        "continuation began with the old object"
         + ("" if pre_edit is not None else " (no pre-edit generations were given: not computed)"),
         ("portability: the records' generation prompts (open text needing the edited fact); only mentions is "
          "meaningful there (the object need not be the next words)" if port else
@@ -322,7 +344,8 @@ def evaluate_generation(
     return {
         "summary": summary,
         "counts": {"edits": len(records), "edits_total": len(requests), "paraphrases": len(para),
-                   "neighbours": len(neigh), "portability": len(port), "chat": len(chats)},
+                   "neighbours": len(neigh), "portability": len(port), "chat": len(chats),
+                   "edits_answered_pre_edit": len(edits_answered), "paraphrases_answered_pre_edit": len(para_answered)},
         "records": records,
         "samples": sample_rows(records, config.samples, seed=config.seed),
         "settings": {"max_new_tokens": config.max_new_tokens, "chat_max_new_tokens": config.chat_max_new_tokens,
@@ -402,6 +425,7 @@ def format_samples(samples: Sequence[Mapping[str, Any]]) -> list[str]:
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("edit_begins", "says it (edit)"),
     ("paraphrase_begins", "says it (paraphrase)"),
+    ("paraphrase_begins_where_answered", "says it (paraphrase it answered unedited)"),
     ("open_mentions", "mentions (rephrase)"),
     ("old_begins", "still says old"),
     ("neighbour_unchanged", "neighbour gen unchanged"),
