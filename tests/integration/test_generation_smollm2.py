@@ -33,8 +33,9 @@ def measured(tmp_path_factory, repo_root):
                         runtime=Runtime(corpus=str(repo_root / CORPUS))) as s:
         t0 = time.perf_counter()
         before = evaluate_generation(s.lm, requests, config)
-        # the unedited model's neighbourhood continuations, from the run above
+        # the unedited model's edit-prompt and neighbourhood continuations, from the run above
         pre = {n["prompt"]: n["generation"] for rec in before["records"] for n in rec["neighbours"]}
+        pre |= {rec["edit"]["prompt"]: rec["edit"]["generation"] for rec in before["records"]}
         t1 = time.perf_counter()
         s.edit(requests, batch_size=N_EDITS)
         t2 = time.perf_counter()
@@ -61,7 +62,7 @@ def test_generation_success_locality_and_chat_are_computed_after_editing(measure
                       "neighbours": N_EDITS, "chat": N_EDITS,
                       "portability": 0,  # the MEND layout has no generation_prompts
                       "paraphrases_answered_pre_edit": 0}  # open prompts: not scored by begins-with
-    assert 0 <= answered <= N_EDITS and s["edit_answered_pre_edit"] is not None
+    assert s["edit_answered_pre_edit"] == pytest.approx(answered / N_EDITS)  # every record has its old object
     for key in ("edit_begins", "edit_mentions", "old_begins", "open_mentions", "neighbour_unchanged",
                 "neighbour_true_begins", "chat_mentions", "chat_begins"):
         assert s[key] is not None and 0.0 <= s[key] <= 1.0, (key, s[key])
