@@ -151,6 +151,9 @@ def test_open_rephrases_report_mentions_only():
     assert s["paraphrase_begins"] is None and s["paraphrase_mentions"] is None
     assert s["open_mentions"] == 0.5
     assert {p["kind"] for r in out["records"] for p in r["paraphrases"]} == {"open"}
+    # their unedited text is never read, so it is not decoded
+    pre = pre_edit_generations(scripted_lm(BEFORE), [EIFFEL, YASUDA], GenerationConfig(chat=False, paraphrase_kind="open"))
+    assert set(pre) == {"The Eiffel Tower is in", "Madrid is in", "Toko Yasuda plays the", "John Lennon plays the"}
 
 
 def test_chat_prompt_uses_the_template_and_a_missing_one_is_an_error():

@@ -191,9 +191,12 @@ def pre_edit_generations(lm, requests: Sequence[EditRequest], config: Generation
                          ) -> dict[str, str]:
     """Greedy continuations of the sampled edits' edit, paraphrase and neighbourhood prompts
     (prompt → text): run it on the unedited model and pass the result as ``pre_edit`` to
-    :func:`evaluate_generation`."""
+    :func:`evaluate_generation`. Open rephrase prompts are left out: only mentions is scored
+    there, so their unedited text is never read."""
     chosen = [requests[i] for i in sample_positions(len(requests), config.n, config.seed)]
-    prompts = list(dict.fromkeys(p for r in chosen for p in (r.text, *r.paraphrases, *r.neighborhood)))
+    scored = config.paraphrase_kind == PARAPHRASE
+    prompts = list(dict.fromkeys(p for r in chosen
+                                 for p in (r.text, *(r.paraphrases if scored else ()), *r.neighborhood)))
     if not prompts:
         return {}
     texts = greedy_generate(lm, prompts, config.max_new_tokens, stop=STOP_STRINGS, batch_size=config.batch_size)
@@ -324,11 +327,11 @@ def evaluate_generation(
         "starts with the target's words, mentions = the target's words occur in it",
         f"paraphrase prompts are scored as {kind!r}: "
         + ("begins-with is meaningful (the object is the natural next words)" if kind == PARAPHRASE else
-           "open generation prompts (MEND rephrase_prompt), so only mentions is reported"),
+           "open generation prompts (MEND rephrase_prompt), so only mentions is reported")
+        + "; where answered: only the prompts whose unedited continuation began with the old object",
         "neighbour unchanged: the greedy continuation is identical to the unedited model's; first word "
         "unchanged: its first normalised word is; new mentions: it mentions the edit's new object (bleed), "
-        "beside the unedited continuation's rate; where answered: only the prompts whose unedited "
-        "continuation began with the old object"
+        "beside the unedited continuation's rate"
         + ("" if pre_edit is not None else " (no pre-edit generations were given: not computed)"),
         ("portability: the records' generation prompts (open text needing the edited fact); only mentions is "
          "meaningful there (the object need not be the next words)" if port else

@@ -3,8 +3,8 @@
 The loop is :func:`rlsedit.eval.decoding.decode_with_cache`, the one under
 :func:`~rlsedit.eval.decoding.greedy_generate` (which ``rlsedit ask`` uses): left padding,
 position ids from the mask (``pos_t = (Σ_{s≤t} mask_s) − 1``), a KV cache, finished rows fed a
-pad token whose output is never read, end-of-sequence tokens never emitted, and the text cut before the first stop
-string. A row decoded alone therefore runs exactly ``greedy_generate``'s computation and
+pad token whose output is never read, end-of-sequence tokens never emitted, and the text cut
+before the first stop string. A row decoded alone therefore runs exactly ``greedy_generate``'s computation and
 yields its tokens; in a padded batch the logits may differ from it in the last bits.
 
 What is added: per-row ``max_tokens``, stop strings, temperature / nucleus (top-p) sampling
