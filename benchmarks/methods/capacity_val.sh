@@ -5,7 +5,7 @@
 #   bash benchmarks/methods/capacity_val.sh smollm2                 # defaults + the settings below
 #   bash benchmarks/methods/capacity_val.sh smollm2 'lambda=4'      # one more sweep point
 # Each setting is one resumable run in the same folder (rlsedit[...]); rerun after any stop.
-# Not run yet (2026-12-03): the CPU went to the 10,000-edit run first.
+# Status and figures: the folder's README.md (defaults and mu=2 done at 1,919 edits).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODEL=${1:?model: smollm2 or gemma3-270m}
