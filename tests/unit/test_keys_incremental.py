@@ -118,3 +118,46 @@ def test_an_editor_batch_keeps_its_keys_and_values(family, monkeypatch):
                                        msg=lambda m, name=name: f"{name}: {m}")
     for l, W in weights["fresh"].items():
         torch.testing.assert_close(weights["reader"][l], W, rtol=0, atol=relative["W"] * float(W.abs().max()))
+
+
+# ---- PromptKeys: every position of the bare prompts ------------------------------------------------
+
+def _every_position(lm, layer, reqs):
+    """Each bare prompt's down-projection inputs at all its positions, one forward per prompt."""
+    from rlsedit.locate.forward import read_module
+    from rlsedit.locate.tokens import encode_at_subject, prompt_texts
+
+    ids, _ = encode_at_subject(lm, prompt_texts(reqs, ["{}"]))
+    module = keys_module.down_proj(lm, layer)
+    return [read_module(lm, module, torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long),
+                        read="input")[0].float() for seq in ids]  # each (L_i, d_k)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_prompt_keys_are_every_position_and_follow_the_layers_written(family):
+    lm = make_lm(family, n_layers=6)
+    reqs = requests()
+    lengths = [len(k) for k in _every_position(lm, FIRST, reqs)]
+    width = max(lengths) - 1  # the longest prompt is cut, the shortest padded with zero columns
+    assert min(lengths) < width
+    reader = keys_module.PromptKeys(lm, FIRST, TOP, reqs, width, batch_size=2)
+    for step, layer in enumerate(EDITED):
+        got = reader.keys(layer)
+        assert got.shape == (lm.d_k, len(reqs) * width) and got.dtype == torch.float32
+        for i, want in enumerate(_every_position(lm, layer, reqs)):
+            cols = got[:, i * width:(i + 1) * width].T  # (width, d_k), positions in order
+            n = min(width, len(want))
+            torch.testing.assert_close(cols[width - n:], want[len(want) - n:], rtol=0, atol=1e-5)
+            assert not cols[:width - n].any()  # missing positions are zero columns
+        if step + 1 < len(EDITED):
+            _write(lm, layer, seed=step)
+
+
+def test_prompt_keys_refuse_a_bad_width_and_going_back():
+    lm = make_lm("llama", n_layers=6)
+    with pytest.raises(InvalidRequestError, match="width must be >= 1"):
+        keys_module.PromptKeys(lm, FIRST, TOP, requests(), 0)
+    reader = keys_module.PromptKeys(lm, FIRST, TOP, requests(), 4)
+    reader.keys(2)
+    with pytest.raises(UnsupportedError, match="block 1 is below it"):
+        reader.keys(1)

@@ -120,6 +120,8 @@ def test_the_preservation_texts_are_the_request_template_with_other_subjects():
     ("preserve_weight", float("nan"), "preserve_weight must be a finite number > 0"),
     ("preserve_subjects", 3, "preserve_subjects must be a file path or None"),
     ("preserve_subjects", " ", "preserve_subjects must be a file path or None"),
+    ("preserve_positions", -1, "preserve_positions must be an integer >= 0"),
+    ("preserve_positions", 4, "needs preservation prompts: set preserve_count > 0"),
 ])
 def test_bad_config_values_are_refused(field, value, match):
     with pytest.raises(InvalidRequestError, match=match):
@@ -132,8 +134,9 @@ def test_methods_without_a_column_least_squares_refuse_it_and_defaults_are_not_s
     with pytest.raises(InvalidRequestError, match="FT fine-tunes"):
         FTConfig(preserve_count=2)
     assert ROMEConfig(preserve_count=0).preserve_count == 0
-    assert not {"preserve_count", "preserve_weight", "preserve_subjects"} & set(RLSEditConfig().to_dict())
-    on = RLSEditConfig(preserve_count=4, preserve_weight=2, preserve_subjects="x.json")
+    assert not {"preserve_count", "preserve_weight", "preserve_subjects", "preserve_positions"} \
+        & set(RLSEditConfig().to_dict())
+    on = RLSEditConfig(preserve_count=4, preserve_weight=2, preserve_subjects="x.json", preserve_positions=8)
     assert on.preserve_weight == 2.0 and RLSEditConfig.from_dict(json.loads(json.dumps(on.to_dict()))) == on
 
 
@@ -221,9 +224,10 @@ def test_other_column_solvers_take_the_rows(method):
     assert method == "alphaedit" or not torch.equal(get_W(editor.lm, LAYERS[0]), W0)
 
 
-def test_undoing_every_edit_removes_its_preservation_rows_too():
+@pytest.mark.parametrize("positions", [0, 6])
+def test_undoing_every_edit_removes_its_preservation_rows_too(positions):
     # the stream without one edit: tests/unit/test_editors.py::test_rlsedit_undo_equals_the_stream_without_that_edit
-    editor = _editor(preserve_count=3, state_dtype="float64")
+    editor = _editor(preserve_count=3, preserve_positions=positions, state_dtype="float64")
     for batch in (REQUESTS[:2], REQUESTS[2:]):
         editor.partial_fit(batch)
     for edit_id in "bac":
@@ -231,6 +235,30 @@ def test_undoing_every_edit_removes_its_preservation_rows_too():
     assert editor.n_edits_ == 0 and not editor.live_
     for l in LAYERS:  # had the rows stayed, W would keep their pull away from W_0
         assert float((editor.states_[l].W_ - editor.W0[l].double()).norm() / editor.W0[l].norm()) < 1e-9
+
+
+def test_rows_at_every_position_keep_the_whole_prompts_and_the_edit_still_moves():
+    from rlsedit.locate.keys import PromptKeys
+
+    pseudo = preservation_requests(REQUESTS[:2], load_subject_pool(), 4, seed=0)
+    width = 12
+    moved, own = {}, {}
+    for positions in (0, width):
+        editor = _editor(preserve_count=4, preserve_positions=positions)
+        lm = editor.lm
+        everywhere = PromptKeys(lm, LAYERS[0], LAYERS[0], pseudo, width).keys(LAYERS[0])  # before the edit
+        before_own = _top_states(lm, REQUESTS[:2])
+        W0 = get_W(lm, LAYERS[0])
+        record = editor.propose(REQUESTS[:2]).commit()
+        if positions:
+            Kp = record.tensors["layers.1.Kp"]  # w = 1: stored as read
+            assert Kp.shape == (lm.d_k, 2 * 4 * width)  # request-major: 4 prompts × 12 positions each
+            torch.testing.assert_close(Kp, everywhere, rtol=0, atol=1e-5)
+        moved[positions] = float((everywhere.T @ (get_W(lm, LAYERS[0]) - W0)).norm())
+        own[positions] = float((_top_states(lm, REQUESTS[:2]) - before_own).norm())
+    # the subject-only rows keep one of a prompt's positions; these keep them all (margin over tiny models)
+    assert moved[width] < 0.6 * moved[0], moved
+    assert own[width] > 0.5 * own[0], own  # the edit still takes
 
 
 # ---- the session: journal, replay and undo -------------------------------------------------------

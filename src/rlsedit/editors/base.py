@@ -388,9 +388,12 @@ class Editor:
         return pool
 
     def _preservation_reader(self, requests: list[EditRequest]):
-        """A :class:`~rlsedit.locate.keys.BatchKeys` over the batch's preservation prompts (each
-        request's template with other subjects, bare: prefix ``["{}"]``), or None when off."""
-        from ..locate.keys import BatchKeys
+        """A reader of the batch's preservation keys (each request's template with other
+        subjects, bare): a :class:`~rlsedit.locate.keys.BatchKeys` at the subjects' last
+        tokens, or with ``preserve_positions`` a :class:`~rlsedit.locate.keys.PromptKeys` at
+        the prompts' last positions; None when off. Its ``keys(l)`` is ``(d_k, u·count·rows)``,
+        request-major."""
+        from ..locate.keys import BatchKeys, PromptKeys
         from ..locate.preserve import preservation_requests
 
         if not self.config.preserve_count:
@@ -399,6 +402,8 @@ class Editor:
         if self.preserve_pool_ is None:
             self.preserve_pool_ = self._preserve_pool()
         pseudo = preservation_requests(requests, self.preserve_pool_, c.preserve_count, c.seed)
+        if c.preserve_positions:
+            return PromptKeys(self.lm, self.layers[0], self.layers[-1], pseudo, c.preserve_positions)
         return BatchKeys(self.lm, self.layers[0], self.layers[-1], pseudo, [SUBJECT_SLOT], average=c.key_average)
 
     def _paraphrases(self, requests: list[EditRequest]) -> list[list[str]] | None:
@@ -457,9 +462,9 @@ class Editor:
                 if keeper is not None:
                     # read before layer l is written, as K; V_p = K_pᵀW keeps the output (a
                     # post-MLP norm of an unchanged v is unchanged), both scaled by √w
-                    Kp = root_w * keeper.keys(l).float()  # (d_k, u·count)
+                    Kp = root_w * keeper.keys(l).float()  # (d_k, u·count·rows)
                     _check_finite(f"layers.{l}.Kp", Kp, ids)
-                    Vp = Kp.T @ W  # (u·count, d_v)
+                    Vp = Kp.T @ W  # (u·count·rows, d_v)
                     tensors[f"layers.{l}.Kp"], tensors[f"layers.{l}.Vp"] = Kp.contiguous(), Vp.contiguous()
                     K_all, V_all = torch.cat([K, Kp], dim=1), torch.cat([V, Vp], dim=0)
                 try:

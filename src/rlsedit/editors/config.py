@@ -67,7 +67,8 @@ _IGNORED_OFFICIAL_KEYS = {
 
 _WRITTEN_WHEN_SET = {"v_lr_scale": 1.0, "v_early_stop_top1": False, "chat_prefix": False, "paraphrase_count": 0,
                      "paraphrase_keys": False, "paraphrase_samples": 6,
-                     "preserve_count": 0, "preserve_weight": 1.0, "preserve_subjects": None}
+                     "preserve_count": 0, "preserve_weight": 1.0, "preserve_subjects": None,
+                     "preserve_positions": 0}
 """Fields :meth:`EditConfig.to_dict` writes only when they differ from their default."""
 
 
@@ -125,6 +126,10 @@ class EditConfig:
         "0 = off. Only for methods that solve a least squares over key columns (not ROME, FT)", 0)
     preserve_weight: float = _help(
         "w > 0: weight of each preservation row in the least squares (its key and target scaled by sqrt(w))", 1.0)
+    preserve_positions: int = _help(
+        "0: each preservation prompt gives one row, at its subject's last token; P > 0: P rows, at the prompt's "
+        "last P token positions (subject and relation tokens alike, zero rows where the prompt is shorter), since "
+        "a prompt's continuation reads every earlier position's layer output through attention", 0)
     preserve_subjects: str | None = _help(
         "where preservation subjects come from: a JSON list of strings, or JSON/JSONL records with a \"subject\" "
         "(ROME's known_1000.json) or \"title\" field; None = the page titles of the bundled corpus", None)
@@ -167,6 +172,10 @@ class EditConfig:
             raise InvalidRequestError(f"preserve_count={self.preserve_count}: {self.no_key_columns}; "
                                       "use rlsedit, memit, memit-seq or alphaedit")
         object.__setattr__(self, "preserve_weight", check_number("preserve_weight", self.preserve_weight, positive=True))
+        check_int("preserve_positions", self.preserve_positions, at_least=0)
+        if self.preserve_positions and not self.preserve_count:
+            raise InvalidRequestError(f"preserve_positions={self.preserve_positions} needs preservation prompts: "
+                                      "set preserve_count > 0")
         if isinstance(self.preserve_subjects, Path):
             object.__setattr__(self, "preserve_subjects", str(self.preserve_subjects))
         if self.preserve_subjects is not None and (not isinstance(self.preserve_subjects, str)

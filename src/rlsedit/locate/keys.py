@@ -37,8 +37,8 @@ from ..model.weights import down_proj
 from ..requests import SUBJECT_SLOT
 from .forward import BlockCalls, capture_entering, read_in_block, read_module, run_blocks, select_rows
 from .targets import hidden_at_subject
-from .tokens import (check_layer, check_prefixes, encode_through_subject, length_sorted_chunks, pad_id,
-                     pad_right, prompt_texts)
+from .tokens import (check_layer, check_prefixes, encode_at_subject, encode_through_subject, length_sorted_chunks,
+                     pad_id, pad_right, prompt_texts)
 
 DEFAULT_BATCH_SIZE = 64
 """Sequences per forward pass (bounds memory; results do not depend on it)."""
@@ -171,7 +171,38 @@ class _Chunk:
     calls: BlockCalls
 
 
-class BatchKeys:
+class _KeptStates:
+    """Token sequences run once from the embedding to the state entering block ``first`` and
+    kept with the arguments of blocks ``first..top``; :meth:`_advance` carries them up through
+    blocks with their present weights (the readers below share this)."""
+
+    lm: object
+    first: int
+    top: int
+
+    def _keep_states(self, ids: list[list[int]], batch_size: int) -> None:
+        self.current = self.first  # the block the kept states enter next
+        self._chunks = []
+        for chunk, input_ids, attention_mask in _padded_chunks(self.lm, ids, batch_size):
+            state, calls = capture_entering(self.lm, self.first, self.top, input_ids, attention_mask)
+            self._chunks.append(_Chunk(rows=chunk, state=state, calls=calls))
+
+    def _advance(self, layer: int) -> None:
+        """Carry the kept states through blocks ``current..layer-1``."""
+        layer = check_layer(self.lm, layer)
+        if layer < self.current:
+            raise UnsupportedError(
+                f"the batch's keys were read up to block {self.current}; block {layer} is below it "
+                "(a reader only goes up: make a new one)")
+        if layer > self.top:
+            raise InvalidRequestError(f"layer {layer} is above this reader's top layer {self.top}")
+        with torch.no_grad():
+            for chunk in self._chunks:
+                chunk.state = run_blocks(self.lm, chunk.state, chunk.calls, self.current, layer)
+        self.current = layer
+
+
+class BatchKeys(_KeptStates):
     """The keys of one batch at the edited layers ``first ≤ l ≤ top``, in ascending order, with
     the weights as they are when each is asked for.
 
@@ -203,11 +234,7 @@ class BatchKeys:
         self.weights = row_weights(self.prefixes, _rewordings_per_request(paraphrases), average)
         self.rows_per_request = len(self.weights)
         ids, self.positions = encode_through_subject(lm, texts)
-        self.current = first  # the block the kept states enter next
-        self._chunks = []
-        for chunk, input_ids, attention_mask in _padded_chunks(lm, ids, batch_size):
-            state, calls = capture_entering(lm, first, top, input_ids, attention_mask)
-            self._chunks.append(_Chunk(rows=chunk, state=state, calls=calls))
+        self._keep_states(ids, batch_size)
 
     def check_made_for(self, lm, requests, prefixes, average: str, paraphrases=None) -> None:
         """Refuse a call about other requests, prefixes, averaging, rewordings or another model."""
@@ -216,20 +243,6 @@ class BatchKeys:
                 or _as_lists(paraphrases) != self.paraphrases:
             raise InvalidRequestError(
                 "the BatchKeys reader was made for another model, batch, prefixes, average or rewordings")
-
-    def _advance(self, layer: int) -> None:
-        """Carry the kept states through blocks ``current..layer-1``."""
-        layer = check_layer(self.lm, layer)
-        if layer < self.current:
-            raise UnsupportedError(
-                f"the batch's keys were read up to block {self.current}; block {layer} is below it "
-                "(a BatchKeys reader only goes up: make a new one)")
-        if layer > self.top:
-            raise InvalidRequestError(f"layer {layer} is above this reader's top layer {self.top}")
-        with torch.no_grad():
-            for chunk in self._chunks:
-                chunk.state = run_blocks(self.lm, chunk.state, chunk.calls, self.current, layer)
-        self.current = layer
 
     def keys(self, layer: int) -> torch.Tensor:
         """``K (d_k, u)`` float32 at block ``layer`` (≥ every layer asked before), as
@@ -261,3 +274,46 @@ class BatchKeys:
                                    self.current, self.top + 1)  # (b', L, d_model)
                 _gather_at_subject(out, state, [chunk.rows[r] // P for r in picked], positions)
         return out
+
+
+class PromptKeys(_KeptStates):
+    """Keys at *every* token position of the bare prompts of ``requests`` (the subject filled
+    in, the whole prompt): ``width`` columns per prompt, its last ``width`` positions in order,
+    zero columns in front when it is shorter, so each prompt owns the same number of columns.
+
+    A down projection is applied at every position, and a prompt's later tokens read the
+    earlier positions' outputs through attention; keys there are what rows that keep a
+    prompt's whole forward pass in place need (:mod:`~rlsedit.locate.preserve`). Read as
+    :class:`BatchKeys` reads: each block once, after the layers below it were written.
+    """
+
+    def __init__(self, lm, first: int, top: int, requests, width: int, *,
+                 batch_size: int = DEFAULT_BATCH_SIZE):
+        first, top = check_layer(lm, first), check_layer(lm, top)
+        if top < first:
+            raise InvalidRequestError(f"top layer {top} is below the first layer {first}")
+        if width < 1:
+            raise InvalidRequestError(f"width must be >= 1 positions, got {width!r}")
+        _check_batch_size(batch_size)
+        self.lm, self.first, self.top, self.width = lm, first, top, width
+        self.requests = list(requests)
+        ids, _ = encode_at_subject(lm, prompt_texts(self.requests, [SUBJECT_SLOT]))
+        self.lengths = [len(seq) for seq in ids]
+        self._keep_states(ids, batch_size)
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """``(d_k, n·width)`` float32 at block ``layer`` (≥ every layer asked before): prompt
+        ``i``'s columns ``i·width .. (i+1)·width − 1``, its positions ``L_i − width .. L_i − 1``
+        (zero columns for the negative ones)."""
+        self._advance(layer)
+        module = down_proj(self.lm, layer)
+        w = self.width
+        out = torch.zeros((len(self.lengths), w, self.lm.d_k), dtype=torch.float32, device=self.lm.device)
+        for chunk in self._chunks:
+            keys_in = read_in_block(self.lm, chunk.state, chunk.calls, layer, module, read="input")  # (b, L, d_k)
+            for r, i in enumerate(chunk.rows):  # right-padded: prompt i's tokens are 0..L_i-1
+                n = min(w, self.lengths[i])
+                out[i, w - n:] = keys_in[r, self.lengths[i] - n:self.lengths[i]].float()
+        if not torch.isfinite(out).all():
+            raise NumericalError(f"layer {layer}: non-finite keys in the prompts' positions")
+        return out.reshape(-1, self.lm.d_k).T.contiguous()
