@@ -129,7 +129,8 @@ class EditConfig:
     preserve_positions: int = _help(
         "0: each preservation prompt gives one row, at its subject's last token; P > 0: P rows, at the prompt's "
         "last P token positions (subject and relation tokens alike, zero rows where the prompt is shorter), since "
-        "a prompt's continuation reads every earlier position's layer output through attention", 0)
+        "a prompt's continuation reads every earlier position's layer output through attention; the journal "
+        "then stores P times as many preservation rows", 0)
     preserve_subjects: str | None = _help(
         "where preservation subjects come from: a JSON list of strings, or JSON/JSONL records with a \"subject\" "
         "(ROME's known_1000.json) or \"title\" field; None = the page titles of the bundled corpus", None)

@@ -24,13 +24,13 @@ needs no config; undoing edit ``i`` downdates its own column together with its `
 preservation columns, since they were added for it.
 
 Where in the prompt (``preserve_positions``): by default a preservation prompt gives one row,
-at its subject's last token, where the edit's own key is read. A prompt's continuation also
-reads every earlier position's layer output through attention, and an edit's ΔW applies at all
-of them (``benchmarks/quality/neighbour_positions.py``: on SmolLM2 most of what 60 edits change in
-neighbour continuations arrives from the prompt's positions before the last). With
-``preserve_positions = P`` each prompt gives ``P`` rows instead, its last ``P`` positions
-(:class:`~rlsedit.locate.keys.PromptKeys`; zero rows where it is shorter, so every request owns
-``count·P`` columns and the storage below is unchanged).
+at its subject's last token, where the edit's own key is read. But ΔW applies at every position,
+and a prompt's continuation reads every earlier position's layer output through attention
+(``benchmarks/quality/neighbour_positions.py`` masks ΔW by position to see where a change
+arrives). With ``preserve_positions = P`` each prompt gives ``P`` rows instead, its last ``P``
+positions (:class:`~rlsedit.locate.keys.PromptKeys`; zero rows where it is shorter), so every
+request owns ``count·P`` columns of ``Kp``/``Vp`` above, the layout and undo unchanged, and the
+stored rows grow ``P``-fold.
 
 Which subjects: a pool of names (:func:`load_subject_pool`; by default the page titles of
 the corpus bundled with the package), from which each request draws ``count`` distinct ones
