@@ -232,6 +232,28 @@ def test_a_resumed_run_does_not_restart_a_stopped_method(collapsed, setup):
         run_method_bench(_long_config(setup, checkpoint_edits=(2, 5)), out)
 
 
+def test_a_report_of_some_runs_keeps_every_other_run_of_the_folder(collapsed, tmp_path):
+    """A process that ran one method (or one sweep point) rewrites the folder's report: the rows of
+    the folder's other runs stay, under their run names (read from run.json)."""
+    import shutil
+
+    out = tmp_path / "bench"
+    shutil.copytree(collapsed[0], out, ignore=shutil.ignore_patterns("state"))
+    assert json.loads((out / "ft" / "run.json").read_text()) == {"name": "ft"}
+    full = write_report(out, ["ft"])
+    assert full["runs"] == ["ft", "rlsedit"] and full["methods"]["rlsedit"]["status"]["edits_applied"] == 5
+    assert "| rlsedit | 5 |" in (out / "results.md").read_text()
+    # a sweep point's folder, and one written before run names were recorded (its folder name)
+    shutil.copytree(out / "rlsedit", out / "rlsedit_mu_reg-2")
+    (out / "rlsedit_mu_reg-2" / "run.json").write_text(json.dumps({"name": "rlsedit[mu_reg=2]"}))
+    shutil.copytree(out / "rlsedit", out / "older")
+    (out / "older" / "run.json").unlink()
+    full = write_report(out, ["rlsedit"])
+    assert full["runs"] == ["rlsedit", "ft", "older", "rlsedit[mu_reg=2]"]
+    assert set(full["methods"]) == set(full["runs"])
+    assert write_report(out)["runs"] == ["ft", "older", "rlsedit", "rlsedit[mu_reg=2]"]
+
+
 def test_a_partial_run_reports_the_edits_done_and_the_date(setup, monkeypatch):
     out = setup["root"] / "partial"
     config = _long_config(setup, methods=("rlsedit",), stop_below_chance=False, retention_first=0, gen_n=0)

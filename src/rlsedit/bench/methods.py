@@ -70,7 +70,7 @@ from .methods_report import timing_summary, write_report
 from .provenance import code_description
 from .target_log import TargetLog
 from .resume import (add_to_unedited, append_progress, bench_settings, check_or_write_settings, read_progress,
-                     rewrite_progress, unedited_once, write_json)
+                     rewrite_progress, unedited_once, write_json, write_run_name)
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
     from ..session.store import is_state_dir
 
     folder.mkdir(parents=True, exist_ok=True)
+    write_run_name(folder, run.name)
     state_dir = folder / "state"
     progress_path = folder / "progress.jsonl"
     if state_dir.exists() and not is_state_dir(state_dir):

@@ -95,7 +95,8 @@ _OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
     (("--json",), "json", {"action": "store_true", "help": "print results.json instead of the Markdown table"}),
     (("--report-only",), "report_only", {"action": "store_true", "help": "run nothing: gather the methods in --out "
                                          "(finished, stopped, or partial: edits done so far and the date) into "
-                                         "results.json/results.md/plots (rows in --methods order)"}),
+                                         "results.json/results.md/plots (--methods and --sweep runs first, in order, then "
+                                         "every other run in --out)"}),
 ]
 _REQUIRED = ("model", "data", "out")
 _NOT_CONFIG = {"out", "threads", "progress", "json", "report_only"}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import InvalidRequestError
-from .resume import SETTINGS_FILE, UNEDITED, read_progress, write_json
+from .resume import SETTINGS_FILE, UNEDITED, read_progress, read_run_name, write_json
 from .sweep import run_dir_name
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,10 @@ def write_report(out: str | Path, run_names: Sequence[str] | None = None, *,
                  machine: dict[str, Any] | None = None) -> dict[str, Any]:
     """Gather ``out``'s finished runs into ``results.json``, ``results.md`` and plots.
 
-    ``run_names`` orders the rows (a name without ``result.json`` is reported as partial when
-    its ``progress.jsonl`` has lines, else as not run); ``None`` takes every run folder found.
-    Also what ``--report-only`` does while methods are still running or after a run was killed.
+    ``run_names`` come first, in order (a name without ``result.json`` is reported as partial when
+    its ``progress.jsonl`` has lines, else as not run); every other run folder found follows, so
+    a process that ran some of ``out``'s methods never drops the others' rows. Also what
+    ``--report-only`` does while methods are still running or after a run was killed.
     """
     from .plots import plot_method_bench
 
@@ -99,9 +100,10 @@ def write_report(out: str | Path, run_names: Sequence[str] | None = None, *,
         raise InvalidRequestError(f"{out} holds no benchmark yet (no {SETTINGS_FILE} / {UNEDITED}.json)")
     settings = json.loads((out / SETTINGS_FILE).read_text())
     results: dict[str, Any] = {}
-    if run_names is None:
-        run_names = sorted({p.parent.name for pattern in ("*/result.json", "*/progress.jsonl")
-                            for p in out.glob(pattern)})
+    named = list(run_names or [])
+    found = sorted({p.parent for pattern in ("*/result.json", "*/progress.jsonl") for p in out.glob(pattern)})
+    named_dirs = {run_dir_name(name) for name in named}
+    run_names = named + [read_run_name(folder) for folder in found if folder.name not in named_dirs]
     for name in run_names:
         folder = out / run_dir_name(name)
         if (folder / "result.json").is_file():

@@ -4,7 +4,8 @@
 other settings is refused); ``unedited.json`` holds the base model's row, scored once for all
 the processes sharing ``out`` (a row written before a field existed gets it added once,
 :func:`add_to_unedited`); ``<run>/progress.jsonl`` holds one line per finished batch,
-appended and synced, with a torn last line (a crash mid-write) dropped on reading.
+appended and synced, with a torn last line (a crash mid-write) dropped on reading;
+``<run>/run.json`` names the run the folder holds, so a report finds every run of ``out``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "settings.json"
 UNEDITED = "unedited"
+RUN_FILE = "run.json"
 
 
 def unedited_once(out: Path, score: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -62,6 +64,19 @@ def write_json(path: Path, obj: Any) -> None:
     from ..session.atomic import atomic_write_json
 
     atomic_write_json(path, obj)
+
+
+def write_run_name(folder: Path, name: str) -> None:
+    """Record which run ``folder`` holds (``rlsedit[mu_reg=2]``): its folder name cannot be read back."""
+    path = folder / RUN_FILE
+    if not path.is_file() or json.loads(path.read_text()).get("name") != name:
+        write_json(path, {"name": name})
+
+
+def read_run_name(folder: Path) -> str:
+    """The run ``folder`` holds; a folder written before run names were recorded: its own name."""
+    path = folder / RUN_FILE
+    return json.loads(path.read_text())["name"] if path.is_file() else folder.name
 
 
 def read_progress(path: Path) -> list[dict[str, Any]]:
