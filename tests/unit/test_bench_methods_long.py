@@ -248,10 +248,13 @@ def test_a_report_of_some_runs_keeps_every_other_run_of_the_folder(collapsed, tm
     (out / "rlsedit_mu_reg-2" / "run.json").write_text(json.dumps({"name": "rlsedit[mu_reg=2]"}))
     shutil.copytree(out / "rlsedit", out / "older")
     (out / "older" / "run.json").unlink()
+    # a renamed folder keeps its old run.json: reported under its folder name, not as that run
+    shutil.copytree(out / "ft", out / "renamed")
     full = write_report(out, ["rlsedit"])
-    assert full["runs"] == ["rlsedit", "ft", "older", "rlsedit[mu_reg=2]"]
+    assert full["runs"] == ["rlsedit", "ft", "older", "renamed", "rlsedit[mu_reg=2]"]
+    assert full["methods"]["renamed"]["stopped"]["at_edits"] == 4
     assert set(full["methods"]) == set(full["runs"])
-    assert write_report(out)["runs"] == ["ft", "older", "rlsedit", "rlsedit[mu_reg=2]"]
+    assert write_report(out)["runs"] == ["ft", "older", "renamed", "rlsedit", "rlsedit[mu_reg=2]"]
 
 
 def test_a_partial_run_reports_the_edits_done_and_the_date(setup, monkeypatch):

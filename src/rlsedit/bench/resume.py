@@ -21,6 +21,7 @@ from ..filelock import StateLock
 from ..requests import EditRequest
 from .edit_stream import edit_stream_sha256
 from .methods_config import MethodBenchConfig
+from .sweep import run_dir_name
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +69,15 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_run_name(folder: Path, name: str) -> None:
     """Record which run ``folder`` holds (``rlsedit[mu_reg=2]``): its folder name cannot be read back."""
-    path = folder / RUN_FILE
-    if not path.is_file() or json.loads(path.read_text()).get("name") != name:
-        write_json(path, {"name": name})
+    write_json(folder / RUN_FILE, {"name": name})
 
 
 def read_run_name(folder: Path) -> str:
-    """The run ``folder`` holds; a folder written before run names were recorded: its own name."""
+    """The run ``folder`` holds: the recorded name when it is this folder's (a folder written before
+    names were recorded, or renamed since, is reported under its own name, never as another run)."""
     path = folder / RUN_FILE
-    return json.loads(path.read_text())["name"] if path.is_file() else folder.name
+    name = json.loads(path.read_text())["name"] if path.is_file() else None
+    return name if name is not None and run_dir_name(name) == folder.name else folder.name
 
 
 def read_progress(path: Path) -> list[dict[str, Any]]:
