@@ -257,3 +257,30 @@ def test_the_state_file_holds_W0_once_and_older_files_with_a_second_copy_still_l
     fresh = RLSEdit(make_lm(), RLSEditConfig(layers=LAYERS), moments=_moments(lm), prefixes=["{}"])
     with pytest.raises(StateMismatchError, match=rf"layer {LAYERS[0]}: the RLS state's W0 differs"):
         fresh.load_state_dict(inconsistent, n_edits=2, n_batches=1)
+
+
+_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                  reason="needs a CUDA device"))]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("cls", [RLSEdit, MEMITSeq, AlphaEdit])
+def test_a_state_read_onto_the_cpu_continues_on_the_models_device_as_if_never_stopped(cls, device):
+    # a state file is read onto the CPU; on a GPU model the editor must hold it on the GPU
+    config = cls.config_class(layers=LAYERS, context_count=1)
+    lm = make_lm("llama")
+    lm.model.to(device)
+    editor = cls(lm, config, moments=_moments(lm))
+    editor.partial_fit(REQUESTS[:2])
+    read_back = {name: t.detach().to("cpu").clone() for name, t in editor.state_dict().items()}
+    other_lm = make_lm("llama")
+    other_lm.model.to(device)
+    other = cls(other_lm, config, moments=_moments(lm), prefixes=editor.prefixes_)
+    other.load_state_dict(read_back, n_edits=2, n_batches=1)
+    assert {t.device.type for t in other.held_tensors().values()} == {torch.device(device).type}
+    editor.partial_fit(REQUESTS[2:])
+    other.partial_fit(REQUESTS[2:])
+    assert other.diagnostics().keys() == editor.diagnostics().keys()
+    for l in LAYERS:
+        a, b = get_W(other.lm, l), get_W(editor.lm, l)
+        assert float((a - b).norm() / b.norm()) < 1e-5

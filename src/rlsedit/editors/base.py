@@ -344,7 +344,8 @@ class Editor:
         try:
             new_state = {}
             for l in self.layers:
-                K, V = record_columns(record, l)
+                # a journaled record is read onto the CPU; solve where the weights live
+                K, V = (t.to(self.lm.device) for t in record_columns(record, l))
                 W_new, new_state[l] = self._solve(l, K, V, get_W(self.lm, l))
                 set_W(self.lm, l, W_new)
         except BaseException:
@@ -567,6 +568,8 @@ class Editor:
         layer's ``W`` (written into the model); a state made for other layers or shapes raises
         :class:`~rlsedit.errors.StateMismatchError`."""
         self._prepare()
+        # a state file is read onto the CPU; the editor's tensors live where the model's weights do
+        tensors = {name: t.to(self.lm.device) for name, t in tensors.items()}
         for l in self.layers:
             for key in (f"layers.{l}.W0", f"layers.{l}.W"):
                 if key not in tensors:
