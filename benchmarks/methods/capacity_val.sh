@@ -5,13 +5,13 @@
 #   bash benchmarks/methods/capacity_val.sh smollm2                 # defaults + the settings below
 #   bash benchmarks/methods/capacity_val.sh smollm2 'lambda=4'      # one more sweep point
 # Each setting is one resumable run in the same folder (rlsedit[...]); rerun after any stop.
-# Status and figures: the folder's README.md (defaults and mu=2 done at 1,919 edits).
+# Status and figures: the folder's README.md (every setting above done at 1,919 edits).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODEL=${1:?model: smollm2 or gemma3-270m}
 shift
 SWEEPS=("$@")
-[ ${#SWEEPS[@]} -eq 0 ] && SWEEPS=('layers=2-11' 'lambda=4' 'mu=2' 'layers=2-11;lambda=4')
+[ ${#SWEEPS[@]} -eq 0 ] && SWEEPS=('layers=2-11' 'lambda=4' 'mu=2' 'layers=2-8')
 D=$(cd "${RLSEDIT_DATA:-../shared/data}" && pwd)  # absolute: settings.json pins the paths as given
 OUT=benchmarks/methods/$MODEL-val-n1919-b100-capacity
 mkdir -p "$OUT/logs"
