@@ -6,7 +6,7 @@
 # and split to fit the transfer limit), data.tar.xz (the files of ../shared/data the run reads)
 # and the gguf wheel; benchmarks/methods/gpu_stash.sh makes them and says how to carry them over.
 # The run continues the committed folder in a copy under /tmp/r (its target
-# log replays the committed batches), with the same settings as run_10k.sh except --device cuda
+# log replays the committed batches), by run_10k.sh itself with --device cuda
 # and more threads (neither changes a figure: settings.json leaves device free). After SECONDS
 # the bench is stopped; finished batches are kept (progress.jsonl and targets/ are written per
 # batch). The method folder, without its session state, and the log are packed into $OUT/run.tar;
@@ -26,16 +26,12 @@ D=/work/shared/data  # the path settings.json pins
 [ -f $D/counterfact/counterfact-train.json ] || { mkdir -p $D && tar -xJf "$STASH/data.tar.xz" -C $D; } || exit 3
 export PYTHONPATH=$PWD/src:$SITE PYTHONUNBUFFERED=1
 RUN=/tmp/r/smollm2-train-n10000-b100
-[ -d $RUN ] || { mkdir -p /tmp/r && cp -r benchmarks/methods/smollm2-train-n10000-b100 $RUN; }
-LOG=$RUN/logs/$M-gpu-$(date -u +%Y%m%dT%H%M).log
+[ -d $RUN ] || { mkdir -p $RUN && tar -C benchmarks/methods/smollm2-train-n10000-b100 --exclude=state -cf - . | tar -C $RUN -xf -; }
 python3 -c 'import torch, transformers, gguf; print(torch.__version__, transformers.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())'
-timeout -s INT "$LIMIT" python3 -m rlsedit -v bench methods --model smollm2 \
-  --data $D/counterfact/counterfact-train.json \
-  --n 10000 --batch-size 100 --checkpoint-at 500,1000,2000,5000,10000 --retention-first 1000 \
-  --stop-below-chance --general ppl,knowns,mmlu,glue --general-n 100 --ppl-tokens 20000 --gen-n 500 \
-  --fluency-n 100 --corpus $D/corpus/enwiki_pages_2MB.jsonl --data-dir $D --threads 8 --device "${DEVICE:-cuda}" \
-  --out $RUN --methods "$M" ${SWEEP:+--sweep "$SWEEP"} > "$LOG" 2>&1
+timeout -s INT "$LIMIT" env RLSEDIT_DATA=$D OUT_ROOT=/tmp/r THREADS=8 DEVICE="${DEVICE:-cuda}" \
+  bash benchmarks/methods/run_10k.sh smollm2 "$M"
 echo "bench exit: $?"
+LOG=$(ls -t $RUN/logs/$M-*.log | head -1)
 grep -E "batch [0-9]+/|done in|Error|error" "$LOG" | tail -40
 tar -cf "$RESULT/run.tar" -C $RUN --exclude=state logs $(cd $RUN && ls -d "$M"* results.* 2>/dev/null)
 ls -la "$RESULT"
