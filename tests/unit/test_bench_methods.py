@@ -440,6 +440,56 @@ def test_a_lost_session_is_rebuilt_from_the_target_log(finished, tiny_setup):
     assert again["status"]["weights_sha256"] == first["status"]["weights_sha256"]
 
 
+def test_a_batch_whose_targets_were_logged_before_a_stop_replays_them_and_is_not_timed(finished, tiny_setup):
+    """A stop after a batch logged its targets but before its progress line (the session lost with
+    the machine): the resumed run applies it from the logged targets, with the same weights, and
+    marks the line ``targets_replayed``: its seconds time keys and the solve, not an edit, so
+    s/edit leaves it out."""
+    import shutil
+
+    out = tiny_setup["root"] / "lost-last-line"
+    config = _config(tiny_setup, methods=("memit-seq",), general=(), checkpoints=1)
+    first = run_method_bench(config, out)["methods"]["memit-seq"]
+    folder = out / "memit-seq"
+    shutil.rmtree(folder / "state")
+    (folder / "result.json").unlink()
+    lines = (folder / "progress.jsonl").read_text().splitlines()
+    (folder / "progress.jsonl").write_text(lines[0] + "\n")
+    again = run_method_bench(config, out)["methods"]["memit-seq"]
+    assert again["status"]["weights_sha256"] == first["status"]["weights_sha256"]
+    last = again["batches"][-1]
+    assert last["batch"] == 2 and last["targets_replayed"] is True and last["total_s"] is not None
+    assert "targets_replayed" not in again["batches"][0]
+    assert again["seconds_per_edit"] == pytest.approx(again["batches"][0]["total_s"] / 2)
+    assert again["by_device"] == {"cpu": {"seconds_per_edit": again["seconds_per_edit"],
+                                          "solve_seconds_per_batch": again["batches"][0]["solve_s"]}}
+
+
+def test_timings_are_given_per_device_and_leave_out_replayed_targets():
+    """A stream that moved from a CPU to a GPU and back: one s/edit per device (lines written
+    before lines named their machine count under the settings' device), replayed batches out."""
+    from rlsedit.bench.methods_report import _timing_cells, timing_summary
+
+    def line(b, total, device=None, **extra):
+        rec = {"batch": b, "edits": 10 * b, "total_s": total, "solve_s": total / 10, **extra}
+        if device:
+            rec["machine"] = {"device": device}
+        return rec
+
+    records = [line(1, 30.0), line(2, 20.0, "cpu"), line(3, 4.0, "cuda"), line(4, 6.0, "cuda"),
+               line(5, 1.0, "cpu", targets_replayed=True), line(6, 40.0, "cpu"),
+               {"batch": 7, "edits": 70, "total_s": None, "solve_s": None, "resumed": True}]
+    t = timing_summary(records, first_device="cpu")
+    assert t["by_device"]["cpu"]["seconds_per_edit"] == pytest.approx(90.0 / 30)
+    assert t["by_device"]["cuda"]["seconds_per_edit"] == pytest.approx(10.0 / 20)
+    assert t["by_device"]["cuda"]["solve_seconds_per_batch"] == pytest.approx(0.5)
+    assert t["seconds_per_edit"] == pytest.approx(100.0 / 50)
+    assert _timing_cells(t) == ("3.00 (cpu) · 0.50 (cuda)", "3.000 (cpu) · 0.500 (cuda)")
+    one = timing_summary(records[:2], first_device="cpu")
+    assert list(one["by_device"]) == ["cpu"] and _timing_cells(one) == ("2.50", "2.500")
+    assert _timing_cells({"seconds_per_edit": None, "solve_seconds_per_batch": None}) == ("–", "–")
+
+
 def test_progress_without_a_journal_or_a_target_log_is_redone(finished, tiny_setup):
     """A run folder whose session and target log were both lost keeps no credit for its progress
     lines; so does FT's, which has no target log (its batches are not built from value targets)."""

@@ -69,8 +69,8 @@ from .methods_eval import (GenerationPlan, consistency_reference, diagnostics_su
 from .methods_report import timing_summary, write_report
 from .provenance import code_description
 from .target_log import TargetLog
-from .resume import (add_to_unedited, append_progress, bench_settings, check_or_write_settings, read_progress,
-                     rewrite_progress, unedited_once, write_json, write_run_name)
+from .resume import (SETTINGS_FILE, add_to_unedited, append_progress, bench_settings, check_or_write_settings,
+                     read_progress, rewrite_progress, unedited_once, write_json, write_run_name)
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,8 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
         log.warning("%s: removing an unfinished state folder %s", run.name, state_dir)
         shutil.rmtree(state_dir)
     records = read_progress(progress_path)
+    settings_path = folder.parent / SETTINGS_FILE  # its device: the one the benchmark began on
+    settings_device = json.loads(settings_path.read_text()).get("device") if settings_path.is_file() else config.device
     start_wall = time.perf_counter()
     setup_start = time.perf_counter()
     session = Session.open_or_create(state_dir, model=config.model, method=run.method, config=run.config,
@@ -303,6 +305,8 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
                 info = session.store.read_entry(session.store.journal_count - 1).meta.get("info", {})
                 record.update(target_steps_summary(info.get("target_steps"),
                                                    getattr(run.config, "v_num_grad_steps", None)))
+                if info.get("targets_replayed"):  # from the target log: this batch timed no optimisation
+                    record["targets_replayed"] = True
             record["diagnostics"] = diagnostics_summary(session.editor.diagnostics())
             record["edited_weights_sha256"] = edited_weights_sha256(session.lm, session.editor.layers)
             if b in checkpoints:
@@ -341,7 +345,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
         "stopped": stopped,
         "rebuilt_batches": rebuilt_summary(rebuilt),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **timing_summary(records),
+        **timing_summary(records, settings_device),
         "setup_seconds_last_open": setup_s,
         "wall_seconds_this_process": time.perf_counter() - start_wall,
     }

@@ -31,7 +31,9 @@ NOTES = [
     "the unedited row compares the model with itself in other batches (a determinism check). Not specificity, and "
     "not neighborhood_acc (accuracy against the answer)",
     "timings: total_s per batch includes validation, value targets, keys, solve and the journal write; "
-    "solve_s is the closed-form solve summed over layers (None for FT)",
+    "solve_s is the closed-form solve summed over layers (None for FT). s/edit and solve s/batch leave out "
+    "batches whose value targets were replayed from the target log (targets_replayed) and are given per device "
+    "when batches ran on more than one (machine.device of each progress line)",
     "generation columns (settings.gen_n: a seeded sample of the edits, the same for every method and checkpoint): "
     "greedy decoding to '.', a newline or EOS, at most settings.gen_max_new_tokens tokens, SQuAD-normalised; "
     "says it = the continuation begins with the new object; says it (paraphrase it answered unedited) = the same "
@@ -51,23 +53,39 @@ NOTES = [
 ]
 
 
-def timing_summary(records: Sequence[dict[str, Any]]) -> dict[str, float | None]:
-    """``seconds_per_edit`` over the timed batches (a batch resumed from the journal has no
-    timings) and the mean ``solve_seconds_per_batch``, from progress records."""
-    edits_timed, seconds, solve = 0, 0.0, []
+def batch_device(record: dict[str, Any], first_device: str | None) -> str | None:
+    """The device that ran a progress line's batch: its ``machine.device``; a line written before
+    lines named their machine (2026-12-03) ran on ``first_device``, the device the benchmark's
+    settings were first written with (``settings.json``: a resumed run may change the device, but
+    no run changed it before lines recorded it)."""
+    return (record.get("machine") or {}).get("device") or first_device
+
+
+def timing_summary(records: Sequence[dict[str, Any]], first_device: str | None = None) -> dict[str, Any]:
+    """``seconds_per_edit`` over the timed batches and the mean ``solve_seconds_per_batch``, from
+    progress records, overall and per device (``by_device``: a stream that moved between a CPU and
+    a GPU has one figure per device; their overall mean describes neither).
+
+    Left out: a batch resumed from the journal (no timings), and a batch whose value targets were
+    replayed from the target log (``targets_replayed``: it timed keys and the solve, not the edit)."""
     previous = 0
+    timed: dict[str | None, list[tuple[int, float, float | None]]] = {}
     for rec in sorted(records, key=lambda r: r["batch"]):
-        if rec.get("total_s") is not None:
-            edits_timed += rec["edits"] - previous
-            seconds += rec["total_s"]
-            if rec.get("solve_s") is not None:
-                solve.append(rec["solve_s"])
+        if rec.get("total_s") is not None and not rec.get("targets_replayed"):
+            timed.setdefault(batch_device(rec, first_device), []).append(
+                (rec["edits"] - previous, rec["total_s"], rec.get("solve_s")))
         previous = rec["edits"]
-    return {"seconds_per_edit": seconds / edits_timed if edits_timed else None,
-            "solve_seconds_per_batch": statistics.fmean(solve) if solve else None}
+
+    def summary(rows: list[tuple[int, float, float | None]]) -> dict[str, float | None]:
+        edits, solve = sum(r[0] for r in rows), [r[2] for r in rows if r[2] is not None]
+        return {"seconds_per_edit": sum(r[1] for r in rows) / edits if edits else None,
+                "solve_seconds_per_batch": statistics.fmean(solve) if solve else None}
+
+    by_device = {str(device): summary(rows) for device, rows in timed.items()}
+    return {**summary([row for rows in timed.values() for row in rows]), "by_device": by_device}
 
 
-def partial_result(folder: Path, n: int) -> dict[str, Any] | None:
+def partial_result(folder: Path, n: int, first_device: str | None = None) -> dict[str, Any] | None:
     """A run without ``result.json`` as far as its ``progress.jsonl`` goes (``None`` without any
     line): its batches, timings, and ``partial = {edits_done, of, date}``."""
     path = folder / "progress.jsonl"
@@ -78,7 +96,7 @@ def partial_result(folder: Path, n: int) -> dict[str, Any] | None:
     date = stamp[:10] if stamp else \
         datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).date().isoformat()  # lines written before dates
     partial = {"batches": records, "final": {}, "status": {"edits_applied": records[-1]["edits"]},
-               **timing_summary(records), "partial": {"edits_done": records[-1]["edits"], "of": n, "date": date}}
+               **timing_summary(records, first_device), "partial": {"edits_done": records[-1]["edits"], "of": n, "date": date}}
     if "machine" in records[-1]:  # progress lines name the machine and code from 2026-12-03 on
         partial["machine"] = records[-1]["machine"]
     return partial
@@ -108,8 +126,10 @@ def write_report(out: str | Path, run_names: Sequence[str] | None = None, *,
         folder = out / run_dir_name(name)
         if (folder / "result.json").is_file():
             results[name] = json.loads((folder / "result.json").read_text())
+            # derived from the batches, so a report applies today's rule to older runs too
+            results[name].update(timing_summary(results[name]["batches"], settings.get("device")))
         else:
-            partial = partial_result(folder, settings["n"])
+            partial = partial_result(folder, settings["n"], settings.get("device"))
             if partial is not None:
                 results[name] = partial
     if machine is None:
@@ -137,6 +157,16 @@ def _pct(value: float | None) -> str:
 
 def _num(value: float | None, fmt: str = "{:.2f}") -> str:
     return "–" if value is None else fmt.format(value)
+
+
+def _timing_cells(result: dict[str, Any]) -> tuple[str, str]:
+    """The s/edit and solve s/batch cells: one figure, or one per device when batches ran on several
+    ('3.05 (cpu) · 0.44 (cuda)')."""
+    by_device = result.get("by_device") or {}
+    if len(by_device) < 2:
+        return _num(result.get("seconds_per_edit"), "{:.2f}"), _num(result.get("solve_seconds_per_batch"), "{:.3f}")
+    return tuple(" · ".join(f"{_num(t[key], fmt)} ({device})" for device, t in by_device.items())
+                 for key, fmt in (("seconds_per_edit", "{:.2f}"), ("solve_seconds_per_batch", "{:.3f}")))
 
 
 def _final_eval(result: dict[str, Any]) -> dict[str, Any]:
@@ -246,7 +276,7 @@ def format_results_markdown(full: dict[str, Any]) -> str:
         "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
     ]
 
-    def row(name: str, edits: str, evaluation: dict, final: dict, s_edit, solve) -> str:
+    def row(name: str, edits: str, evaluation: dict, final: dict, s_edit: str, solve: str) -> str:
         summary = evaluation.get("counterfact", {}).get("summary", {})
         gen = final.get("generation", {})
         said = evaluation.get("generation", {})
@@ -258,19 +288,19 @@ def format_results_markdown(full: dict[str, Any]) -> str:
                  *[_pct(said.get("summary", {}).get(key)) for key, _ in GEN_COLUMNS],
                  _pct(_generation_oldest(said)),
                  *[_general_cell(g, general_res.get(g)) for g in general],
-                 _num(s_edit, "{:.2f}"), _num(solve, "{:.3f}")]
+                 s_edit, solve]
         return "| " + " | ".join(cells) + " |"
 
     unedited = full.get("unedited")
     if unedited:
-        lines.append(row(f"{UNEDITED} (before editing)", "0", unedited["evaluation"], unedited["final"], None, None))
+        lines.append(row(f"{UNEDITED} (before editing)", "0", unedited["evaluation"], unedited["final"], "–", "–"))
     for name in full["runs"]:
         result = full["methods"].get(name)
         if result is None:
             lines.append("| " + " | ".join([name] + ["not run"] + ["–"] * (len(head) - 2)) + " |")
             continue
-        lines.append(row(name, _edits_cell(result), _final_eval(result), result["final"], result["seconds_per_edit"],
-                         result["solve_seconds_per_batch"]))
+        lines.append(row(name, _edits_cell(result), _final_eval(result), result["final"],
+                         *_timing_cells(result)))
     ref = unedited["evaluation"] if unedited else {}
     chance = ["chance", "", "50.0", "50.0", "50.0", "–", "–", "–", "50.0", *(["50.0", "–"] if first_n else []),
               *["–"] * (len(GEN_COLUMNS) + 1),
@@ -296,7 +326,7 @@ def format_results_markdown(full: dict[str, Any]) -> str:
             if "evaluation" not in b:
                 continue
             s = b["evaluation"].get("counterfact", {}).get("summary", {})
-            per_edit = None if b.get("total_s") is None else b["total_s"] / size
+            per_edit = None if b.get("total_s") is None or b.get("targets_replayed") else b["total_s"] / size
             d = b["diagnostics"]
             g = b["evaluation"].get("generation", {}).get("summary", {})
             para = g.get("paraphrase_begins") if g.get("paraphrase_begins") is not None else g.get("open_mentions")

@@ -12,7 +12,8 @@
   layers) after every batch (RQ4);
 * ``solve_cost.png`` — cost along the stream: wall seconds per edit of each batch (targets,
   keys, solve, journal; flat means an edit's cost does not grow with history) and the solve's
-  seconds alone (RLSEdit's recursion vs MEMIT-seq's re-solve);
+  seconds alone (RLSEdit's recursion vs MEMIT-seq's re-solve); one series per device when the
+  stream moved between devices, without the batches whose targets were replayed from the log;
 * ``sweep.png`` — final efficacy/specificity of the RLSEdit sweep points: the first swept setting
   on the x axis, one line per combination of the others.
 
@@ -25,6 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .methods_report import batch_device
 from .sweep import sweep_value_text  # the run names' own spelling of a setting
 
 log = logging.getLogger(__name__)
@@ -189,15 +191,22 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
 
     # cost per batch: the whole batch per edit, and the solve alone
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    first_device = full.get("settings", {}).get("device")
     for name, result in main.items():
         batches = sorted(result["batches"], key=lambda b: b["batch"])
-        pts = [(b["edits"], b["total_s"] / (b["edits"] - prev)) for prev, b in
-               zip([0] + [b["edits"] for b in batches], batches) if b.get("total_s") is not None]
-        if pts:
-            axes[0].plot(*zip(*pts), marker=".", label=name)
-        pts = [(b["edits"], b["solve_s"]) for b in batches if b.get("solve_s") is not None]
-        if pts:
-            axes[1].plot(*zip(*pts), marker=".", label=name)
+        sizes = {b["batch"]: b["edits"] - prev for prev, b in zip([0] + [b["edits"] for b in batches], batches)}
+        # one series per device (a stream may move between a CPU and a GPU); batches whose targets
+        # were replayed from the target log timed no optimisation and are left out
+        timed = [b for b in batches if b.get("total_s") is not None and not b.get("targets_replayed")]
+        devices = list(dict.fromkeys(batch_device(b, first_device) for b in timed))
+        for device in devices:
+            on = [b for b in timed if batch_device(b, first_device) == device]
+            label = name if len(devices) < 2 else f"{name} ({device})"
+            axes[0].plot([b["edits"] for b in on], [b["total_s"] / sizes[b["batch"]] for b in on],
+                         marker=".", linestyle="none" if len(devices) > 1 else "-", label=label)
+            pts = [(b["edits"], b["solve_s"]) for b in on if b.get("solve_s") is not None]
+            if pts:
+                axes[1].plot(*zip(*pts), marker=".", linestyle="none" if len(devices) > 1 else "-", label=label)
     axes[0].set_ylabel("wall seconds per edit (whole batch)")
     axes[1].set_ylabel("solve seconds per batch (all layers)")
     for ax in axes:
