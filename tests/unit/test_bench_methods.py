@@ -140,6 +140,10 @@ def test_plan_runs_reads_hparams_and_adds_sweep_points(tiny_setup):
         plan_runs(_config(tiny_setup, methods=("nope",)))
     layer_runs = plan_runs(_config(tiny_setup, methods=("rlsedit",), sweep="layers=1-2,3"))
     assert [r.config.layers for r in layer_runs] == [None, (1, 2), (3,)]
+    alone = plan_runs(_config(tiny_setup, methods=("rlsedit", "memit"), sweep="mu=2", sweep_only=True))
+    assert [r.name for r in alone] == ["rlsedit[mu_reg=2]"] and alone[0].config.v_num_grad_steps == 4
+    with pytest.raises(InvalidRequestError, match="no sweep"):
+        _config(tiny_setup, sweep_only=True)
 
 
 def test_a_layer_sweep_runs_and_is_plotted(tiny_setup):

@@ -79,6 +79,7 @@ _OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
     (("--shuffle",), "shuffle", {"action": "store_true", "help": _help("shuffle")}),
     (("--hparams-dir",), "hparams_dir", {"help": _help("hparams_dir")}),
     (("--sweep",), "sweep", {"help": _help("sweep")}),
+    (("--sweep-only",), "sweep_only", {"action": "store_true", "help": _help("sweep_only")}),
     (("--mom2-tokens",), "mom2_tokens", {"type": int, "help": _help("mom2_tokens")}),
     (("--corpus",), "corpus", {"help": _help("corpus")}),
     (("--data-dir",), "data_dir", {"help": _help("data_dir")}),

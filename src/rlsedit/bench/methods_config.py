@@ -46,6 +46,9 @@ class MethodBenchConfig:
     shuffle: bool = field(default=False, metadata={"help": "seeded shuffle of the first N records instead of file order"})
     hparams_dir: str | None = field(default=None, metadata={"help": "folder of <method>.json hyperparameter files (ours or official)"})
     sweep: str | None = field(default=None, metadata={"help": "RLSEdit grid, e.g. 'lambda=0,0.1;mu=0.5,1,2' or 'layers=3-7,4-8' (each point is a run)"})
+    sweep_only: bool = field(default=False, metadata={
+        "help": "run the sweep's points alone, not the methods (one sweep point beside other runs of the same out "
+                "in other processes)"})
     mom2_tokens: int | None = field(default=None, metadata={"help": "corpus tokens for E[kkᵀ] (overrides every method's mom2_n_samples)"})
     corpus: str | None = field(default=None, metadata={"help": "corpus for E[kkᵀ] (default: the session's default corpus)"})
     data_dir: str | None = field(default=None, metadata={"help": "folder of the general suites' data files, laid out as eval.runner.DATA_FILES"})
@@ -96,6 +99,10 @@ class MethodBenchConfig:
             raise InvalidRequestError(f"gen_chat must be one of {', '.join(GEN_CHAT)}, got {self.gen_chat!r}")
         if not self.methods:
             raise InvalidRequestError("methods: name at least one method")
+        if not isinstance(self.sweep_only, bool):
+            raise InvalidRequestError(f"sweep_only must be true or false, got {self.sweep_only!r}")
+        if self.sweep_only and not (self.sweep or "").strip():
+            raise InvalidRequestError("sweep_only runs the sweep's points alone, but no sweep is given (--sweep)")
         if len(set(self.methods)) != len(self.methods):
             raise InvalidRequestError(f"methods: a method is named twice in {list(self.methods)}")
         if self.general and self.data_dir is None:
@@ -132,7 +139,7 @@ def plan_runs(config: MethodBenchConfig) -> list[MethodRun]:
             cfg = cfg.replace(mom2_n_samples=config.mom2_tokens)
         return cfg
 
-    runs = [MethodRun(m, m, base_config(m)) for m in config.methods]
+    runs = [] if config.sweep_only else [MethodRun(m, m, base_config(m)) for m in config.methods]
     for point in parse_sweep(config.sweep):
         try:
             cfg = base_config(SWEEP_METHOD).replace(**point)
