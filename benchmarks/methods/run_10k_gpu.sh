@@ -15,6 +15,8 @@
 # kept (progress.jsonl and targets/ are written per batch). Every file they wrote, without the
 # session state, is packed into $OUT/run.tar; unpack it into
 # benchmarks/methods/smollm2-train-n10000-b100 here, commit, and rerun the report.
+# TARGET_ROWS=N (passed on to run_10k.sh) widens the value-target passes, e.g. 1024 (a batch of 100
+# edits has 700 rows at the defaults: 5 context prefixes and the bare prompt, and the KL prompt); the progress lines' machine records it.
 set -uo pipefail
 STASH=${1:?stash folder}; LIMIT=${2:?seconds}; METHODS=${3-rlsedit}; SWEEP=${SWEEP:-}
 RESULT=${OUT:-/tmp/out}; mkdir -p "$RESULT"

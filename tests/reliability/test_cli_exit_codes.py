@@ -41,6 +41,10 @@ def test_each_kind_of_failure_has_its_exit_code(world, state, tmp_path):
     code, err = _code(world.edit_args(state, write_jsonl(tmp_path / "e.jsonl", edit_records(1, start=9)),
                                       "--method", "memit"))
     assert code == 6 and "method" in err  # made with another method
+    before = state_files(state)
+    code, err = _code(world.edit_args(state, write_jsonl(tmp_path / "r.jsonl", edit_records(1, start=9)),
+                                      "--target-rows", "0"))
+    assert code == 3 and "target_rows" in err and state_files(state) == before  # refused before anything ran
     code, err = _code(["status", "--state", str(tmp_path), *cache])
     assert code == 10 and "not a state directory" in err
     writer = Session.open(state, runtime=tiny_runtime(world))

@@ -284,3 +284,43 @@ def test_a_state_read_onto_the_cpu_continues_on_the_models_device_as_if_never_st
     for l in LAYERS:
         a, b = get_W(other.lm, l), get_W(editor.lm, l)
         assert float((a - b).norm() / b.norm()) < 1e-5
+
+
+def test_rows_per_target_pass_change_how_targets_run_not_what_they_are():
+    """target_rows (a runtime setting, e.g. wide passes on a GPU) regroups the rows of the
+    value-target optimisation; the weights written agree with the default's to float rounding,
+    and a value that is not a positive integer is refused before anything runs."""
+    from rlsedit.locate import targets as targets_module
+
+    config = RLSEditConfig(layers=LAYERS, mom2_update_weight=10.0, context_count=2, v_num_grad_steps=6)
+    written = {}
+    calls = []
+    original = targets_module._groups
+
+    def spy(lm, layer, problem, batch_size):
+        groups = original(lm, layer, problem, batch_size)
+        calls.append((batch_size, len(groups)))
+        return groups
+
+    for rows in (None, 1, 500):
+        lm = make_lm("llama")
+        W0 = {l: get_W(lm, l).clone() for l in LAYERS}
+        targets_module._groups, calls[:] = spy, []
+        try:
+            RLSEdit(lm, config, moments=_moments(lm), target_rows=rows).partial_fit(REQUESTS)
+        finally:
+            targets_module._groups = original
+        assert calls and calls[0][0] == (targets_module.TARGET_BATCH_SIZE if rows is None else rows)
+        assert all(not torch.equal(get_W(lm, l), W0[l]) for l in LAYERS)
+        written[rows] = ({l: get_W(lm, l).clone() for l in LAYERS}, calls[0][1])
+    # 4 requests x (2 prefixes + the bare prompt) + 4 KL rows = 16 rows: one group by default and at
+    # 500, one row per group at 1
+    assert written[None][1] == written[500][1] == 1 and written[1][1] == 16
+    for rows in (1, 500):
+        for l in LAYERS:
+            ref, got = written[None][0][l], written[rows][0][l]
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    lm = make_lm("llama")
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(InvalidRequestError, match="target_rows"):
+            RLSEdit(lm, config, moments=_moments(lm), target_rows=bad)

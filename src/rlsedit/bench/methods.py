@@ -137,7 +137,7 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
     requests = select_edits(config.data, config.n, shuffle=config.shuffle, seed=config.seed)
     check_or_write_settings(out, bench_settings(config, requests, general))
     runtime = Runtime(device=config.device, progress=progress, cache_dir=config.cache_dir,
-                      corpus=config.corpus)
+                      corpus=config.corpus, target_rows=config.target_rows)
     consistency_ref = None
     if config.fluency_n:
         consistency_ref = consistency_reference(config, requests)
@@ -178,12 +178,16 @@ def target_steps_summary(steps: list[int] | None, max_steps: int | None) -> dict
 
 
 def _machine(config: MethodBenchConfig) -> dict[str, Any]:
-    """The device, CPU, torch version and thread count this process benchmarks on."""
+    """The device, CPU, torch version, thread count and rows per target pass this process
+    benchmarks on."""
     import torch
 
+    from ..locate.targets import TARGET_BATCH_SIZE
     from .solver import machine_description
 
-    return machine_description(torch.device(config.device)) | {"torch_threads": torch.get_num_threads()}
+    rows = TARGET_BATCH_SIZE if config.target_rows is None else config.target_rows
+    return machine_description(torch.device(config.device)) | {"torch_threads": torch.get_num_threads(),
+                                                                "target_rows": rows}
 
 
 def _run_unedited(config, requests, general, consistency_ref) -> dict[str, Any]:

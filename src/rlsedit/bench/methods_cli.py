@@ -84,6 +84,7 @@ _OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
     (("--corpus",), "corpus", {"help": _help("corpus")}),
     (("--data-dir",), "data_dir", {"help": _help("data_dir")}),
     (("--device",), "device", {"help": _help("device") + " (default cpu)"}),
+    (("--target-rows",), "target_rows", {"type": int, "help": _help("target_rows")}),
     (("--cache-dir",), "cache_dir", {"help": _help("cache_dir")}),
     (("--eval-batch-size",), "eval_batch_size", {"type": int, "help": _help("eval_batch_size")}),
     (("--gen-n",), "gen_n", {"type": int, "help": _help("gen_n") + f" (default {_DEFAULTS.gen_n})"}),

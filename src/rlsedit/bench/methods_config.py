@@ -53,6 +53,10 @@ class MethodBenchConfig:
     corpus: str | None = field(default=None, metadata={"help": "corpus for E[kkᵀ] (default: the session's default corpus)"})
     data_dir: str | None = field(default=None, metadata={"help": "folder of the general suites' data files, laid out as eval.runner.DATA_FILES"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
+    target_rows: int | None = field(default=None, metadata={
+        "help": "most token rows per forward pass of the value-target optimisation (default 32); how to run, not "
+                "what is computed (not pinned by settings.json; each progress line's machine records it): larger "
+                "passes suit a GPU"})
     cache_dir: str | None = field(default=None, metadata={"help": "model/statistics cache (default ~/.cache/rlsedit)"})
     eval_batch_size: int = field(default=16, metadata={"help": "prompts per forward pass in evaluation"})
     gen_n: int = field(default=200, metadata={
@@ -66,7 +70,7 @@ class MethodBenchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("general_n", "gsm8k_limit", "mom2_tokens", "max_new_tokens"):
+        for name in ("general_n", "gsm8k_limit", "mom2_tokens", "max_new_tokens", "target_rows"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise InvalidRequestError(f"{name} must be a positive integer or None, got {value!r}")

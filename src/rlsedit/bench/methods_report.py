@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import InvalidRequestError
+from .provenance import batch_device
 from .resume import SETTINGS_FILE, UNEDITED, read_progress, read_run_name, write_json
 from .sweep import run_dir_name
 
@@ -51,14 +52,6 @@ NOTES = [
     "says it (edit prompt, raw, greedy) on a seeded sample of at most settings.gen_n of them; last batch: efficacy "
     "of the batch just applied (settings.stop_below_chance)",
 ]
-
-
-def batch_device(record: dict[str, Any], first_device: str | None) -> str | None:
-    """The device that ran a progress line's batch: its ``machine.device``; a line written before
-    lines named their machine (2026-12-03) ran on ``first_device``, the device the benchmark's
-    settings were first written with (``settings.json``: a resumed run may change the device, but
-    no run changed it before lines recorded it)."""
-    return (record.get("machine") or {}).get("device") or first_device
 
 
 def timing_summary(records: Sequence[dict[str, Any]], first_device: str | None = None) -> dict[str, Any]:

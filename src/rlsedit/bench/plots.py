@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .methods_report import batch_device
+from .provenance import batch_device
 from .sweep import sweep_value_text  # the run names' own spelling of a setting
 
 log = logging.getLogger(__name__)

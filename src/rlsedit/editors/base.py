@@ -104,6 +104,10 @@ class Editor:
             ``"reference"`` (:func:`~rlsedit.locate.targets_reference.compute_targets_reference`, one request
             at a time through the whole model; the same objective, for the speed benchmark).
         cache_dir: cache of the corpus statistics (default ``~/.cache/rlsedit``).
+        target_rows: most token rows per forward pass of the value-target optimisation (default
+            :data:`~rlsedit.locate.targets.TARGET_BATCH_SIZE`). How to run, not what is computed:
+            the targets do not depend on it beyond float rounding. Larger passes use more memory
+            and fewer, wider calls (a GPU's case); ROME and FT find their targets their own way.
         keep_history: keep every batch's keys and targets in memory, so :meth:`undo` and
             :meth:`save_pretrained` have them (a :class:`~rlsedit.session.session.Session`
             keeps them in its journal instead and turns this off).
@@ -121,16 +125,21 @@ class Editor:
 
     def __init__(self, lm, config: EditConfig | None = None, *, corpus=None,
                  moments: dict[int, torch.Tensor] | None = None, prefixes: Sequence[str] | None = None,
-                 progress: bool = False, targets: str = "batched", cache_dir=None, keep_history: bool = True) -> None:
+                 progress: bool = False, targets: str = "batched", cache_dir=None, keep_history: bool = True,
+                 target_rows: int | None = None) -> None:
         config = self.config_class() if config is None else config
         if not isinstance(config, self.config_class):
             raise InvalidRequestError(
                 f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         if targets not in ("batched", "reference"):
             raise InvalidRequestError(f"targets must be 'batched' or 'reference', got {targets!r}")
+        if target_rows is not None and (isinstance(target_rows, bool) or not isinstance(target_rows, int)
+                                        or target_rows < 1):
+            raise InvalidRequestError(f"target_rows must be a positive integer or None, got {target_rows!r}")
         self.lm = lm
         self.config = config
         self.targets = targets
+        self.target_rows = target_rows
         self.progress = progress
         self.corpus = corpus
         self.cache_dir = cache_dir
@@ -419,6 +428,7 @@ class Editor:
     def _compute_batch(self, requests: list[EditRequest]) -> tuple[EditRecord, dict[int, Any]]:
         from ..locate.fasttargets import compute_value_targets
         from ..locate.keys import BatchKeys, compute_keys
+        from ..locate.targets import TARGET_BATCH_SIZE
         from ..locate.targets_reference import compute_targets_reference
 
         ids = tuple(r.id for r in requests)
@@ -432,7 +442,9 @@ class Editor:
             if logged is None:
                 # "batched": by the config's v_method (the Adam loop, or fasttargets' cheap paths)
                 optimise = compute_value_targets if self.targets == "batched" else compute_targets_reference
-                result = optimise(self.lm, top, requests, prefixes, self._target_config(), paraphrases=rewordings)
+                rows = TARGET_BATCH_SIZE if self.target_rows is None else self.target_rows
+                result = optimise(self.lm, top, requests, prefixes, self._target_config(), batch_size=rows,
+                                  paraphrases=rewordings)
                 z = result.z.float()  # (u, d_model)
                 _check_finite("value target z", z, ids)
         tensors: dict[str, torch.Tensor] = {}

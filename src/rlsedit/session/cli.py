@@ -16,10 +16,14 @@ def _runtime_args(p) -> None:
     p.add_argument("--cache-dir", default=None, help="cache for dequantized models and statistics "
                    "(default: ~/.cache/rlsedit)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--target-rows", type=int, default=None,
+                   help="most token rows per forward pass of the value-target optimisation (default 32; wider "
+                        "passes suit a GPU; the targets do not depend on it beyond float rounding)")
 
 
 def _runtime(args, **extra) -> Runtime:
-    return Runtime(device=args.device, cache_dir=args.cache_dir, progress=args.progress, **extra)
+    return Runtime(device=args.device, cache_dir=args.cache_dir, progress=args.progress,
+                   target_rows=args.target_rows, **extra)
 
 
 def _print(obj, as_json: bool) -> None:

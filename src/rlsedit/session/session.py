@@ -44,6 +44,7 @@ class Runtime:
     cache_dir: str | None = None
     corpus: str | None = None
     snapshot_every: int = 25  # batches between snapshots (bounds replay time on open)
+    target_rows: int | None = None  # rows per pass of the value-target optimisation (Editor's target_rows)
 
 
 @dataclass
@@ -96,7 +97,8 @@ class Session:
         lm = load_model(_model_spec(model), device=runtime.device, cache_dir=runtime.cache_dir)
         layers = editor_cls.layers_for(lm, config)
         moments = _moments(lm, layers, config, runtime) if editor_cls.needs_moments else None
-        editor = editor_cls(lm, config, moments=moments, progress=runtime.progress, keep_history=False)
+        editor = editor_cls(lm, config, moments=moments, progress=runtime.progress, keep_history=False,
+                            target_rows=runtime.target_rows)
         meta = {
             "rlsedit_version": __version__,
             "model": {"spec": lm.spec, "name": lm.name, "fingerprint": lm.fingerprint,
@@ -163,7 +165,7 @@ class Session:
             _check_snapshot_meta(snap_meta, store)
             moments = {l: tensors[f"layers.{l}.mom2"] for l in layers} if editor_cls.needs_moments else None
             editor = editor_cls(lm, config, moments=moments, prefixes=meta["prefixes"], progress=runtime.progress,
-                                keep_history=False)
+                                keep_history=False, target_rows=runtime.target_rows)
             editor.load_state_dict(tensors, n_edits=snap_meta["n_edits"], n_batches=snap_meta["n_batches"])
             index = {k: list(v) for k, v in snap_meta["index"].items()}
             undone = set(snap_meta["undone"])
