@@ -486,7 +486,8 @@ def test_a_batch_whose_targets_were_logged_before_a_stop_replays_them_and_is_not
 def test_timings_are_given_per_device_and_leave_out_replayed_targets():
     """A stream that moved from a CPU to a GPU and back: one s/edit per device (lines written
     before lines named their machine count under the settings' device), replayed batches out."""
-    from rlsedit.bench.methods_report import _timing_cells, timing_summary
+    from rlsedit.bench.methods_report import _timing_cells
+    from rlsedit.bench.timing import timing_summary
 
     def line(b, total, device=None, **extra):
         rec = {"batch": b, "edits": 10 * b, "total_s": total, "solve_s": total / 10, **extra}

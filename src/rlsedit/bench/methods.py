@@ -66,10 +66,11 @@ from .edit_stream import checkpoint_plan, collapse_stop, select_edits
 from .methods_config import MethodBenchConfig, MethodRun, plan_runs
 from .methods_eval import (GenerationPlan, consistency_reference, diagnostics_summary, evaluate_checkpoint,
                            final_extras, generation_plan, last_batch_efficacy, locality_reference)
-from .methods_report import timing_summary, write_report
+from .methods_report import write_report
 from .provenance import code_description
 from .target_log import TargetLog
-from .resume import (SETTINGS_FILE, add_to_unedited, append_progress, bench_settings, check_or_write_settings,
+from .timing import timing_summary
+from .resume import (add_to_unedited, append_progress, bench_settings, check_or_write_settings,
                      read_progress, rewrite_progress, unedited_once, write_json, write_run_name)
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     requests = select_edits(config.data, config.n, shuffle=config.shuffle, seed=config.seed)
-    check_or_write_settings(out, bench_settings(config, requests, general))
+    first_device = check_or_write_settings(out, bench_settings(config, requests, general))["device"]
     runtime = Runtime(device=config.device, progress=progress, cache_dir=config.cache_dir,
                       corpus=config.corpus, target_rows=config.target_rows)
     consistency_ref = None
@@ -158,7 +159,7 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
             results[run.name] = json.loads(result_path.read_text())
             continue
         results[run.name] = _run_one(run, config, requests, general, out / run.dir_name, runtime, base_sha,
-                                     consistency_ref, plan, unedited[LOCALITY_PRE_EDIT])
+                                     consistency_ref, plan, unedited[LOCALITY_PRE_EDIT], first_device=first_device)
         write_json(result_path, results[run.name])
         if on_method_done is not None:
             on_method_done(run.name, results[run.name])
@@ -226,7 +227,8 @@ def _locality_pre_edit(config, requests) -> dict[str, list[list[int]]]:
 
 def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditRequest], general, folder: Path,
              runtime, base_sha: str, consistency_ref, plan: GenerationPlan | None = None,
-             locality_pre_edit: dict[str, list[list[int]]] | None = None) -> dict[str, Any]:
+             locality_pre_edit: dict[str, list[list[int]]] | None = None, *,
+             first_device: str | None = None) -> dict[str, Any]:
     from ..model.weights import weights_sha256
     from ..session.session import Session
     from ..session.store import is_state_dir
@@ -240,8 +242,6 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
         log.warning("%s: removing an unfinished state folder %s", run.name, state_dir)
         shutil.rmtree(state_dir)
     records = read_progress(progress_path)
-    settings_path = folder.parent / SETTINGS_FILE  # its device: the one the benchmark began on
-    settings_device = json.loads(settings_path.read_text()).get("device") if settings_path.is_file() else config.device
     start_wall = time.perf_counter()
     setup_start = time.perf_counter()
     session = Session.open_or_create(state_dir, model=config.model, method=run.method, config=run.config,
@@ -349,7 +349,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
         "stopped": stopped,
         "rebuilt_batches": rebuilt_summary(rebuilt),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **timing_summary(records, settings_device),
+        **timing_summary(records, first_device),
         "setup_seconds_last_open": setup_s,
         "wall_seconds_this_process": time.perf_counter() - start_wall,
     }

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import InvalidRequestError
-from .provenance import batch_device
+from .timing import times_an_edit, timing_summary
 from .resume import SETTINGS_FILE, UNEDITED, read_progress, read_run_name, write_json
 from .sweep import run_dir_name
 
@@ -52,30 +51,6 @@ NOTES = [
     "says it (edit prompt, raw, greedy) on a seeded sample of at most settings.gen_n of them; last batch: efficacy "
     "of the batch just applied (settings.stop_below_chance)",
 ]
-
-
-def timing_summary(records: Sequence[dict[str, Any]], first_device: str | None = None) -> dict[str, Any]:
-    """``seconds_per_edit`` over the timed batches and the mean ``solve_seconds_per_batch``, from
-    progress records, overall and per device (``by_device``: a stream that moved between a CPU and
-    a GPU has one figure per device; their overall mean describes neither).
-
-    Left out: a batch resumed from the journal (no timings), and a batch whose value targets were
-    replayed from the target log (``targets_replayed``: it timed keys and the solve, not the edit)."""
-    previous = 0
-    timed: dict[str | None, list[tuple[int, float, float | None]]] = {}
-    for rec in sorted(records, key=lambda r: r["batch"]):
-        if rec.get("total_s") is not None and not rec.get("targets_replayed"):
-            timed.setdefault(batch_device(rec, first_device), []).append(
-                (rec["edits"] - previous, rec["total_s"], rec.get("solve_s")))
-        previous = rec["edits"]
-
-    def summary(rows: list[tuple[int, float, float | None]]) -> dict[str, float | None]:
-        edits, solve = sum(r[0] for r in rows), [r[2] for r in rows if r[2] is not None]
-        return {"seconds_per_edit": sum(r[1] for r in rows) / edits if edits else None,
-                "solve_seconds_per_batch": statistics.fmean(solve) if solve else None}
-
-    by_device = {str(device): summary(rows) for device, rows in timed.items()}
-    return {**summary([row for rows in timed.values() for row in rows]), "by_device": by_device}
 
 
 def partial_result(folder: Path, n: int, first_device: str | None = None) -> dict[str, Any] | None:
@@ -319,7 +294,7 @@ def format_results_markdown(full: dict[str, Any]) -> str:
             if "evaluation" not in b:
                 continue
             s = b["evaluation"].get("counterfact", {}).get("summary", {})
-            per_edit = None if b.get("total_s") is None or b.get("targets_replayed") else b["total_s"] / size
+            per_edit = b["total_s"] / size if times_an_edit(b) else None
             d = b["diagnostics"]
             g = b["evaluation"].get("generation", {}).get("summary", {})
             para = g.get("paraphrase_begins") if g.get("paraphrase_begins") is not None else g.get("open_mentions")

@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .provenance import batch_device
+from .timing import timed_batches
 from .sweep import sweep_value_text  # the run names' own spelling of a setting
 
 log = logging.getLogger(__name__)
@@ -193,20 +193,18 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     first_device = full.get("settings", {}).get("device")
     for name, result in main.items():
-        batches = sorted(result["batches"], key=lambda b: b["batch"])
-        sizes = {b["batch"]: b["edits"] - prev for prev, b in zip([0] + [b["edits"] for b in batches], batches)}
-        # one series per device (a stream may move between a CPU and a GPU); batches whose targets
-        # were replayed from the target log timed no optimisation and are left out
-        timed = [b for b in batches if b.get("total_s") is not None and not b.get("targets_replayed")]
-        devices = list(dict.fromkeys(batch_device(b, first_device) for b in timed))
+        # one series per device (a stream may move between a CPU and a GPU), points only then
+        timed = timed_batches(result["batches"], first_device)
+        devices = list(dict.fromkeys(device for _, _, device in timed))
+        style = "-" if len(devices) < 2 else "none"
         for device in devices:
-            on = [b for b in timed if batch_device(b, first_device) == device]
+            on = [(rec, size) for rec, size, d in timed if d == device]
             label = name if len(devices) < 2 else f"{name} ({device})"
-            axes[0].plot([b["edits"] for b in on], [b["total_s"] / sizes[b["batch"]] for b in on],
-                         marker=".", linestyle="none" if len(devices) > 1 else "-", label=label)
-            pts = [(b["edits"], b["solve_s"]) for b in on if b.get("solve_s") is not None]
+            axes[0].plot([rec["edits"] for rec, _ in on], [rec["total_s"] / size for rec, size in on],
+                         marker=".", linestyle=style, label=label)
+            pts = [(rec["edits"], rec["solve_s"]) for rec, _ in on if rec.get("solve_s") is not None]
             if pts:
-                axes[1].plot(*zip(*pts), marker=".", linestyle="none" if len(devices) > 1 else "-", label=label)
+                axes[1].plot(*zip(*pts), marker=".", linestyle=style, label=label)
     axes[0].set_ylabel("wall seconds per edit (whole batch)")
     axes[1].set_ylabel("solve seconds per batch (all layers)")
     for ax in axes:

@@ -1,5 +1,4 @@
-"""Which code produced a benchmark row: the package version and, from a git checkout, its commit;
-and which device ran a progress line's batch.
+"""Which code produced a benchmark row: the package version and, from a git checkout, its commit.
 
 A long benchmark spans many processes and code versions (it resumes after every stop), so each
 batch's progress line names the code and machine that ran it; a write-up can then say which
@@ -38,11 +37,3 @@ def _git(*args: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
-
-
-def batch_device(record: dict, first_device: str | None) -> str | None:
-    """The device that ran a progress line's batch: its ``machine.device``; a line written before
-    lines named their machine (2026-12-03) ran on ``first_device``, the device the benchmark's
-    settings were first written with (``settings.json``: a resumed run may change the device, but
-    no run changed it before lines recorded it)."""
-    return (record.get("machine") or {}).get("device") or first_device

@@ -135,8 +135,9 @@ def bench_settings(config: MethodBenchConfig, requests: Sequence[EditRequest],
 RESUME_FREE = {"device"}
 
 
-def check_or_write_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Write ``settings.json``, or refuse to resume a benchmark made with other settings."""
+def check_or_write_settings(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Write ``settings.json``, or refuse to resume a benchmark made with other settings; return
+    the settings in force (the file's: a resumable setting such as ``device`` keeps its first value)."""
     path = out / SETTINGS_FILE
     if path.is_file():
         old = json.loads(path.read_text())
@@ -145,5 +146,6 @@ def check_or_write_settings(out: Path, settings: dict[str, Any]) -> None:
             raise StateMismatchError(
                 f"{out} holds a benchmark made with other settings ({', '.join(diff)}); "
                 "use a new --out folder or delete the old one")
-        return
+        return old
     write_json(path, settings)
+    return settings

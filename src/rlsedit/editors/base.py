@@ -139,7 +139,8 @@ class Editor:
         self.lm = lm
         self.config = config
         self.targets = targets
-        self.target_rows = target_rows
+        from ..locate.targets import TARGET_BATCH_SIZE
+        self.target_rows = TARGET_BATCH_SIZE if target_rows is None else target_rows
         self.progress = progress
         self.corpus = corpus
         self.cache_dir = cache_dir
@@ -428,7 +429,6 @@ class Editor:
     def _compute_batch(self, requests: list[EditRequest]) -> tuple[EditRecord, dict[int, Any]]:
         from ..locate.fasttargets import compute_value_targets
         from ..locate.keys import BatchKeys, compute_keys
-        from ..locate.targets import TARGET_BATCH_SIZE
         from ..locate.targets_reference import compute_targets_reference
 
         ids = tuple(r.id for r in requests)
@@ -442,9 +442,8 @@ class Editor:
             if logged is None:
                 # "batched": by the config's v_method (the Adam loop, or fasttargets' cheap paths)
                 optimise = compute_value_targets if self.targets == "batched" else compute_targets_reference
-                rows = TARGET_BATCH_SIZE if self.target_rows is None else self.target_rows
-                result = optimise(self.lm, top, requests, prefixes, self._target_config(), batch_size=rows,
-                                  paraphrases=rewordings)
+                result = optimise(self.lm, top, requests, prefixes, self._target_config(),
+                                  batch_size=self.target_rows, paraphrases=rewordings)
                 z = result.z.float()  # (u, d_model)
                 _check_finite("value target z", z, ids)
         tensors: dict[str, torch.Tensor] = {}
