@@ -183,12 +183,10 @@ def _machine(config: MethodBenchConfig) -> dict[str, Any]:
     benchmarks on."""
     import torch
 
-    from ..locate.targets import TARGET_BATCH_SIZE
     from .solver import machine_description
 
-    rows = TARGET_BATCH_SIZE if config.target_rows is None else config.target_rows
     return machine_description(torch.device(config.device)) | {"torch_threads": torch.get_num_threads(),
-                                                                "target_rows": rows}
+                                                                "target_rows": config.target_rows}
 
 
 def _run_unedited(config, requests, general, consistency_ref) -> dict[str, Any]:

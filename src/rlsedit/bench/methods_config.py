@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequestError
+from ..locate.target_config import TARGET_BATCH_SIZE
 from .sweep import SWEEP_METHOD, parse_sweep, run_dir_name, sweep_run_name
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,8 @@ class MethodBenchConfig:
     corpus: str | None = field(default=None, metadata={"help": "corpus for E[kkᵀ] (default: the session's default corpus)"})
     data_dir: str | None = field(default=None, metadata={"help": "folder of the general suites' data files, laid out as eval.runner.DATA_FILES"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
-    target_rows: int | None = field(default=None, metadata={
-        "help": "most token rows per forward pass of the value-target optimisation (default 32); how to run, not "
+    target_rows: int = field(default=TARGET_BATCH_SIZE, metadata={
+        "help": "most token rows per forward pass of the value-target optimisation; how to run, not "
                 "what is computed (not pinned by settings.json; each progress line's machine records it): larger "
                 "passes suit a GPU"})
     cache_dir: str | None = field(default=None, metadata={"help": "model/statistics cache (default ~/.cache/rlsedit)"})
@@ -66,11 +67,12 @@ class MethodBenchConfig:
         "help": "ask through the chat template: auto (when the model has one), yes (error without one), no"})
 
     def __post_init__(self) -> None:
-        for name in ("n", "batch_size", "checkpoints", "ppl_tokens", "retention_bins", "eval_batch_size"):
+        for name in ("n", "batch_size", "checkpoints", "ppl_tokens", "retention_bins", "eval_batch_size",
+                     "target_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("general_n", "gsm8k_limit", "mom2_tokens", "max_new_tokens", "target_rows"):
+        for name in ("general_n", "gsm8k_limit", "mom2_tokens", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise InvalidRequestError(f"{name} must be a positive integer or None, got {value!r}")

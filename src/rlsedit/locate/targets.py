@@ -47,7 +47,8 @@ from ..model.weights import block
 from ..requests import SUBJECT_SLOT, EditRequest, target_text
 from .forward import BlockCalls, capture_above, read_module, run_above, select_rows
 from .headloss import head_losses
-from .target_config import TARGET_DTYPES, TARGET_METHODS, TargetConfig  # noqa: F401  (TARGET_METHODS: re-export)
+from .target_config import (TARGET_BATCH_SIZE, TARGET_DTYPES, TARGET_METHODS,  # noqa: F401  (TARGET_METHODS: re-export)
+                            TargetConfig)
 from .tokens import (check_layer, check_length, check_prefixes, encode_at_subject, encode_through_subject,
                      fill_subject, length_sorted_chunks, pad_id, pad_right, prompt_texts, request_template)
 
@@ -55,16 +56,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 64
 """Rows (token sequences) per forward pass of :func:`hidden_at_subject`."""
-
-TARGET_BATCH_SIZE = 32
-"""Most rows per group in :func:`compute_targets` (rows are split evenly over the fewest
-groups of at most this many). Rows are aligned on their subject, so a group's replayed width
-is its longest subject-to-end span whatever its size. Memory grows with the group: autograd
-keeps a group's activations through every block above the edited one. On SmolLM2 (CPU, 20
-requests × 7 rows) the optimisation's own peak was +934 MiB at 64 rows, +561 at 40, +538 at
-32, with no loss of speed from 64 to 32 (interleaved timing); 16 rows were slower (48.4 s
-against 34.7 s per batch at 64). Stream figures: benchmarks/SPEED.md."""
-
 
 DTYPES = {name: getattr(torch, name) for name in TARGET_DTYPES}
 

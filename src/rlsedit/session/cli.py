@@ -8,6 +8,7 @@ import sys
 import tempfile
 
 from ..errors import InvalidRequestError
+from ..locate.target_config import TARGET_BATCH_SIZE
 from .session import Runtime, Session
 
 
@@ -17,7 +18,8 @@ def _runtime_args(p) -> None:
                    "(default: ~/.cache/rlsedit)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.add_argument("--target-rows", type=int, default=None,
-                   help="most token rows per forward pass of the value-target optimisation (default 32; wider "
+                   help="most token rows per forward pass of the value-target optimisation (default "
+                        f"{TARGET_BATCH_SIZE}; wider "
                         "passes suit a GPU; the targets do not depend on it beyond float rounding)")
 
 
