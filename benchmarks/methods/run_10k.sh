@@ -8,8 +8,9 @@
 # method is skipped; a half-finished one continues from its session when the machine kept it, else
 # rebuilds its batches from the committed target log (<method>/targets/) and continues from there.
 # TARGET_ROWS=N: rows per pass of the value-target optimisation (default 32; wider suits a GPU; it
-# changes no figure beyond float rounding and is not pinned). Different methods (and the sweep) may run at once in separate processes on one folder: each run
-# writes only its own sub-folder (run_10k_gpu.sh does this on a GPU machine).
+# changes no figure beyond float rounding and is not pinned). Different methods (and the sweep) may
+# run at once in separate processes on one folder: each run writes only its own sub-folder
+# (run_10k_gpu.sh does this on a GPU machine).
 # After each stop, commit the folder (progress.jsonl, targets/, logs/, results.*, plots; state/ is
 # ignored) and regenerate the report:
 #   rlsedit bench methods --report-only --out benchmarks/methods/<model>-train-n10000-b100 --methods ...
@@ -27,12 +28,15 @@ bench() {  # bench LOG-NAME ARGS...: one bench call on the common settings, logg
     --n 10000 --batch-size 100 --checkpoint-at 500,1000,2000,5000,10000 --retention-first 1000 \
     --stop-below-chance --general ppl,knowns,mmlu,glue --general-n 100 --ppl-tokens 20000 --gen-n 500 \
     --fluency-n 100 --corpus "$D/corpus/enwiki_pages_2MB.jsonl" --data-dir "$D" --threads "${THREADS:-2}" \
-    --device "${DEVICE:-cpu}" ${TARGET_ROWS:+--target-rows "$TARGET_ROWS"} --out "$OUT" "$@" >> "$OUT/logs/$name-$(date -u +%Y%m%dT%H%M).log" 2>&1
+    --device "${DEVICE:-cpu}" ${TARGET_ROWS:+--target-rows "$TARGET_ROWS"} --out "$OUT" "$@" \
+    >> "$OUT/logs/$name-$(date -u +%Y%m%dT%H%M).log" 2>&1
 }
 for m in ${METHODS//,/ }; do
   bench "$m" --methods "$m"
 done
 if [ -n "$SWEEP" ]; then
-  bench "rlsedit-sweep-$(printf %s "$SWEEP" | tr -c 'A-Za-z0-9.-' '_')" --methods rlsedit --sweep "$SWEEP" --sweep-only
+  bench "rlsedit-sweep-$(printf %s "$SWEEP" | tr -c 'A-Za-z0-9.-' '_')" \
+    --methods rlsedit --sweep "$SWEEP" --sweep-only
 fi
-python3 -m rlsedit bench methods --report-only --out "$OUT" --methods "${METHODS:-rlsedit}" ${SWEEP:+--sweep "$SWEEP"}
+python3 -m rlsedit bench methods --report-only --out "$OUT" --methods "${METHODS:-rlsedit}" \
+  ${SWEEP:+--sweep "$SWEEP"}

