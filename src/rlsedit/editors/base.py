@@ -139,7 +139,7 @@ class Editor:
         self.lm = lm
         self.config = config
         self.targets = targets
-        from ..locate.targets import TARGET_BATCH_SIZE
+        from ..locate.target_config import TARGET_BATCH_SIZE
         self.target_rows = TARGET_BATCH_SIZE if target_rows is None else target_rows
         self.progress = progress
         self.corpus = corpus
