@@ -23,7 +23,8 @@ TARGET_DTYPES = ("float32", "bfloat16")
 TARGET_BATCH_SIZE = 32
 """Most rows per group in :func:`~rlsedit.locate.targets.compute_targets` (rows are split evenly
 over the fewest groups of at most this many); the default of the runtime's ``target_rows``.
-Memory grows with the group, since autograd keeps a group's activations through every block
+Rows are aligned on their subject, so a group's replayed width is its longest subject-to-end
+span whatever its size. Memory grows with the group, since autograd keeps a group's activations through every block
 above the edited one; 32 rows kept a 2-core CPU's peak low at no loss of speed, and a GPU can
 take far wider passes (benchmarks/speed/ARCHIVE.md, "Memory")."""
 
