@@ -105,7 +105,7 @@ class Editor:
             at a time through the whole model; the same objective, for the speed benchmark).
         cache_dir: cache of the corpus statistics (default ``~/.cache/rlsedit``).
         target_rows: most token rows per forward pass of the value-target optimisation (default
-            :data:`~rlsedit.locate.targets.TARGET_BATCH_SIZE`). How to run, not what is computed:
+            :data:`~rlsedit.locate.target_config.TARGET_BATCH_SIZE`). How to run, not what is computed:
             the targets do not depend on it beyond float rounding. Larger passes use more memory
             and fewer, wider calls (a GPU's case); ROME and FT find their targets their own way.
         keep_history: keep every batch's keys and targets in memory, so :meth:`undo` and

@@ -30,8 +30,8 @@ from dataclasses import replace
 
 import torch
 
-from .target_config import TargetConfig
-from .targets import (TARGET_BATCH_SIZE, TargetResult, _adam, _groups, _initial_states, _replay, _run_prepared,
+from .target_config import TARGET_BATCH_SIZE, TargetConfig
+from .targets import (TargetResult, _adam, _groups, _initial_states, _replay, _run_prepared,
                       _size, compute_targets)
 
 CANDIDATE_ROWS = 128

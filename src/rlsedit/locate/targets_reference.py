@@ -14,8 +14,8 @@ import torch
 
 from ..model.hooks import edit_output
 from ..model.weights import block
-from .target_config import TargetConfig
-from .targets import (TARGET_BATCH_SIZE, TargetResult, _build_problem, _check_finite, _clamp_, _empty, _kl, _prepare,
+from .target_config import TARGET_BATCH_SIZE, TargetConfig
+from .targets import (TargetResult, _build_problem, _check_finite, _clamp_, _empty, _kl, _prepare,
                       _size, hidden_at_subject)
 from .tokens import pad_id, pad_right
 
