@@ -13,6 +13,7 @@ from rlsedit.bench.edit_stream import checkpoint_batches, select_edits
 from rlsedit.bench.methods import run_method_bench
 from rlsedit.bench.methods_config import MethodBenchConfig, plan_runs
 from rlsedit.bench.methods_report import format_results_markdown
+from rlsedit.bench.plots import MAX_TRACED_SWEEP_POINTS, traced_runs
 from rlsedit.bench.sweep import parse_sweep, run_dir_name, sweep_run_name
 from rlsedit.eval.runner import general_suite_names
 from rlsedit.errors import InvalidRequestError, StateMismatchError
@@ -158,6 +159,13 @@ def test_plan_runs_reads_hparams_and_adds_sweep_points(tiny_setup):
     assert [r.name for r in alone] == ["rlsedit[mu_reg=2]"] and alone[0].config.v_num_grad_steps == 4
     with pytest.raises(InvalidRequestError, match="no sweep"):
         _config(tiny_setup, sweep_only=True)
+
+
+def test_a_small_sweep_is_drawn_along_the_stream_and_a_grid_is_not():
+    small = {"rlsedit": 1, "rlsedit[lambda_reg=4]": 2, "memit": 3}
+    assert list(traced_runs(small)) == ["rlsedit", "rlsedit[lambda_reg=4]", "memit"]
+    grid = {"rlsedit": 1, **{f"rlsedit[mu_reg={i}]": i for i in range(MAX_TRACED_SWEEP_POINTS + 1)}}
+    assert list(traced_runs(grid)) == ["rlsedit"]
 
 
 def test_a_layer_sweep_runs_and_is_plotted(tiny_setup):

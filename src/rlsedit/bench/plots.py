@@ -17,6 +17,9 @@
 * ``sweep.png`` — final efficacy/specificity of the RLSEdit sweep points: the first swept setting
   on the x axis, one line per combination of the others.
 
+The plots along the stream draw every method and, when the sweep is small
+(:data:`MAX_TRACED_SWEEP_POINTS`), its points too.
+
 Matplotlib runs on the Agg backend; nothing is shown on screen.
 """
 
@@ -57,6 +60,20 @@ def _general_value(name: str, res: dict[str, Any] | None) -> float | None:
     return None
 
 
+MAX_TRACED_SWEEP_POINTS = 3
+"""A sweep of at most this many points is drawn along the stream beside the methods (a long
+run's one λ > 0 row); a larger grid would crowd those plots and is summed up in ``sweep.png``."""
+
+
+def traced_runs(methods: dict[str, Any]) -> dict[str, Any]:
+    """The runs drawn along the stream: every method, and the sweep points (``name[...]``) when
+    there are at most :data:`MAX_TRACED_SWEEP_POINTS` of them; the order is kept."""
+    sweep_points = [name for name in methods if "[" in name]
+    if len(sweep_points) > MAX_TRACED_SWEEP_POINTS:
+        return {name: result for name, result in methods.items() if name not in sweep_points}
+    return dict(methods)
+
+
 def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
     """Write the plots listed in the module docstring into ``out``; returns their paths."""
     import matplotlib
@@ -69,7 +86,7 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
     methods = {name: full["methods"][name] for name in full["runs"] if name in full["methods"]}
     if not methods:
         return written
-    main = {k: v for k, v in methods.items() if "[" not in k}  # sweep points get their own plot
+    traced = traced_runs(methods)
     unedited = full.get("unedited")
 
     def save(fig, name: str) -> None:
@@ -80,14 +97,14 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
         written.append(path)
 
     # metrics vs number of edits
-    with_gen = _has_generation(main.values())
+    with_gen = _has_generation(traced.values())
     fig, grid = plt.subplots(2 if with_gen else 1, 3, figsize=(13, 7.6 if with_gen else 3.8), sharey=True,
                              squeeze=False)
     axes = grid[0]
-    colors = {name: f"C{i}" for i, name in enumerate(main)}
+    colors = {name: f"C{i}" for i, name in enumerate(traced)}
     first_n = full["settings"].get("retention_first", 0)
     for ax, (key, label) in zip(axes, CF_METRICS):
-        for name, result in main.items():
+        for name, result in traced.items():
             pts = [(b["edits"], b["evaluation"]["counterfact"]["summary"].get(key)) for b in _checkpoints(result)]
             pts = [(x, y) for x, y in pts if y is not None]
             if pts:
@@ -112,7 +129,7 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
         axes[0].legend(fontsize=7, loc="lower left")
     if with_gen:
         for ax, (title, keys) in zip(grid[1], GEN_PANELS):
-            for name, result in main.items():
+            for name, result in traced.items():
                 for key, style in keys:
                     pts = [(b["edits"], b["evaluation"].get("generation", {}).get("summary", {}).get(key))
                            for b in _checkpoints(result)]
@@ -136,7 +153,7 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
     if general:
         fig, axes = plt.subplots(1, len(general), figsize=(4 * len(general), 3.6), squeeze=False)
         for ax, suite in zip(axes[0], general):
-            for name, result in main.items():
+            for name, result in traced.items():
                 pts = [(b["edits"], _general_value(suite, b["evaluation"].get("general", {}).get(suite)))
                        for b in _checkpoints(result)]
                 pts = [(x, y) for x, y in pts if y is not None]
@@ -156,20 +173,21 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
 
     # forgetting curve
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for name, result in main.items():
+    for name, result in traced.items():
         bins = result["final"].get("retention", {}).get("bins", {}).get("success", [])
         pts = [((b["first"] + b["last"]) / 2, b["mean"]) for b in bins if b["mean"] is not None]
         if pts:
-            ax.plot(*zip(*pts), marker="o", color=f"C{list(main).index(name)}", label=name)
+            ax.plot(*zip(*pts), marker="o", color=f"C{list(traced).index(name)}", label=name)
         evals = _checkpoints(result)
         gen_bins = evals[-1]["evaluation"].get("generation", {}).get("bins", {}).get("edit_begins", []) if evals else []
         pts = [((b["first"] + b["last"]) / 2, b["mean"]) for b in gen_bins if b["mean"] is not None]
         if pts:
-            ax.plot(*zip(*pts), marker="x", ls="--", color=f"C{list(main).index(name)}",
-                    label=f"{name} (says it, generated)")
+            at = f", at {evals[-1]['edits']:,} edits" if "partial" in result else ""  # its last checkpoint
+            ax.plot(*zip(*pts), marker="x", ls="--", color=f"C{list(traced).index(name)}",
+                    label=f"{name} (says it, generated{at})")
     ax.axhline(0.5, color="black", ls="--", lw=0.8, label="chance (efficacy)")
     ax.set_xlabel("edit position in the stream (0 = oldest)")
-    ax.set_ylabel("after the whole stream")
+    ax.set_ylabel("after the whole stream (or so far)")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7)
     save(fig, "forgetting_curve.png")
@@ -178,7 +196,7 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for key, ax, label in (("drift_fro", axes[0], "‖W − W0‖_F (all edited layers)"),
                            ("anchor_residual", axes[1], "‖K0ᵀ(W − W0)‖_F (all edited layers)")):
-        for name, result in main.items():
+        for name, result in traced.items():
             pts = [(b["edits"], b["diagnostics"].get(key)) for b in result["batches"]]
             pts = [(x, y) for x, y in pts if y is not None]
             if pts:
@@ -192,7 +210,7 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
     # cost per batch: the whole batch per edit, and the solve alone
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     first_device = full.get("settings", {}).get("device")
-    for name, result in main.items():
+    for name, result in traced.items():
         # one series per device (a stream may move between a CPU and a GPU), points only then
         timed = timed_batches(result["batches"], first_device)
         devices = list(dict.fromkeys(device for _, _, device in timed))
