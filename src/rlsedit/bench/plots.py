@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .timing import timed_batches
-from .sweep import sweep_value_text  # the run names' own spelling of a setting
+from .sweep import is_sweep_run, sweep_value_text  # the run names' own spelling
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ run's one λ > 0 row); a larger grid would crowd those plots and is summed up in
 def traced_runs(methods: dict[str, Any]) -> dict[str, Any]:
     """The runs drawn along the stream: every method, and the sweep points (``name[...]``) when
     there are at most :data:`MAX_TRACED_SWEEP_POINTS` of them; the order is kept."""
-    sweep_points = [name for name in methods if "[" in name]
+    sweep_points = [name for name in methods if is_sweep_run(name)]
     if len(sweep_points) > MAX_TRACED_SWEEP_POINTS:
         return {name: result for name, result in methods.items() if name not in sweep_points}
     return dict(methods)
@@ -177,13 +177,13 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
         bins = result["final"].get("retention", {}).get("bins", {}).get("success", [])
         pts = [((b["first"] + b["last"]) / 2, b["mean"]) for b in bins if b["mean"] is not None]
         if pts:
-            ax.plot(*zip(*pts), marker="o", color=f"C{list(traced).index(name)}", label=name)
+            ax.plot(*zip(*pts), marker="o", color=colors[name], label=name)
         evals = _checkpoints(result)
         gen_bins = evals[-1]["evaluation"].get("generation", {}).get("bins", {}).get("edit_begins", []) if evals else []
         pts = [((b["first"] + b["last"]) / 2, b["mean"]) for b in gen_bins if b["mean"] is not None]
         if pts:
             at = f", at {evals[-1]['edits']:,} edits" if "partial" in result else ""  # its last checkpoint
-            ax.plot(*zip(*pts), marker="x", ls="--", color=f"C{list(traced).index(name)}",
+            ax.plot(*zip(*pts), marker="x", ls="--", color=colors[name],
                     label=f"{name} (says it, generated{at})")
     ax.axhline(0.5, color="black", ls="--", lw=0.8, label="chance (efficacy)")
     ax.set_xlabel("edit position in the stream (0 = oldest)")
@@ -231,7 +231,7 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
     axes[0].legend(fontsize=7)
     save(fig, "solve_cost.png")
 
-    sweep = {k: v for k, v in methods.items() if "[" in k and "partial" not in v}  # partial runs lack final scores
+    sweep = {k: v for k, v in methods.items() if is_sweep_run(k) and "partial" not in v}  # partial runs lack final scores
     if sweep:
         fig = _sweep_figure(plt, sweep)
         save(fig, "sweep.png")

@@ -88,6 +88,11 @@ def sweep_run_name(point: dict[str, float | tuple[int, ...]]) -> str:
     return f"{SWEEP_METHOD}[" + ",".join(f"{k}={sweep_value_text(v)}" for k, v in point.items()) + "]"
 
 
+def is_sweep_run(run_name: str) -> bool:
+    """Whether ``run_name`` names a sweep point (spelled by :func:`sweep_run_name`), not a method."""
+    return run_name.startswith(f"{SWEEP_METHOD}[")
+
+
 def run_dir_name(run_name: str) -> str:
     """A file-system-safe folder name for a run (``rlsedit[mu_reg=1]`` → ``rlsedit_mu_reg-1``)."""
     out = run_name.replace("[", "_").replace("]", "").replace("=", "-").replace(",", "_")

@@ -18,7 +18,7 @@ def _runtime_args(p) -> None:
                    "(default: ~/.cache/rlsedit)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.add_argument("--target-rows", type=int, default=None,
-                   help=f"most token rows per forward pass of the value-target optimisation (default "
+                   help="most token rows per forward pass of the value-target optimisation (default "
                         f"{TARGET_BATCH_SIZE}; wider passes suit a GPU; the targets do not depend on it beyond "
                         "float rounding)")
 
