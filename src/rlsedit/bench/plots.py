@@ -18,13 +18,14 @@
   on the x axis, one line per combination of the others.
 
 The plots along the stream draw every method and, when the sweep is small
-(:data:`MAX_TRACED_SWEEP_POINTS`), its points too.
+(:data:`MAX_TRACED_SWEEP_POINTS`), its points too, each in one colour across all figures.
 
 Matplotlib runs on the Agg backend; nothing is shown on screen.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ GEN_PANELS = (
     ("Says it (paraphrase) / mentions (open rephrase)", (("paraphrase_begins", "-"), ("open_mentions", "-"))),
     ("Neighbour generation unchanged", (("neighbour_unchanged", "-"),)),
 )
+DEVICE_MARKERS = (".", "^", "s", "D")  # solve_cost.png: one per device a stream ran on
 
 
 def _has_generation(results) -> bool:
@@ -158,7 +160,7 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
                        for b in _checkpoints(result)]
                 pts = [(x, y) for x, y in pts if y is not None]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=name)
+                    ax.plot(*zip(*pts), marker="o", color=colors[name], label=name)
             if unedited:
                 res = unedited["evaluation"].get("general", {}).get(suite)
                 base = _general_value(suite, res)
@@ -200,7 +202,7 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
             pts = [(b["edits"], b["diagnostics"].get(key)) for b in result["batches"]]
             pts = [(x, y) for x, y in pts if y is not None]
             if pts:
-                ax.plot(*zip(*pts), marker=".", label=name)
+                ax.plot(*zip(*pts), marker=".", color=colors[name], label=name)
         ax.set_xlabel("edits applied")
         ax.set_title(label)
         ax.set_yscale("log")
@@ -215,14 +217,14 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
         timed = timed_batches(result["batches"], first_device)
         devices = list(dict.fromkeys(device for _, _, device in timed))
         style = "-" if len(devices) < 2 else "none"
-        for device in devices:
+        for device, marker in zip(devices, itertools.cycle(DEVICE_MARKERS)):  # the method's colour, a marker per device
             on = [(rec, size) for rec, size, d in timed if d == device]
             label = name if len(devices) < 2 else f"{name} ({device})"
             axes[0].plot([rec["edits"] for rec, _ in on], [rec["total_s"] / size for rec, size in on],
-                         marker=".", linestyle=style, label=label)
+                         marker=marker, linestyle=style, color=colors[name], label=label)
             pts = [(rec["edits"], rec["solve_s"]) for rec, _ in on if rec.get("solve_s") is not None]
             if pts:
-                axes[1].plot(*zip(*pts), marker=".", linestyle=style, label=label)
+                axes[1].plot(*zip(*pts), marker=marker, linestyle=style, color=colors[name], label=label)
     axes[0].set_ylabel("wall seconds per edit (whole batch)")
     axes[1].set_ylabel("solve seconds per batch (all layers)")
     for ax in axes:
