@@ -70,12 +70,13 @@ from .methods_report import write_report
 from .provenance import code_description
 from .target_log import TargetLog
 from .timing import timing_summary
-from .resume import (add_to_unedited, append_progress, bench_settings, check_or_write_settings,
+from .resume import (add_to_unedited, append_progress, bench_settings, check_or_write_settings, merge_into_unedited,
                      read_progress, rewrite_progress, unedited_once, write_json, write_run_name)
 
 log = logging.getLogger(__name__)
 
 LOCALITY_PRE_EDIT = "locality_pre_edit"  # the unedited row's key of EasyEdit locality's reference
+GENERATION_PRE_EDIT = "generation_pre_edit"  # the unedited row's continuations of the sampled prompts
 TARGETS_DIR = "targets"  # <method>/targets/: the target log a resumed run rebuilds lost batches from
 
 
@@ -149,7 +150,10 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
     base_sha = unedited["weights_sha256"]
     plan = generation_plan(config, requests)
     if plan is not None:
-        plan = dataclasses.replace(plan, pre_edit=unedited.get("generation_pre_edit"))
+        # a row scored when checkpoints sampled fewer edits lacks some of their unedited continuations
+        unedited = merge_into_unedited(out, GENERATION_PRE_EDIT,
+                                       lambda have: missing_pre_edit(config, requests, plan, have))
+        plan = dataclasses.replace(plan, pre_edit=unedited.get(GENERATION_PRE_EDIT))
 
     results: dict[str, Any] = {}
     for run in runs:
@@ -200,9 +204,11 @@ def _run_unedited(config, requests, general, consistency_ref) -> dict[str, Any]:
     plan = generation_plan(config, requests)
     pre_edit = None
     if plan is not None:
-        # the methods' "neighbour gen unchanged" compares against these; this row's own figure
-        # compares two decodings of the same model in other batches (a determinism check)
-        pre_edit = pre_edit_generations(lm, [requests[p] for p in plan.positions], plan.config)
+        # the methods' "neighbour gen unchanged" compares against these (every checkpoint's sample);
+        # this row's own figure compares two decodings of the same model in other batches (a
+        # determinism check)
+        sampled = plan.union(checkpoint_edit_counts(config, len(requests)))
+        pre_edit = pre_edit_generations(lm, [requests[p] for p in sampled], plan.config)
         plan = dataclasses.replace(plan, pre_edit=pre_edit)
     # every method's locality compares against these; this row's own compares the model with
     # itself in other batches (a determinism check, like its generation figure)
@@ -211,8 +217,30 @@ def _run_unedited(config, requests, general, consistency_ref) -> dict[str, Any]:
     evaluation = evaluate_checkpoint(lm, requests, config, general, plan, locality, records_out=records)
     extras = final_extras(lm, requests, config, consistency_ref, records=records)
     return {"weights_sha256": sha, "model_fingerprint": lm.fingerprint, "evaluation": evaluation,
-            "final": extras, "generation_pre_edit": pre_edit, LOCALITY_PRE_EDIT: locality,
+            "final": extras, GENERATION_PRE_EDIT: pre_edit, LOCALITY_PRE_EDIT: locality,
             "seconds": time.perf_counter() - start}
+
+
+def checkpoint_edit_counts(config: MethodBenchConfig, n_requests: int) -> list[int]:
+    """The edit count of every checkpoint of the run (the batch that reaches each)."""
+    plan = checkpoint_plan(n_requests, config.batch_size, config.checkpoints, config.checkpoint_edits)
+    return [min(b * config.batch_size, n_requests) for b in sorted(plan)]
+
+
+def missing_pre_edit(config, requests, plan: GenerationPlan, have: dict[str, str] | None) -> dict[str, str]:
+    """The unedited continuations of the checkpoint samples' prompts not in ``have`` (the base
+    model is loaded only when some are missing)."""
+    from ..eval.generation import pre_edit_generations, pre_edit_prompts
+    from ..model.load import load_model
+
+    have = have or {}
+    sampled = [requests[p] for p in plan.union(checkpoint_edit_counts(config, len(requests)))]
+    missing = [r for r in sampled if any(p not in have for p in pre_edit_prompts(r, plan.config))]
+    if not missing:
+        return {}
+    log.info("unedited continuations for %d more sampled edits", len(missing))
+    lm = load_model(config.model, device=config.device, cache_dir=config.cache_dir)
+    return pre_edit_generations(lm, missing, plan.config)
 
 
 def _locality_pre_edit(config, requests) -> dict[str, list[list[int]]]:

@@ -17,8 +17,9 @@ import torch
 from ..errors import InvalidRequestError, UsageError
 from . import BENCH_COMMAND, get_bench_subparsers
 from .methods import run_method_bench
-from .methods_config import MethodBenchConfig
+from .methods_config import MethodBenchConfig, plan_runs
 from .methods_report import format_results_markdown, write_report
+from .rescore import rescore_generation
 from .sweep import parse_sweep, sweep_run_name
 
 _FIELDS = MethodBenchConfig.__dataclass_fields__
@@ -100,9 +101,13 @@ _OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
                                          "(finished, stopped, or partial: edits done so far and the date) into "
                                          "results.json/results.md/plots (--methods and --sweep runs first, in order, then "
                                          "every other run in --out)"}),
+    (("--rescore-generation",), "rescore_generation", {
+        "action": "store_true", "help": "edit nothing: re-score the generation metrics of the checkpoints of --out "
+        "that sampled fewer edits than min(--gen-n, edits so far), on weights rebuilt from each run's target log "
+        "(checked bit for bit against the checkpoint), then rewrite the report; give the run's own options"}),
 ]
 _REQUIRED = ("model", "data", "out")
-_NOT_CONFIG = {"out", "threads", "progress", "json", "report_only"}
+_NOT_CONFIG = {"out", "threads", "progress", "json", "report_only", "rescore_generation"}
 _DEST_PREFIX = "methods_bench_"  # the group-level copies live under their own names
 
 
@@ -177,6 +182,16 @@ def _run(values: dict) -> int:
             raise InvalidRequestError(f"--threads must be >= 1, got {values['threads']}")
         torch.set_num_threads(values["threads"])
     config = build_config(values)
+    if values.get("rescore_generation"):
+        rescored = rescore_generation(config, values["out"], progress=bool(values.get("progress")))
+        for name, checkpoints in rescored.items():
+            for c in checkpoints:
+                print(f"{name}: {c['edits']:,} edits: sampled {c['before']['generation_edits']} -> "
+                      f"{c['after']['generation_edits']} edits (first edits: {c['before']['first_generation_edits']} -> "
+                      f"{c['after']['first_generation_edits']})", file=sys.stderr)
+        result = write_report(values["out"], [run.name for run in plan_runs(config)])
+        print(json.dumps(result, indent=2, sort_keys=True) if values.get("json") else format_results_markdown(result))
+        return 0
     result = run_method_bench(config, values["out"], progress=bool(values.get("progress")))
     if values.get("json"):
         print(json.dumps(result, indent=2, sort_keys=True))

@@ -1,5 +1,5 @@
 """What the method benchmark measures on a model: the checkpoint evaluation (CounterFact,
-general suites, generation on a fixed sample of the edits, retention of the first edits), the
+general suites, generation on a seeded sample of the edits applied, retention of the first edits), the
 last batch's efficacy (the collapse stop), the end-of-stream extras (forgetting curve, fluency,
 consistency) and the per-layer diagnostics totals."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,15 +74,16 @@ def last_batch_efficacy(lm, batch: Sequence[EditRequest], config: MethodBenchCon
 def retention_of_first(lm, applied: Sequence[EditRequest], config: MethodBenchConfig,
                        plan: GenerationPlan | None) -> dict[str, Any]:
     """Efficacy of the first ``retention_first`` edits of the stream (those applied so far) and, with
-    generation metrics on, *says it* on their edit prompts for a seeded sample of at most ``gen_n``
-    of them (the same sample at every checkpoint; raw prompt, no chat, no other prompts)."""
+    generation metrics on, *says it* on their edit prompts for a seeded sample of ``gen_n`` of them
+    (all of them while fewer have been applied; raw prompt, no chat, no other prompts)."""
     from ..eval.generation import evaluate_generation, sample_positions
 
     first = list(applied[:config.retention_first])
     start = time.perf_counter()
     out: dict[str, Any] = {"edits": len(first), "efficacy": rewrite_efficacy(lm, first, config), "generation": None}
     if plan is not None and first:
-        chosen = [p for p in sample_positions(config.retention_first, config.gen_n, config.seed) if p < len(first)]
+        # min(gen_n, len(first)) of them: all of the first 500 at 500 edits, the same 500 of 1,000 from 1,000 on
+        chosen = sample_positions(len(first), config.gen_n, config.seed)
         if chosen:
             # only the edit prompt is generated: the other prompts are scored by the checkpoint's own sample
             bare = [dataclasses.replace(first[p], paraphrases=(), neighborhood=(), neighborhood_answers=(),
@@ -103,13 +105,34 @@ def locality_reference(lm, requests: Sequence[EditRequest], config: MethodBenchC
 
 @dataclass(frozen=True)
 class GenerationPlan:
-    """Which edits the generation metrics score and how: a seeded sample of stream positions,
-    fixed for the whole run so every checkpoint and every method scores the same edits (those
-    applied so far), and the unedited model's neighbourhood continuations (``pre_edit``)."""
+    """Which edits the generation metrics score and how, and the unedited model's neighbourhood
+    continuations (``pre_edit``).
+
+    A checkpoint after ``applied`` edits scores ``min(n, applied)`` of them (:meth:`at`): first the
+    stream's own seeded sample (``positions``: ``n`` of all positions, what the last checkpoint and
+    the unedited row score) among the applied ones, then, where fewer than ``n`` of those have been
+    applied, the next applied positions of a seeded order of the others (``fill``). Every method
+    scores the same edits at the same checkpoint.
+    """
 
     positions: tuple[int, ...]
     config: Any  # rlsedit.eval.generation.GenerationConfig
     pre_edit: dict[str, str] | None = None
+    fill: tuple[int, ...] = ()
+    n: int | None = None  # None: every applied edit
+
+    def at(self, applied: int) -> list[int]:
+        """The stream positions scored after ``applied`` edits, in ascending order."""
+        chosen = [p for p in self.positions if p < applied]
+        want = applied if self.n is None else min(self.n, applied)
+        if len(chosen) < want:
+            chosen += [p for p in self.fill if p < applied][:want - len(chosen)]
+        return sorted(chosen)
+
+    def union(self, counts: Sequence[int]) -> list[int]:
+        """Every position some checkpoint after ``counts`` edits scores (their unedited
+        continuations must be in ``pre_edit``)."""
+        return sorted(set(self.positions).union(*(self.at(c) for c in counts)))
 
 
 def generation_plan(config: MethodBenchConfig, requests: Sequence[EditRequest]) -> GenerationPlan | None:
@@ -122,7 +145,11 @@ def generation_plan(config: MethodBenchConfig, requests: Sequence[EditRequest]) 
     gen = GenerationConfig(max_new_tokens=config.gen_max_new_tokens, seed=config.seed,
                            paraphrase_kind=paraphrase_kind_of_file(config.data), chat=GEN_CHAT[config.gen_chat],
                            batch_size=config.eval_batch_size)
-    return GenerationPlan(tuple(sample_positions(len(requests), config.gen_n, config.seed)), gen)
+    positions = sample_positions(len(requests), config.gen_n, config.seed)
+    taken = set(positions)
+    fill = [p for p in range(len(requests)) if p not in taken]
+    random.Random(config.seed + 1).shuffle(fill)  # its own stream, so the stream's sample stays as it was
+    return GenerationPlan(tuple(positions), gen, fill=tuple(fill), n=config.gen_n)
 
 
 def evaluate_generation_sample(lm, applied: Sequence[EditRequest], plan: GenerationPlan,
@@ -132,7 +159,7 @@ def evaluate_generation_sample(lm, applied: Sequence[EditRequest], plan: Generat
     from ..eval.generation import evaluate_generation
     from ..eval.retention import bin_by_position
 
-    chosen = [p for p in plan.positions if p < len(applied)]
+    chosen = plan.at(len(applied))
     if not chosen:
         return None
     start = time.perf_counter()

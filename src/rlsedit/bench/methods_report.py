@@ -34,7 +34,9 @@ NOTES = [
     "solve_s is the closed-form solve summed over layers (None for FT). s/edit and solve s/batch leave out "
     "batches whose value targets were replayed from the target log (targets_replayed) and are given per device "
     "when batches ran on more than one (machine.device of each progress line)",
-    "generation columns (settings.gen_n: a seeded sample of the edits, the same for every method and checkpoint): "
+    "generation columns (settings.gen_n): at each checkpoint a seeded sample of min(gen_n, edits so far) of the edits "
+    "applied, the same for every method (sampled edits: how many; the end of the stream and the unedited row score "
+    "the stream's own sample of gen_n; a checkpoint scored on fewer is re-scored by --rescore-generation): "
     "greedy decoding to '.', a newline or EOS, at most settings.gen_max_new_tokens tokens, SQuAD-normalised; "
     "says it = the continuation begins with the new object; says it (paraphrase it answered unedited) = the same "
     "over only the paraphrases whose unedited continuation began with the old object; mentions (rephrase) = the new object occurs in the "
@@ -48,9 +50,20 @@ NOTES = [
     "edits, DATE': the run is still going or was interrupted (DATE: its last finished batch, UTC). Stopped and "
     "partial rows are scored at their last checkpoint",
     "first-N columns (settings.retention_first): at each checkpoint, efficacy of the first N edits of the stream and "
-    "says it (edit prompt, raw, greedy) on a seeded sample of at most settings.gen_n of them; last batch: efficacy "
+    "says it (edit prompt, raw, greedy) on a seeded sample of min(settings.gen_n, those applied) of them; last batch: efficacy "
     "of the batch just applied (settings.stop_below_chance)",
 ]
+
+
+def _sample_sizes(evaluation: dict[str, Any], first_n: int | None) -> str:
+    """How many edits the checkpoint's generation columns scored ('–' without them), and with
+    ``first_n`` how many of the first edits its *says it first N* did."""
+    gen = (evaluation.get("generation") or {}).get("counts", {}).get("edits")
+    text = "–" if gen is None else f"{gen:,}"
+    if first_n:
+        first = ((evaluation.get("retention_first") or {}).get("generation") or {}).get("edits")
+        text += " (–)" if first is None else f" ({first:,})"
+    return text
 
 
 def partial_result(folder: Path, n: int, first_device: str | None = None) -> dict[str, Any] | None:
@@ -276,7 +289,9 @@ def format_results_markdown(full: dict[str, Any]) -> str:
     lines.append("| " + " | ".join(chance) + " |")
     extra_head = [f"Eff. first {first_n:,}", f"says it first {first_n:,}"] if first_n else []
     extra_head += ["Eff. last batch"] if last_batch else []
-    trajectory_head = ["Method", "edits", "Eff.", "Gen.", "Spe.", "Loc. (EasyEdit)", *extra_head, "says it (edit)",
+    sample_head = f"sampled edits (of first {first_n:,})" if first_n else "sampled edits"
+    trajectory_head = ["Method", "edits", "Eff.", "Gen.", "Spe.", "Loc. (EasyEdit)", *extra_head, sample_head,
+                       "says it (edit)",
                        "says it (para.) / mentions (reph.)", "nbr gen unchanged", "chat says it", "‖W−W0‖",
                        "anchor residual", "s/edit (batch)", "solve s"]
     lines += ["", "## Along the stream", "",
@@ -303,7 +318,8 @@ def format_results_markdown(full: dict[str, Any]) -> str:
             extra = [_pct(v) for v in _first_n(b["evaluation"])] if first_n else []
             extra += [_pct(b["evaluation"].get("last_batch_efficacy"))] if last_batch else []
             cells = [name, edits, _pct(s.get("efficacy")), _pct(s.get("generalization")), _pct(s.get("specificity")),
-                     _pct(s.get("locality")), *extra, _pct(g.get("edit_begins")), _pct(para),
+                     _pct(s.get("locality")), *extra, _sample_sizes(b["evaluation"], first_n),
+                     _pct(g.get("edit_begins")), _pct(para),
                      _pct(g.get("neighbour_unchanged")), _pct(g.get("chat_mentions")),
                      _num(d.get("drift_fro"), "{:.3g}"), _num(d.get("anchor_residual"), "{:.3g}"), _num(per_edit),
                      _num(b.get("solve_s"), "{:.3f}")]

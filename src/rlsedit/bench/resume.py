@@ -60,6 +60,20 @@ def add_to_unedited(out: Path, key: str, compute: Callable[[], Any]) -> dict[str
         return unedited
 
 
+def merge_into_unedited(out: Path, key: str, missing: Callable[[dict | None], dict]) -> dict[str, Any]:
+    """The unedited row with the mapping under ``key`` completed: ``missing(current)`` returns the
+    entries it lacks (a row scored when the run sampled fewer edits), computed by the first process
+    to arrive, under the lock on ``out``, and merged into ``unedited.json``."""
+    path = out / f"{UNEDITED}.json"
+    with StateLock(out, wait=True):
+        unedited = json.loads(path.read_text())
+        extra = missing(unedited.get(key))
+        if extra:
+            unedited[key] = {**(unedited.get(key) or {}), **extra}
+            write_json(path, unedited)
+        return unedited
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON, atomically."""
     from ..session.atomic import atomic_write_json

@@ -187,6 +187,12 @@ def chat_enabled(lm, config: GenerationConfig) -> bool:
 
 # ---- evaluation --------------------------------------------------------------------------------
 
+def pre_edit_prompts(request: EditRequest, config: GenerationConfig = GenerationConfig()) -> tuple[str, ...]:
+    """The prompts of ``request`` whose unedited continuation :func:`evaluate_generation` reads."""
+    scored = config.paraphrase_kind == PARAPHRASE
+    return (request.text, *(request.paraphrases if scored else ()), *request.neighborhood)
+
+
 def pre_edit_generations(lm, requests: Sequence[EditRequest], config: GenerationConfig = GenerationConfig()
                          ) -> dict[str, str]:
     """Greedy continuations of the sampled edits' edit, paraphrase and neighbourhood prompts
@@ -194,9 +200,7 @@ def pre_edit_generations(lm, requests: Sequence[EditRequest], config: Generation
     :func:`evaluate_generation`. Open rephrase prompts are left out: only mentions is scored
     there, so their unedited text is never read."""
     chosen = [requests[i] for i in sample_positions(len(requests), config.n, config.seed)]
-    scored = config.paraphrase_kind == PARAPHRASE
-    prompts = list(dict.fromkeys(p for r in chosen
-                                 for p in (r.text, *(r.paraphrases if scored else ()), *r.neighborhood)))
+    prompts = list(dict.fromkeys(p for r in chosen for p in pre_edit_prompts(r, config)))
     if not prompts:
         return {}
     texts = greedy_generate(lm, prompts, config.max_new_tokens, stop=STOP_STRINGS, batch_size=config.batch_size)

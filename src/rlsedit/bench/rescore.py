@@ -1,0 +1,160 @@
+"""Re-scoring the generation metrics of checkpoints that sampled fewer edits than the run's plan
+asks (``rlsedit bench methods --rescore-generation``).
+
+A checkpoint after ``E`` edits scores generation on ``min(gen_n, E)`` of them
+(:meth:`~rlsedit.bench.methods_eval.GenerationPlan.at`); a run evaluated under an earlier rule
+(one fixed sample of ``gen_n`` over the whole stream: 24 of the first 500 edits of a
+10,000-edit stream) has checkpoints with fewer. For each such checkpoint this rebuilds the
+method's weights in a scratch session from its target log (no optimisation: the logged value
+targets are replayed, keys recomputed), refuses unless they match the checkpoint's recorded
+``edited_weights_sha256`` bit for bit, and scores the generation metrics (and *says it* on the
+first edits) again. Teacher-forced figures and timings are kept; the rescored evaluation records
+``generation_rescored`` (when, by which code, and the sample sizes it replaced). Progress lines
+are rewritten after each checkpoint, so a stop keeps what was done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidRequestError, StateMismatchError
+from .edit_stream import select_edits
+from .methods import GENERATION_PRE_EDIT, TARGETS_DIR, missing_pre_edit, edited_weights_sha256
+from .methods_config import MethodBenchConfig, MethodRun, plan_runs
+from .methods_eval import GenerationPlan, evaluate_generation_sample, generation_plan, retention_of_first
+from .provenance import code_description
+from .resume import (SETTINGS_FILE, bench_settings, check_or_write_settings, merge_into_unedited, read_progress,
+                     rewrite_progress, write_json)
+from .target_log import TargetLog
+
+log = logging.getLogger(__name__)
+
+
+def stale_checkpoints(records: list[dict[str, Any]], plan: GenerationPlan, config: MethodBenchConfig) -> list[int]:
+    """The batches whose checkpoint scored generation (or the first edits' *says it*) on fewer
+    sampled edits than ``plan`` asks now."""
+    stale = []
+    for rec in records:
+        ev = rec.get("evaluation")
+        if not ev:
+            continue
+        gen = (ev.get("generation") or {}).get("counts", {}).get("edits", 0)
+        short = gen < len(plan.at(rec["edits"]))
+        if config.retention_first:
+            first = min(rec["edits"], config.retention_first)
+            said = ((ev.get("retention_first") or {}).get("generation") or {}).get("edits", 0)
+            short = short or said < min(config.gen_n, first)
+        if short:
+            stale.append(rec["batch"])
+    return stale
+
+
+def rescore_generation(config: MethodBenchConfig, out: str | Path, *, progress: bool = False) -> dict[str, Any]:
+    """Re-score every stale checkpoint of the runs of ``config`` in ``out``; returns, per run, the
+    batches re-scored with the sample sizes before and after."""
+    from ..eval.runner import general_suite_names
+    from ..session.session import Runtime
+
+    out = Path(out)
+    if not (out / SETTINGS_FILE).is_file():
+        raise InvalidRequestError(f"{out} holds no method benchmark ({SETTINGS_FILE} is missing); nothing to re-score")
+    if not config.gen_n:
+        raise InvalidRequestError("--rescore-generation needs the run's --gen-n (generation metrics are off)")
+    general = general_suite_names(config.general)
+    runs = plan_runs(config)
+    requests = select_edits(config.data, config.n, shuffle=config.shuffle, seed=config.seed)
+    check_or_write_settings(out, bench_settings(config, requests, general))  # refuses other settings
+    plan = generation_plan(config, requests)
+    unedited = merge_into_unedited(out, GENERATION_PRE_EDIT, lambda have: missing_pre_edit(config, requests, plan, have))
+    plan = dataclasses.replace(plan, pre_edit=unedited[GENERATION_PRE_EDIT])
+    runtime = Runtime(device=config.device, progress=progress, cache_dir=config.cache_dir, corpus=config.corpus,
+                      target_rows=config.target_rows)
+    summary: dict[str, Any] = {}
+    for run in runs:
+        folder = out / run.dir_name
+        records = read_progress(folder / "progress.jsonl")
+        stale = stale_checkpoints(records, plan, config)
+        if stale:
+            summary[run.name] = _rescore_run(run, config, requests, folder, runtime, plan, records, stale)
+        else:
+            summary[run.name] = []
+            log.info("%s: every checkpoint already scored its full sample", run.name)
+    return summary
+
+
+def _rescore_run(run: MethodRun, config: MethodBenchConfig, requests, folder: Path, runtime, plan: GenerationPlan,
+                 records: list[dict[str, Any]], stale: list[int]) -> list[dict[str, Any]]:
+    from ..filelock import StateLock
+    from ..session.session import Session
+    from ..session.store import is_state_dir
+
+    by_batch = {rec["batch"]: rec for rec in records}
+    batches = [requests[i:i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
+    target_log = TargetLog(folder / TARGETS_DIR)
+    for b in range(1, max(stale) + 1):
+        if not target_log.has([r.id for r in batches[b - 1]]):
+            raise StateMismatchError(f"{run.name}: batch {b} is not in the target log {folder / TARGETS_DIR}; "
+                                     "its checkpoints cannot be rebuilt without optimising again")
+    state = folder / "state"
+    # a bench editing this run holds its session's lock: refuse rather than rewrite its progress under it
+    lock = StateLock(state) if is_state_dir(state) else contextlib.nullcontext()
+    done: list[dict[str, Any]] = []
+    with lock, tempfile.TemporaryDirectory(prefix="rlsedit-rescore-") as scratch:
+        session = Session.create(Path(scratch) / "state", model=config.model, method=run.method, config=run.config,
+                                 runtime=runtime)
+        try:
+            if not session.editor.logs_value_targets:
+                raise InvalidRequestError(f"{run.name}: {run.method} has no value targets to replay; re-run it instead")
+            session.editor.target_log = target_log
+            for b in range(1, max(stale) + 1):
+                report = session.edit(batches[b - 1], batch_size=len(batches[b - 1]))
+                if len(report.applied) != len(batches[b - 1]):
+                    raise StateMismatchError(f"{run.name}: batch {b} rebuilt {len(report.applied)} edits")
+                if b not in stale:
+                    continue
+                rec = by_batch[b]
+                digest = edited_weights_sha256(session.lm, session.editor.layers)
+                if digest != rec.get("edited_weights_sha256"):
+                    raise StateMismatchError(
+                        f"{run.name}: the weights rebuilt at batch {b} ({digest[:12]}…) are not the checkpoint's "
+                        f"({str(rec.get('edited_weights_sha256'))[:12]}…); its generation is not re-scored")
+                done.append(_rescore_checkpoint(session.lm, rec, batches[:b], config, plan))
+                rewrite_progress(folder / "progress.jsonl", records)
+                log.info("%s: batch %d re-scored (%s)", run.name, b, done[-1])
+        finally:
+            session.close(snapshot=False)
+    result_path = folder / "result.json"
+    if result_path.is_file():  # a finished run's result holds the same lines
+        result = json.loads(result_path.read_text())
+        result["batches"] = sorted(records, key=lambda r: r["batch"])
+        write_json(result_path, result)
+    return done
+
+
+def _rescore_checkpoint(lm, rec: dict[str, Any], batches, config: MethodBenchConfig,
+                        plan: GenerationPlan) -> dict[str, Any]:
+    so_far = [r for batch in batches for r in batch]
+    ev = rec["evaluation"]
+    before = {"generation_edits": ((ev.get("generation") or {}).get("counts") or {}).get("edits", 0),
+              "first_generation_edits": (((ev.get("retention_first") or {}).get("generation") or {})
+                                         .get("edits", 0))}
+    ev["generation"] = evaluate_generation_sample(lm, so_far, plan, config.retention_bins)
+    if config.retention_first:
+        old_efficacy = (ev.get("retention_first") or {}).get("efficacy")
+        ev["retention_first"] = retention_of_first(lm, so_far, config, plan)
+        new_efficacy = ev["retention_first"]["efficacy"]
+        if old_efficacy is not None and new_efficacy is not None and abs(new_efficacy - old_efficacy) > 1e-9:
+            raise StateMismatchError(f"batch {rec['batch']}: the first edits' efficacy on the rebuilt weights is "
+                                     f"{new_efficacy} where the checkpoint recorded {old_efficacy}")
+    after = {"generation_edits": ev["generation"]["counts"]["edits"],
+             "first_generation_edits": ((ev.get("retention_first") or {}).get("generation") or {}).get("edits", 0)}
+    ev["generation_rescored"] = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                 "code": code_description(), "before": before}
+    return {"batch": rec["batch"], "edits": rec["edits"], "before": before, "after": after}

@@ -1,0 +1,107 @@
+"""The generation sample of each checkpoint (min(gen_n, edits so far) of the edits applied) and the
+re-scoring of checkpoints a run scored on fewer, on weights rebuilt from its target log."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from rlsedit.bench.methods import run_method_bench
+from rlsedit.bench.methods_eval import generation_plan
+from rlsedit.bench.methods_report import write_report
+from rlsedit.bench.rescore import rescore_generation, stale_checkpoints
+from rlsedit.bench.resume import read_progress, rewrite_progress
+from rlsedit.errors import InvalidRequestError, StateMismatchError
+from rlsedit.eval.generation import sample_positions
+from rlsedit.requests import EditRequest
+from test_bench_methods import _config, tiny_setup  # noqa: F401 (a fixture)
+
+
+def _requests(n: int) -> list[EditRequest]:
+    return [EditRequest(id=f"e{i}", prompt="{} is in", subject=f"S{i}", target_new="Rome", target_true="Paris")
+            for i in range(n)]
+
+
+def test_each_checkpoint_samples_min_gen_n_of_the_applied_edits(tiny_setup):
+    plan = generation_plan(_config(tiny_setup, n=40, gen_n=10), _requests(40))
+    # the end of the stream scores the stream's own sample (what the unedited row scores)
+    assert plan.at(40) == list(plan.positions) == sample_positions(40, 10, 0)
+    assert plan.at(6) == list(range(6))  # fewer applied than gen_n: all of them
+    for applied in (10, 15, 20, 33):
+        chosen = plan.at(applied)
+        assert len(chosen) == 10 == len(set(chosen)) and max(chosen) < applied
+        # the stream's sample among the applied edits is always kept
+        assert {p for p in plan.positions if p < applied} <= set(chosen)
+    assert plan.at(20) == generation_plan(_config(tiny_setup, n=40, gen_n=10), _requests(40)).at(20)  # seeded
+    assert set(plan.union([6, 20, 40])) == set(plan.at(6)) | set(plan.at(20)) | set(plan.at(40))
+    # gen_n above the stream: every applied edit at every checkpoint
+    everything = generation_plan(_config(tiny_setup, n=40, gen_n=100), _requests(40))
+    assert everything.at(7) == list(range(7)) and everything.at(40) == list(range(40))
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_setup):
+    """A finished rlsedit run whose first checkpoint is made to look scored under the earlier rule
+    (one sample of gen_n=3 over the stream: a single edit of the first two)."""
+    out = tiny_setup["root"] / "rescore"
+    config = _config(tiny_setup, methods=("rlsedit",), general=(), gen_n=3, retention_first=2)
+    run_method_bench(config, out)
+    progress = out / "rlsedit" / "progress.jsonl"
+    records = read_progress(progress)
+    assert [r["evaluation"]["generation"]["counts"]["edits"] for r in records] == [2, 3]
+    fresh = json.loads(json.dumps(records[0]["evaluation"]))
+    old = records[0]["evaluation"]
+    old["generation"]["counts"]["edits"] = 1
+    old["generation"]["summary"]["edit_begins"] = 0.123
+    old["retention_first"]["generation"] = {"edits": 1, "edit_begins": 0.123}
+    rewrite_progress(progress, records)
+    return out, config, fresh
+
+
+def test_a_checkpoint_scored_on_fewer_edits_is_rescored_on_the_rebuilt_weights(scored):
+    out, config, fresh = scored
+    progress = out / "rlsedit" / "progress.jsonl"
+    before = read_progress(progress)
+    plan = generation_plan(config, [None] * config.n)
+    assert stale_checkpoints(before, plan, config) == [1]
+    summary = rescore_generation(config, out)
+    assert summary == {"rlsedit": [{"batch": 1, "edits": 2,
+                                    "before": {"generation_edits": 1, "first_generation_edits": 1},
+                                    "after": {"generation_edits": 2, "first_generation_edits": 2}}]}
+    after = read_progress(progress)
+    ev = after[0]["evaluation"]
+    # the same weights give the same figures the original scoring of the full sample gave
+    assert ev["generation"]["summary"] == fresh["generation"]["summary"]
+    assert ev["retention_first"]["generation"] == fresh["retention_first"]["generation"]
+    assert ev["generation_rescored"]["before"] == {"generation_edits": 1, "first_generation_edits": 1}
+    # teacher-forced scores, timings and the other checkpoint are untouched
+    assert ev["counterfact"] == before[0]["evaluation"]["counterfact"]
+    assert after[0]["total_s"] == before[0]["total_s"] and after[1] == before[1]
+    # the finished run's result holds the same lines, and the report says how many were sampled
+    assert json.loads((out / "rlsedit" / "result.json").read_text())["batches"] == after
+    write_report(out, ["rlsedit"])
+    md = (out / "results.md").read_text()
+    assert "sampled edits (of first 2)" in md and "| 2 (2) |" in md
+    assert rescore_generation(config, out) == {"rlsedit": []}  # nothing left to do
+
+
+def test_weights_that_do_not_rebuild_bit_for_bit_are_not_rescored(scored):
+    out, config, _ = scored
+    progress = out / "rlsedit" / "progress.jsonl"
+    records = read_progress(progress)
+    records[0]["evaluation"]["generation"]["counts"]["edits"] = 1
+    records[0]["edited_weights_sha256"] = "0" * 64
+    rewrite_progress(progress, records)
+    with pytest.raises(StateMismatchError, match="not the checkpoint's"):
+        rescore_generation(config, out)
+    assert read_progress(progress) == records  # nothing rewritten
+
+
+def test_rescoring_refuses_a_folder_without_a_benchmark_and_other_settings(scored, tmp_path):
+    out, config, _ = scored
+    with pytest.raises(InvalidRequestError, match="holds no method benchmark"):
+        rescore_generation(config, tmp_path)
+    with pytest.raises(StateMismatchError, match="other settings"):
+        rescore_generation(dataclasses.replace(config, gen_n=5), out)
