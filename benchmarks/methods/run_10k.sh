@@ -4,6 +4,10 @@
 #   bash benchmarks/methods/run_10k.sh gemma3-270m [methods]
 #   SWEEP='lambda=4' bash benchmarks/methods/run_10k.sh smollm2 rlsedit   # rlsedit, then rlsedit at λ = 4
 #   SWEEP='lambda=4' bash benchmarks/methods/run_10k.sh smollm2 ''        # rlsedit at λ = 4 alone
+#   RESCORE=1 SWEEP='lambda=4' bash benchmarks/methods/run_10k.sh smollm2 rlsedit,alphaedit
+#     edits nothing: re-scores the generation metrics of checkpoints that sampled fewer than
+#     min(500, edits so far) edits, on weights rebuilt from the target log (rlsedit bench methods
+#     --rescore-generation), and rewrites the report
 # It takes days of CPU: run it again after any stop (a killed process, a new machine). A finished
 # method is skipped; a half-finished one continues from its session when the machine kept it, else
 # rebuilds its batches from the committed target log (<method>/targets/) and continues from there.
@@ -31,6 +35,10 @@ bench() {  # bench LOG-NAME ARGS...: one bench call on the common settings, logg
     --device "${DEVICE:-cpu}" ${TARGET_ROWS:+--target-rows "$TARGET_ROWS"} --out "$OUT" "$@" \
     >> "$OUT/logs/$name-$(date -u +%Y%m%dT%H%M).log" 2>&1
 }
+if [ -n "${RESCORE:-}" ]; then  # re-score checkpoints sampled on fewer edits (a run begun under the earlier rule)
+  bench rescore --methods "$METHODS" ${SWEEP:+--sweep "$SWEEP"} --rescore-generation
+  exit
+fi
 for m in ${METHODS//,/ }; do
   bench "$m" --methods "$m"
 done
