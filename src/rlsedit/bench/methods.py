@@ -148,12 +148,7 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
     if LOCALITY_PRE_EDIT not in unedited:  # a row scored before EasyEdit locality was recorded
         unedited = add_to_unedited(out, LOCALITY_PRE_EDIT, lambda: _locality_pre_edit(config, requests))
     base_sha = unedited["weights_sha256"]
-    plan = generation_plan(config, requests)
-    if plan is not None:
-        # a row scored when checkpoints sampled fewer edits lacks some of their unedited continuations
-        unedited = merge_into_unedited(out, GENERATION_PRE_EDIT,
-                                       lambda have: missing_pre_edit(config, requests, plan, have))
-        plan = dataclasses.replace(plan, pre_edit=unedited.get(GENERATION_PRE_EDIT))
+    plan = generation_plan_with_pre_edit(out, config, requests)
 
     results: dict[str, Any] = {}
     for run in runs:
@@ -227,7 +222,19 @@ def checkpoint_edit_counts(config: MethodBenchConfig, n_requests: int) -> list[i
     return [min(b * config.batch_size, n_requests) for b in sorted(plan)]
 
 
-def missing_pre_edit(config, requests, plan: GenerationPlan, have: dict[str, str] | None) -> dict[str, str]:
+def generation_plan_with_pre_edit(out: Path, config: MethodBenchConfig,
+                                  requests: list[EditRequest]) -> GenerationPlan | None:
+    """The run's generation plan (``None`` without generation metrics) with the unedited
+    continuations of every checkpoint's sample, from ``unedited.json``; a row scored when checkpoints
+    sampled fewer edits gets the missing ones added first."""
+    plan = generation_plan(config, requests)
+    if plan is None:
+        return None
+    unedited = merge_into_unedited(out, GENERATION_PRE_EDIT, lambda have: _missing_pre_edit(config, requests, plan, have))
+    return dataclasses.replace(plan, pre_edit=unedited.get(GENERATION_PRE_EDIT))
+
+
+def _missing_pre_edit(config, requests, plan: GenerationPlan, have: dict[str, str] | None) -> dict[str, str]:
     """The unedited continuations of the checkpoint samples' prompts not in ``have`` (the base
     model is loaded only when some are missing)."""
     from ..eval.generation import pre_edit_generations, pre_edit_prompts
@@ -315,7 +322,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
                 break
             if b in done:
                 if not journaled(b):  # lost with its session: rebuilt from its logged targets
-                    rebuilt.append(_rebuild_batch(session, batch, b, done[b]))
+                    rebuilt.append(rebuild_batch(session, batch, b, done[b]))
                     timer.take()
                 continue
             applied_before = all(r.id in session.index for r in batch)
@@ -393,7 +400,7 @@ def edited_weights_sha256(lm, layers) -> str:
     return digest.hexdigest()
 
 
-def _rebuild_batch(session, batch: list[EditRequest], b: int, record: dict[str, Any]) -> dict[str, Any]:
+def rebuild_batch(session, batch: list[EditRequest], b: int, record: dict[str, Any]) -> dict[str, Any]:
     """Apply batch ``b`` again from its logged targets (no optimisation) and compare what it
     left with its progress line: the weights' digest (bit for bit) and each layer's drift."""
     start = time.perf_counter()

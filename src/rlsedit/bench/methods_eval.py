@@ -108,9 +108,9 @@ class GenerationPlan:
     """Which edits the generation metrics score and how, and the unedited model's neighbourhood
     continuations (``pre_edit``).
 
-    A checkpoint after ``applied`` edits scores ``min(n, applied)`` of them (:meth:`at`): first the
-    stream's own seeded sample (``positions``: ``n`` of all positions, what the last checkpoint and
-    the unedited row score) among the applied ones, then, where fewer than ``n`` of those have been
+    A checkpoint after ``applied`` edits scores ``min(gen_n, applied)`` of them (:meth:`at`): first the
+    stream's own seeded sample (``positions``: ``gen_n`` of all positions, what the last checkpoint and
+    the unedited row score) among the applied ones, then, where fewer than ``gen_n`` of those have been
     applied, the next applied positions of a seeded order of the others (``fill``). Every method
     scores the same edits at the same checkpoint.
     """
@@ -119,12 +119,11 @@ class GenerationPlan:
     config: Any  # rlsedit.eval.generation.GenerationConfig
     pre_edit: dict[str, str] | None = None
     fill: tuple[int, ...] = ()
-    n: int | None = None  # None: every applied edit
 
     def at(self, applied: int) -> list[int]:
         """The stream positions scored after ``applied`` edits, in ascending order."""
         chosen = [p for p in self.positions if p < applied]
-        want = applied if self.n is None else min(self.n, applied)
+        want = min(len(self.positions), applied)  # gen_n, or the whole stream when it is shorter
         if len(chosen) < want:
             chosen += [p for p in self.fill if p < applied][:want - len(chosen)]
         return sorted(chosen)
@@ -149,7 +148,7 @@ def generation_plan(config: MethodBenchConfig, requests: Sequence[EditRequest]) 
     taken = set(positions)
     fill = [p for p in range(len(requests)) if p not in taken]
     random.Random(config.seed + 1).shuffle(fill)  # its own stream, so the stream's sample stays as it was
-    return GenerationPlan(tuple(positions), gen, fill=tuple(fill), n=config.gen_n)
+    return GenerationPlan(tuple(positions), gen, fill=tuple(fill))
 
 
 def evaluate_generation_sample(lm, applied: Sequence[EditRequest], plan: GenerationPlan,

@@ -16,7 +16,6 @@ are rewritten after each checkpoint, so a stop keeps what was done.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import tempfile
@@ -26,12 +25,12 @@ from typing import Any
 
 from ..errors import InvalidRequestError, StateMismatchError
 from .edit_stream import select_edits
-from .methods import GENERATION_PRE_EDIT, TARGETS_DIR, missing_pre_edit, edited_weights_sha256
+from .methods import TARGETS_DIR, generation_plan_with_pre_edit, rebuild_batch
 from .methods_config import MethodBenchConfig, MethodRun, plan_runs
-from .methods_eval import GenerationPlan, evaluate_generation_sample, generation_plan, retention_of_first
+from .methods_eval import GenerationPlan, evaluate_generation_sample, retention_of_first
 from .provenance import code_description
-from .resume import (SETTINGS_FILE, bench_settings, check_or_write_settings, merge_into_unedited, read_progress,
-                     rewrite_progress, write_json)
+from .resume import (SETTINGS_FILE, bench_settings, check_or_write_settings, read_progress, rewrite_progress,
+                     write_json)
 from .target_log import TargetLog
 
 log = logging.getLogger(__name__)
@@ -71,9 +70,7 @@ def rescore_generation(config: MethodBenchConfig, out: str | Path, *, progress: 
     runs = plan_runs(config)
     requests = select_edits(config.data, config.n, shuffle=config.shuffle, seed=config.seed)
     check_or_write_settings(out, bench_settings(config, requests, general))  # refuses other settings
-    plan = generation_plan(config, requests)
-    unedited = merge_into_unedited(out, GENERATION_PRE_EDIT, lambda have: missing_pre_edit(config, requests, plan, have))
-    plan = dataclasses.replace(plan, pre_edit=unedited[GENERATION_PRE_EDIT])
+    plan = generation_plan_with_pre_edit(out, config, requests)
     runtime = Runtime(device=config.device, progress=progress, cache_dir=config.cache_dir, corpus=config.corpus,
                       target_rows=config.target_rows)
     summary: dict[str, Any] = {}
@@ -114,17 +111,14 @@ def _rescore_run(run: MethodRun, config: MethodBenchConfig, requests, folder: Pa
                 raise InvalidRequestError(f"{run.name}: {run.method} has no value targets to replay; re-run it instead")
             session.editor.target_log = target_log
             for b in range(1, max(stale) + 1):
-                report = session.edit(batches[b - 1], batch_size=len(batches[b - 1]))
-                if len(report.applied) != len(batches[b - 1]):
-                    raise StateMismatchError(f"{run.name}: batch {b} rebuilt {len(report.applied)} edits")
+                rebuilt = rebuild_batch(session, batches[b - 1], b, by_batch.get(b, {}))
                 if b not in stale:
                     continue
                 rec = by_batch[b]
-                digest = edited_weights_sha256(session.lm, session.editor.layers)
-                if digest != rec.get("edited_weights_sha256"):
+                if rebuilt.get("identical") is not True:
                     raise StateMismatchError(
-                        f"{run.name}: the weights rebuilt at batch {b} ({digest[:12]}…) are not the checkpoint's "
-                        f"({str(rec.get('edited_weights_sha256'))[:12]}…); its generation is not re-scored")
+                        f"{run.name}: the weights rebuilt at batch {b} are not the checkpoint's (its "
+                        "edited_weights_sha256); its generation is not re-scored")
                 done.append(_rescore_checkpoint(session.lm, rec, batches[:b], config, plan))
                 rewrite_progress(folder / "progress.jsonl", records)
                 log.info("%s: batch %d re-scored (%s)", run.name, b, done[-1])
