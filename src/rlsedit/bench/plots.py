@@ -126,9 +126,9 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
         ax.set_xlabel("edits applied")
         ax.set_ylim(-0.02, 1.02)
     axes[0].set_ylabel("success rate (teacher-forced)")
-    axes[-1].legend(fontsize=7, loc="lower left")
-    if first_n:  # the first-N lines are drawn in the efficacy panel only
-        axes[0].legend(fontsize=7, loc="lower left")
+    # outside the panels, so a short curve (a method stopped early) cannot hide behind it; the
+    # efficacy panel holds every line, the first-N ones included
+    axes[-1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     if with_gen:
         for ax, (title, keys) in zip(grid[1], GEN_PANELS):
             for name, result in traced.items():
@@ -148,13 +148,18 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
             ax.set_xlabel("edits applied")
             ax.set_ylim(-0.02, 1.02)
         grid[1][0].set_ylabel("fraction of generations")
-        grid[1][0].legend(fontsize=7, loc="best")
+        grid[1][-1].legend(*grid[1][0].get_legend_handles_labels(), fontsize=7, loc="upper left",
+                           bbox_to_anchor=(1.02, 1.0))
     save(fig, "metrics_vs_edits.png")
 
     general = full["settings"].get("general", [])
     if general:
-        fig, axes = plt.subplots(1, len(general), figsize=(4 * len(general), 3.6), squeeze=False)
-        for ax, suite in zip(axes[0], general):
+        ncols = min(5, len(general))
+        nrows = -(-len(general) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.2 * nrows), squeeze=False)
+        for ax in axes.flat[len(general):]:
+            ax.set_visible(False)
+        for ax, suite in zip(axes.flat, general):
             for name, result in traced.items():
                 pts = [(b["edits"], _general_value(suite, b["evaluation"].get("general", {}).get(suite)))
                        for b in _checkpoints(result)]
@@ -168,9 +173,15 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
                     ax.axhline(base, color="grey", ls=":", lw=1, label="unedited")
                 if res and suite != "wikitext" and res.get("chance") is not None:
                     ax.axhline(res["chance"], color="black", ls="--", lw=0.8, label="chance")
+            if suite == "wikitext":
+                ax.set_yscale("log")  # a collapse is orders of magnitude above the unedited level
             ax.set_title("perplexity (WikiText-2)" if suite == "wikitext" else suite)
             ax.set_xlabel("edits applied")
-        axes[0][-1].legend(fontsize=7)
+        handles = {}
+        for ax in axes.flat:  # a method or line may be missing from one suite's panel
+            handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+        axes[0][-1].legend(list(handles.values()), list(handles), fontsize=7, loc="upper left",
+                           bbox_to_anchor=(1.02, 1.0))
         save(fig, "general_vs_edits.png")
 
     # forgetting curve
