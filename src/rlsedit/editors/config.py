@@ -379,7 +379,9 @@ class FTConfig(EditConfig):
         "FT fine-tunes on the target NLL and solves no least squares over key columns")
     lr: float = _help("Adam learning rate on the weights", 5e-4)
     num_steps: int = _help("optimization steps per batch", 25)
-    norm_constraint: float = _help("ℓ∞ radius around W_0 the weights are clamped to", 5e-4)
+    norm_constraint: float = _help(
+        "ℓ∞ radius, around the weights at the start of each batch (ft_main's weights_copy), that the "
+        "weights are clamped to", 5e-4)
 
     def __post_init__(self) -> None:
         super().__post_init__()
