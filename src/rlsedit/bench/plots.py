@@ -67,6 +67,17 @@ MAX_TRACED_SWEEP_POINTS = 3
 run's one λ > 0 row); a larger grid would crowd those plots and is summed up in ``sweep.png``."""
 
 
+def _legend_beside(ax, panels) -> None:
+    """One legend right of ``ax`` with each label drawn in ``panels`` once (a method or line may be
+    missing from a panel), outside the panels so a short curve (a method stopped early) cannot hide
+    behind it."""
+    by_label: dict[str, Any] = {}
+    for panel in panels:
+        for handle, label in zip(*panel.get_legend_handles_labels()):
+            by_label.setdefault(label, handle)
+    ax.legend(list(by_label.values()), list(by_label), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+
+
 def traced_runs(methods: dict[str, Any]) -> dict[str, Any]:
     """The runs drawn along the stream: every method, and the sweep points (``name[...]``) when
     there are at most :data:`MAX_TRACED_SWEEP_POINTS` of them; the order is kept."""
@@ -126,9 +137,7 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
         ax.set_xlabel("edits applied")
         ax.set_ylim(-0.02, 1.02)
     axes[0].set_ylabel("success rate (teacher-forced)")
-    # outside the panels, so a short curve (a method stopped early) cannot hide behind it; the
-    # efficacy panel holds every line, the first-N ones included
-    axes[-1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    _legend_beside(axes[-1], axes)
     if with_gen:
         for ax, (title, keys) in zip(grid[1], GEN_PANELS):
             for name, result in traced.items():
@@ -148,8 +157,7 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
             ax.set_xlabel("edits applied")
             ax.set_ylim(-0.02, 1.02)
         grid[1][0].set_ylabel("fraction of generations")
-        grid[1][-1].legend(*grid[1][0].get_legend_handles_labels(), fontsize=7, loc="upper left",
-                           bbox_to_anchor=(1.02, 1.0))
+        _legend_beside(grid[1][-1], grid[1])
     save(fig, "metrics_vs_edits.png")
 
     general = full["settings"].get("general", [])
@@ -177,11 +185,7 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
                 ax.set_yscale("log")  # a collapse is orders of magnitude above the unedited level
             ax.set_title("perplexity (WikiText-2)" if suite == "wikitext" else suite)
             ax.set_xlabel("edits applied")
-        handles = {}
-        for ax in axes.flat:  # a method or line may be missing from one suite's panel
-            handles.update(zip(*reversed(ax.get_legend_handles_labels())))
-        axes[0][-1].legend(list(handles.values()), list(handles), fontsize=7, loc="upper left",
-                           bbox_to_anchor=(1.02, 1.0))
+        _legend_beside(axes[0][-1], axes.flat)
         save(fig, "general_vs_edits.png")
 
     # forgetting curve
