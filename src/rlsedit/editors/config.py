@@ -372,7 +372,8 @@ class ROMEConfig(EditConfig):
 
 @dataclass(frozen=True)
 class FTConfig(EditConfig):
-    """FT-L: fine-tune the edited layers' down projections on the target NLL, within an ℓ∞ ball of W_0."""
+    """FT-L: fine-tune the edited layers' down projections on the target NLL, within an ℓ∞ ball around
+    each batch's starting weights."""
 
     method: ClassVar[str] = "ft"
     no_key_columns: ClassVar[str | None] = (
