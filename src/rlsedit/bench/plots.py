@@ -189,7 +189,7 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
         save(fig, "general_vs_edits.png")
 
     # forgetting curve
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = plt.subplots(figsize=(9, 3.8))
     for name, result in traced.items():
         bins = result["final"].get("retention", {}).get("bins", {}).get("success", [])
         pts = [((b["first"] + b["last"]) / 2, b["mean"]) for b in bins if b["mean"] is not None]
@@ -206,7 +206,7 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
     ax.set_xlabel("edit position in the stream (0 = oldest)")
     ax.set_ylabel("after the whole stream (or so far)")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7)
+    _legend_beside(ax, [ax])
     save(fig, "forgetting_curve.png")
 
     # drift and anchor residual
