@@ -13,7 +13,7 @@ from rlsedit.bench.edit_stream import checkpoint_batches, select_edits
 from rlsedit.bench.methods import run_method_bench
 from rlsedit.bench.methods_config import MethodBenchConfig, plan_runs
 from rlsedit.bench.methods_report import format_results_markdown
-from rlsedit.bench.plots import MAX_TRACED_SWEEP_POINTS, traced_runs
+from rlsedit.bench.plots import MAX_TRACED_SWEEP_POINTS, sweep_points, traced_runs
 from rlsedit.bench.sweep import parse_sweep, run_dir_name, sweep_run_name
 from rlsedit.eval.runner import general_suite_names
 from rlsedit.errors import InvalidRequestError, StateMismatchError
@@ -178,7 +178,17 @@ def test_a_layer_sweep_runs_and_is_plotted(tiny_setup):
         assert result["config"]["layers"] == layers
         assert sorted(result["batches"][-1]["diagnostics"]["layers"]) == [str(l) for l in layers]
     assert (out / "sweep.png").stat().st_size > 1000
+    assert list(sweep_points(full["methods"])) == full["runs"]  # drawn beside the defaults it departs from
     assert "rlsedit[layers=2-3]" in (out / "results.md").read_text()
+
+
+def test_sweep_points_are_the_finished_ones_led_by_the_finished_defaults():
+    finished, partial = {"config": {}}, {"config": {}, "partial": "500 of 1,000 edits"}
+    assert list(sweep_points({"rlsedit": finished, "memit": finished, "rlsedit[lambda_reg=4]": finished})) == [
+        "rlsedit", "rlsedit[lambda_reg=4]"]
+    assert list(sweep_points({"rlsedit": partial, "rlsedit[lambda_reg=4]": finished,
+                              "rlsedit[lambda_reg=8]": partial})) == ["rlsedit[lambda_reg=4]"]
+    assert sweep_points({"rlsedit": finished}) == {}
 
 
 def run_killed_at_edit(config: MethodBenchConfig, out: Path, call: int, monkeypatch) -> None:

@@ -14,8 +14,8 @@
   keys, solve, journal; flat means an edit's cost does not grow with history) and the solve's
   seconds alone (RLSEdit's recursion vs MEMIT-seq's re-solve); one series per device when the
   stream moved between devices, without the batches whose targets were replayed from the log;
-* ``sweep.png`` — final efficacy/specificity of the RLSEdit sweep points: the first swept setting
-  on the x axis, one line per combination of the others.
+* ``sweep.png`` — final efficacy/specificity of the RLSEdit sweep points and of RLSEdit at its
+  defaults: the first setting that differs on the x axis, one line per combination of the others.
 
 The plots along the stream draw every method and, when the sweep is small
 (:data:`MAX_TRACED_SWEEP_POINTS`), its points too, each in one colour across all figures.
@@ -248,11 +248,23 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
     axes[0].legend(fontsize=7)
     save(fig, "solve_cost.png")
 
-    sweep = {k: v for k, v in methods.items() if is_sweep_run(k) and "partial" not in v}  # partial runs lack final scores
+    sweep = sweep_points(methods)
     if sweep:
         fig = _sweep_figure(plt, sweep)
         save(fig, "sweep.png")
     return written
+
+
+def sweep_points(methods: dict[str, Any]) -> dict[str, Any]:
+    """The finished sweep points (partial runs lack final scores), led by the swept method at its
+    defaults when it has finished, so that even a one-point sweep is drawn beside what it departs from."""
+    sweep = {name: result for name, result in methods.items() if is_sweep_run(name) and "partial" not in result}
+    if not sweep:
+        return {}
+    base = next(iter(sweep)).split("[", 1)[0]
+    if base in methods and "partial" not in methods[base]:
+        return {base: methods[base], **sweep}
+    return sweep
 
 
 def _sweep_figure(plt, sweep: dict[str, dict[str, Any]]):
