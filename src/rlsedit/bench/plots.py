@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .timing import timed_batches
-from .sweep import is_sweep_run, sweep_value_text  # the run names' own spelling
+from .sweep import SWEEP_METHOD, is_sweep_run, sweep_value_text  # the run names' own spelling
 
 log = logging.getLogger(__name__)
 
@@ -261,15 +261,15 @@ def sweep_points(methods: dict[str, Any]) -> dict[str, Any]:
     sweep = {name: result for name, result in methods.items() if is_sweep_run(name) and "partial" not in result}
     if not sweep:
         return {}
-    base = next(iter(sweep)).split("[", 1)[0]
-    if base in methods and "partial" not in methods[base]:
-        return {base: methods[base], **sweep}
+    defaults = methods.get(SWEEP_METHOD)
+    if defaults is not None and "partial" not in defaults:
+        return {SWEEP_METHOD: defaults, **sweep}
     return sweep
 
 
 def _sweep_figure(plt, sweep: dict[str, dict[str, Any]]):
-    """Final efficacy and specificity of the sweep points: the first swept setting on the x axis
-    (in the order run), one line per combination of the others."""
+    """Final efficacy and specificity of the sweep points: the first setting that differs among
+    them on the x axis (in the order run), one line per combination of the others."""
     configs = {name: result["config"] for name, result in sweep.items()}
     keys = [k for k in next(iter(configs.values())) if len({sweep_value_text(c.get(k)) for c in configs.values()}) > 1]
     x_key, line_keys = (keys[0], keys[1:]) if keys else (None, [])
