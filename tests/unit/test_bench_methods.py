@@ -183,12 +183,16 @@ def test_a_layer_sweep_runs_and_is_plotted(tiny_setup):
 
 
 def test_sweep_points_are_the_finished_ones_led_by_the_finished_defaults():
-    finished, partial = {"config": {}}, {"config": {}, "partial": "500 of 1,000 edits"}
-    assert list(sweep_points({"rlsedit": finished, "memit": finished, "rlsedit[lambda_reg=4]": finished})) == [
+    finished, partial = {"config": {"lambda_reg": 0.0}}, {"config": {"lambda_reg": 0.0}, "partial": "500 of 1,000 edits"}
+    point, partial_point = {"config": {"lambda_reg": 4.0}}, {"config": {"lambda_reg": 8.0}, "partial": "500 of 1,000 edits"}
+    assert list(sweep_points({"rlsedit": finished, "memit": finished, "rlsedit[lambda_reg=4]": point})) == [
         "rlsedit", "rlsedit[lambda_reg=4]"]
-    assert list(sweep_points({"rlsedit": partial, "rlsedit[lambda_reg=4]": finished,
-                              "rlsedit[lambda_reg=8]": partial})) == ["rlsedit[lambda_reg=4]"]
+    assert list(sweep_points({"rlsedit": partial, "rlsedit[lambda_reg=4]": point,
+                              "rlsedit[lambda_reg=8]": partial_point})) == ["rlsedit[lambda_reg=4]"]
     assert sweep_points({"rlsedit": finished}) == {}
+    defaults, other = {"config": {"lambda_reg": 0.0}}, {"config": {"lambda_reg": 4.0}}
+    assert list(sweep_points({"rlsedit": defaults, "rlsedit[lambda_reg=0]": {"config": {"lambda_reg": 0.0}},
+                              "rlsedit[lambda_reg=4]": other})) == ["rlsedit[lambda_reg=0]", "rlsedit[lambda_reg=4]"]
 
 
 def run_killed_at_edit(config: MethodBenchConfig, out: Path, call: int, monkeypatch) -> None:

@@ -257,14 +257,15 @@ def plot_method_bench(full: dict[str, Any], out: str | Path) -> list[Path]:
 
 def sweep_points(methods: dict[str, Any]) -> dict[str, Any]:
     """The finished sweep points (partial runs lack final scores), led by the swept method at its
-    defaults when it has finished, so that even a one-point sweep is drawn beside what it departs from."""
+    defaults when it has finished and no point already has its settings, so that even a one-point
+    sweep is drawn beside what it departs from (and a grid holding the defaults draws them once)."""
     sweep = {name: result for name, result in methods.items() if is_sweep_run(name) and "partial" not in result}
     if not sweep:
         return {}
     defaults = methods.get(SWEEP_METHOD)
-    if defaults is not None and "partial" not in defaults:
-        return {SWEEP_METHOD: defaults, **sweep}
-    return sweep
+    if defaults is None or "partial" in defaults or any(r["config"] == defaults["config"] for r in sweep.values()):
+        return sweep
+    return {SWEEP_METHOD: defaults, **sweep}
 
 
 def _sweep_figure(plt, sweep: dict[str, dict[str, Any]]):
