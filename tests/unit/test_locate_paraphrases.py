@@ -155,8 +155,10 @@ def test_the_editor_fits_targets_on_rewordings_and_keys_stay(monkeypatch):
     moments = {l: X @ X.T / 400 for l in range(4)}
     config = RLSEditConfig(layers=(1, 2), context_count=1, v_num_grad_steps=4)
     calls = []
-    original = para.paraphrase_templates
-    monkeypatch.setattr(para, "paraphrase_templates", lambda *a, **k: calls.append((a[2], k)) or original(*a, **k))
+    # fixed rewordings: what the tiny random model samples rarely passes the checks (it would
+    # fall back to the prompt itself), and this test is about what the editor does with them
+    reworded = [["Where is {} now", "{} stands in"], ["{} speaks", "The tongue of {}"]]
+    monkeypatch.setattr(para, "paraphrase_templates", lambda *a, **k: calls.append((a[2], k)) or reworded)
     lm = make_lm("llama", max_positions=1024)
     before = weights_sha256(lm.model)
     record = RLSEdit(lm, config.replace(paraphrase_count=2), moments=moments).propose(requests()[:2]).commit()
