@@ -4,6 +4,7 @@ fresh weights per method, checkpoints, diagnostics, reports, and resumption afte
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from locate_tiny import SENTENCES, make_lm
 from rlsedit.bench.edit_stream import checkpoint_batches, select_edits
 from rlsedit.bench.methods import run_method_bench
 from rlsedit.bench.methods_config import MethodBenchConfig, plan_runs
-from rlsedit.bench.methods_report import format_results_markdown
+from rlsedit.bench.methods_report import format_results_markdown, write_report
 from rlsedit.bench.plots import MAX_TRACED_SWEEP_POINTS, sweep_points, traced_runs
 from rlsedit.bench.sweep import parse_sweep, run_dir_name, sweep_run_name
 from rlsedit.eval.runner import general_suite_names
@@ -425,21 +426,55 @@ def test_plain_bench_and_bench_methods_parse_to_the_same_config(tiny_setup, monk
     assert "missing --data, --out" in capsys.readouterr().err
 
 
-def test_weights_that_differ_from_the_base_are_refused(tiny_setup, monkeypatch):
-    from rlsedit.bench import methods
-
-    out = tiny_setup["root"] / "tampered"
-    config = _config(tiny_setup, methods=("rlsedit",), general=(), checkpoints=1)
-    real = methods._run_unedited
-
-    def tampered(*args, **kwargs):
-        result = real(*args, **kwargs)
-        result["weights_sha256"] = "f" * 64
-        return result
-
-    monkeypatch.setattr(methods, "_run_unedited", tampered)
+def test_weights_that_differ_from_the_base_are_refused(finished, tiny_setup, tmp_path):
+    # a method rerun on a benchmark whose unedited row names other weights
+    out = tmp_path / "tampered"
+    shutil.copytree(finished[0], out)
+    shutil.rmtree(out / "rlsedit")
+    row = json.loads((out / "unedited.json").read_text())
+    (out / "unedited.json").write_text(json.dumps(row | {"weights_sha256": "f" * 64}))
     with pytest.raises(StateMismatchError, match="differ from the base"):
+        run_method_bench(_config(tiny_setup), out)
+
+
+def test_the_unedited_row_is_written_in_stages_and_a_stop_keeps_its_references(tiny_setup, monkeypatch):
+    from rlsedit.bench import methods
+    from rlsedit.eval import generation
+
+    out = tiny_setup["root"] / "staged"
+    config = _config(tiny_setup, methods=("rlsedit",), general=(), checkpoints=1)
+
+    class Stopped(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stopped
+
+    with monkeypatch.context() as m:
+        m.setattr(methods, "_score_unedited", stop)  # the machine stops while the row scores itself
+        with pytest.raises(Stopped):
+            run_method_bench(config, out)
+    kept = json.loads((out / "unedited.json").read_text())
+    assert {"weights_sha256", "locality_pre_edit", "generation_pre_edit"} <= set(kept)
+    assert "evaluation" not in kept and "final" not in kept
+    assert write_report(out)["unedited"] is None  # a report meanwhile: no unedited row yet
+    # the references the methods compare against are never scored again
+    recomputed = []
+    real = methods._locality_pre_edit
+    monkeypatch.setattr(methods, "_locality_pre_edit", lambda *a: recomputed.append(a) or real(*a))
+    monkeypatch.setattr(generation, "pre_edit_generations", lambda *a: recomputed.append(a))
+    # scoring other weights than the row began with is refused, and nothing is written
+    (out / "unedited.json").write_text(json.dumps(kept | {"weights_sha256": "f" * 64}))
+    with pytest.raises(StateMismatchError, match="the unedited row of this benchmark began with"):
         run_method_bench(config, out)
+    assert json.loads((out / "unedited.json").read_text()) == kept | {"weights_sha256": "f" * 64}
+    (out / "unedited.json").write_text(json.dumps(kept))
+    full = run_method_bench(config, out)
+    assert recomputed == []
+    done = json.loads((out / "unedited.json").read_text())
+    assert {k: done[k] for k in kept} == kept
+    assert full["unedited"]["evaluation"]["counterfact"]["summary"]["locality"] == 1.0
+    assert "| unedited (before editing) |" in (out / "results.md").read_text()
 
 
 def test_the_forgetting_curve_reads_the_last_checkpoints_scores(tiny_setup, monkeypatch):
@@ -565,7 +600,6 @@ def test_report_only_gathers_finished_runs(finished, tiny_setup, capsys):
     # the named ones first, then the folder's other runs (their rows are never dropped)
     assert runs[:3] == ["ft", "rlsedit", "rome"] and sorted(runs[3:]) == sorted(set(full["methods"]) - {"ft", "rlsedit"})
     with pytest.raises(InvalidRequestError, match="no benchmark"):
-        from rlsedit.bench.methods_report import write_report
         write_report(tiny_setup["root"] / "nothing-here")
 
 

@@ -8,6 +8,10 @@ What one run does (``rlsedit bench methods``, or plain ``rlsedit bench --model â
 2. **Unedited reference.** The base model is scored once on the same edits and general
    suites (row ``unedited``): what editing starts from. Methods run as separate processes
    on one ``out`` share it: the first scores it under a lock on ``out``, the others wait.
+   ``unedited.json`` grows in stages, each written when done: the weights' sha256, the
+   references the methods' scores compare against (EasyEdit locality's argmaxes, the
+   unedited continuations of the generation samples), then the row's own scores. A stop
+   during the scores (hours at 10,000 edits on a CPU) keeps the references.
 3. **Per method**, on a freshly loaded model (each method's
    :class:`~rlsedit.session.session.Session` loads the model itself; before the first batch
    the weights' sha256 is checked against the base model's, so nothing leaks between
@@ -70,8 +74,8 @@ from .methods_report import write_report
 from .provenance import code_description
 from .target_log import TargetLog
 from .timing import timing_summary
-from .resume import (add_to_unedited, append_progress, bench_settings, check_or_write_settings, merge_into_unedited,
-                     read_progress, rewrite_progress, unedited_once, write_json, write_run_name)
+from .resume import (UNEDITED_SCORES, add_to_unedited, append_progress, bench_settings, check_or_write_settings,
+                     merge_into_unedited, read_progress, rewrite_progress, unedited_once, write_json, write_run_name)
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +148,14 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
     if config.fluency_n:
         consistency_ref = consistency_reference(config, requests)
 
-    unedited = unedited_once(out, lambda: _run_unedited(config, requests, general, consistency_ref))
-    if LOCALITY_PRE_EDIT not in unedited:  # a row scored before EasyEdit locality was recorded
-        unedited = add_to_unedited(out, LOCALITY_PRE_EDIT, lambda: _locality_pre_edit(config, requests))
+    unedited = unedited_once(out, lambda: _unedited_identity(config))
+    if LOCALITY_PRE_EDIT not in unedited:
+        unedited = add_to_unedited(out, (LOCALITY_PRE_EDIT,),
+                                   lambda: {LOCALITY_PRE_EDIT: _locality_pre_edit(config, requests)})
     base_sha = unedited["weights_sha256"]
     plan = generation_plan_with_pre_edit(out, config, requests)
+    unedited = add_to_unedited(out, UNEDITED_SCORES, lambda: _score_unedited(
+        config, requests, general, consistency_ref, plan, unedited[LOCALITY_PRE_EDIT], base_sha))
 
     results: dict[str, Any] = {}
     for run in runs:
@@ -188,32 +195,34 @@ def _machine(config: MethodBenchConfig) -> dict[str, Any]:
                                                                 "target_rows": config.target_rows}
 
 
-def _run_unedited(config, requests, general, consistency_ref) -> dict[str, Any]:
-    from ..eval.generation import pre_edit_generations
+def _unedited_identity(config) -> dict[str, Any]:
+    """The unedited row's first stage: which weights every method must start from."""
+    from ..model.load import load_model
+    from ..model.weights import weights_sha256
+
+    lm = load_model(config.model, device=config.device, cache_dir=config.cache_dir)
+    return {"weights_sha256": weights_sha256(lm), "model_fingerprint": lm.fingerprint}
+
+
+def _score_unedited(config, requests, general, consistency_ref, plan: GenerationPlan | None,
+                    locality: dict[str, list[list[int]]], base_sha: str) -> dict[str, Any]:
+    """The unedited row's own scores (its last stage), on the weights its first stage recorded.
+
+    Its locality and "neighbour gen unchanged" compare the base model with itself in other
+    batches (a determinism check): the methods' figures compare against the same references.
+    """
     from ..model.load import load_model
     from ..model.weights import weights_sha256
 
     start = time.perf_counter()
     lm = load_model(config.model, device=config.device, cache_dir=config.cache_dir)
-    sha = weights_sha256(lm)
-    plan = generation_plan(config, requests)
-    pre_edit = None
-    if plan is not None:
-        # the methods' "neighbour gen unchanged" compares against these (every checkpoint's sample);
-        # this row's own figure compares two decodings of the same model in other batches (a
-        # determinism check)
-        sampled = plan.union(checkpoint_edit_counts(config, len(requests)))
-        pre_edit = pre_edit_generations(lm, [requests[p] for p in sampled], plan.config)
-        plan = dataclasses.replace(plan, pre_edit=pre_edit)
-    # every method's locality compares against these; this row's own compares the model with
-    # itself in other batches (a determinism check, like its generation figure)
-    locality = locality_reference(lm, requests, config)
+    if weights_sha256(lm) != base_sha:
+        raise StateMismatchError(f"{config.model}: the weights differ from those the unedited row of this "
+                                 "benchmark began with; use another --out")
     records: list[dict[str, Any]] = []
     evaluation = evaluate_checkpoint(lm, requests, config, general, plan, locality, records_out=records)
     extras = final_extras(lm, requests, config, consistency_ref, records=records)
-    return {"weights_sha256": sha, "model_fingerprint": lm.fingerprint, "evaluation": evaluation,
-            "final": extras, GENERATION_PRE_EDIT: pre_edit, LOCALITY_PRE_EDIT: locality,
-            "seconds": time.perf_counter() - start}
+    return {"evaluation": evaluation, "final": extras, "seconds": time.perf_counter() - start}
 
 
 def checkpoint_edit_counts(config: MethodBenchConfig, n_requests: int) -> list[int]:
@@ -225,8 +234,8 @@ def checkpoint_edit_counts(config: MethodBenchConfig, n_requests: int) -> list[i
 def generation_plan_with_pre_edit(out: Path, config: MethodBenchConfig,
                                   requests: list[EditRequest]) -> GenerationPlan | None:
     """The run's generation plan (``None`` without generation metrics) with the unedited
-    continuations of every checkpoint's sample, from ``unedited.json``; a row scored when checkpoints
-    sampled fewer edits gets the missing ones added first."""
+    continuations of every checkpoint's sample, from ``unedited.json``: the row's third stage
+    computes them (and a row scored when checkpoints sampled fewer edits gets the missing ones)."""
     plan = generation_plan(config, requests)
     if plan is None:
         return None
@@ -251,7 +260,8 @@ def _missing_pre_edit(config, requests, plan: GenerationPlan, have: dict[str, st
 
 
 def _locality_pre_edit(config, requests) -> dict[str, list[list[int]]]:
-    """EasyEdit locality's reference for a row scored without it: the base model, loaded again."""
+    """The unedited row's second stage: EasyEdit locality's reference (a row written before it was
+    recorded also gets it here)."""
     from ..model.load import load_model
 
     lm = load_model(config.model, device=config.device, cache_dir=config.cache_dir)

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from ..errors import InvalidRequestError
 from .timing import times_an_edit, timing_summary
-from .resume import SETTINGS_FILE, UNEDITED, read_progress, read_run_name, write_json
+from .resume import SETTINGS_FILE, UNEDITED, UNEDITED_SCORES, read_progress, read_run_name, write_json
 from .sweep import run_dir_name
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def write_report(out: str | Path, run_names: Sequence[str] | None = None, *,
         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": settings,
         "runs": list(run_names),
-        "unedited": json.loads((out / f"{UNEDITED}.json").read_text()),
+        "unedited": _scored_unedited(out),
         "methods": results,
         "machine": machine,
         "notes": list(NOTES),
@@ -130,6 +130,13 @@ def write_report(out: str | Path, run_names: Sequence[str] | None = None, *,
     plots = plot_method_bench(full, out)
     log.info("plots: %s", ", ".join(str(p) for p in plots))
     return full
+
+
+def _scored_unedited(out: Path) -> dict[str, Any] | None:
+    """``unedited.json`` once its own scores are written (its last stage), else ``None``: a report
+    while they are still running has no unedited row yet."""
+    unedited = json.loads((out / f"{UNEDITED}.json").read_text())
+    return unedited if all(key in unedited for key in UNEDITED_SCORES) else None
 
 
 def _pct(value: float | None) -> str:

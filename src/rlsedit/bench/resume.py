@@ -2,8 +2,8 @@
 
 ``settings.json`` pins the edit stream and every setting that changes a figure (a rerun with
 other settings is refused); ``unedited.json`` holds the base model's row, scored once for all
-the processes sharing ``out`` (a row written before a field existed gets it added once,
-:func:`add_to_unedited`); ``<run>/progress.jsonl`` holds one line per finished batch,
+the processes sharing ``out`` and written in stages (a stage, or a field newer than the row, is
+added once: :func:`add_to_unedited`); ``<run>/progress.jsonl`` holds one line per finished batch,
 appended and synced, with a torn last line (a crash mid-write) dropped on reading;
 ``<run>/run.json`` names the run the folder holds, so a report finds every run of ``out``.
 """
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "settings.json"
 UNEDITED = "unedited"
+UNEDITED_SCORES = ("evaluation", "final")  # the unedited row's own scores: its last stage
 RUN_FILE = "run.json"
 
 
@@ -47,15 +48,15 @@ def unedited_once(out: Path, score: Callable[[], dict[str, Any]]) -> dict[str, A
         return unedited
 
 
-def add_to_unedited(out: Path, key: str, compute: Callable[[], Any]) -> dict[str, Any]:
-    """The unedited row with ``key``: a row scored by an older version lacks it, so the first process
-    to arrive computes it under the lock on ``out`` and adds it to ``unedited.json``; the others
-    read it there."""
+def add_to_unedited(out: Path, keys: Sequence[str], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The unedited row with ``keys``: the row is written in stages (and one written by an older
+    version lacks later keys), so the first process to arrive without them runs ``compute`` under
+    the lock on ``out`` and adds what it returns to ``unedited.json``; the others read it there."""
     path = out / f"{UNEDITED}.json"
     with StateLock(out, wait=True):
         unedited = json.loads(path.read_text())
-        if key not in unedited:
-            unedited[key] = compute()
+        if any(key not in unedited for key in keys):
+            unedited.update(compute())
             write_json(path, unedited)
         return unedited
 
