@@ -195,12 +195,24 @@ def _machine(config: MethodBenchConfig) -> dict[str, Any]:
                                                                 "target_rows": config.target_rows}
 
 
-def _unedited_identity(config) -> dict[str, Any]:
-    """The unedited row's first stage: which weights every method must start from."""
+def _base_model(config: MethodBenchConfig, base_sha: str | None = None):
+    """The base model, freshly loaded for one stage of the unedited row; with ``base_sha``, refused
+    unless its weights are those the row began with."""
     from ..model.load import load_model
     from ..model.weights import weights_sha256
 
     lm = load_model(config.model, device=config.device, cache_dir=config.cache_dir)
+    if base_sha is not None and weights_sha256(lm) != base_sha:
+        raise StateMismatchError(f"{config.model}: the weights differ from those the unedited row of this "
+                                 "benchmark began with; use another --out")
+    return lm
+
+
+def _unedited_identity(config) -> dict[str, Any]:
+    """The unedited row's first stage: which weights every method must start from."""
+    from ..model.weights import weights_sha256
+
+    lm = _base_model(config)
     return {"weights_sha256": weights_sha256(lm), "model_fingerprint": lm.fingerprint}
 
 
@@ -211,14 +223,8 @@ def _score_unedited(config, requests, general, consistency_ref, plan: Generation
     Its locality and "neighbour gen unchanged" compare the base model with itself in other
     batches (a determinism check): the methods' figures compare against the same references.
     """
-    from ..model.load import load_model
-    from ..model.weights import weights_sha256
-
     start = time.perf_counter()
-    lm = load_model(config.model, device=config.device, cache_dir=config.cache_dir)
-    if weights_sha256(lm) != base_sha:
-        raise StateMismatchError(f"{config.model}: the weights differ from those the unedited row of this "
-                                 "benchmark began with; use another --out")
+    lm = _base_model(config, base_sha)
     records: list[dict[str, Any]] = []
     evaluation = evaluate_checkpoint(lm, requests, config, general, plan, locality, records_out=records)
     extras = final_extras(lm, requests, config, consistency_ref, records=records)
@@ -247,7 +253,6 @@ def _missing_pre_edit(config, requests, plan: GenerationPlan, have: dict[str, st
     """The unedited continuations of the checkpoint samples' prompts not in ``have`` (the base
     model is loaded only when some are missing)."""
     from ..eval.generation import pre_edit_generations, pre_edit_prompts
-    from ..model.load import load_model
 
     have = have or {}
     sampled = [requests[p] for p in plan.union(checkpoint_edit_counts(config, len(requests)))]
@@ -255,17 +260,13 @@ def _missing_pre_edit(config, requests, plan: GenerationPlan, have: dict[str, st
     if not missing:
         return {}
     log.info("unedited continuations for %d more sampled edits", len(missing))
-    lm = load_model(config.model, device=config.device, cache_dir=config.cache_dir)
-    return pre_edit_generations(lm, missing, plan.config)
+    return pre_edit_generations(_base_model(config), missing, plan.config)
 
 
 def _locality_pre_edit(config, requests) -> dict[str, list[list[int]]]:
     """The unedited row's second stage: EasyEdit locality's reference (a row written before it was
     recorded also gets it here)."""
-    from ..model.load import load_model
-
-    lm = load_model(config.model, device=config.device, cache_dir=config.cache_dir)
-    return locality_reference(lm, requests, config)
+    return locality_reference(_base_model(config), requests, config)
 
 
 def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditRequest], general, folder: Path,
