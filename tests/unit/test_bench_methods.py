@@ -437,42 +437,61 @@ def test_weights_that_differ_from_the_base_are_refused(finished, tiny_setup, tmp
         run_method_bench(_config(tiny_setup), out)
 
 
-def test_the_unedited_row_is_written_in_stages_and_a_stop_keeps_its_references(tiny_setup, monkeypatch):
+def test_the_unedited_row_is_written_in_stages_and_a_stop_keeps_what_it_scored(finished, tiny_setup, monkeypatch):
     from rlsedit.bench import methods
-    from rlsedit.eval import generation
+    from rlsedit.eval import counterfact, generation
 
     out = tiny_setup["root"] / "staged"
     config = _config(tiny_setup, methods=("rlsedit",), general=(), checkpoints=1)
+    monkeypatch.setattr(methods, "UNEDITED_PART", 1)  # four parts of one edit
+    real_records = counterfact.counterfact_records
+    parts_scored = []
 
     class Stopped(Exception):
         pass
 
-    def stop(*args, **kwargs):
-        raise Stopped
+    def records_then_stop(lm, part, **kw):  # the machine stops while the third part is scored
+        if len(parts_scored) == 2:
+            raise Stopped
+        parts_scored.append([r.id for r in part])
+        return real_records(lm, part, **kw)
 
     with monkeypatch.context() as m:
-        m.setattr(methods, "_score_unedited", stop)  # the machine stops while the row scores itself
+        m.setattr(counterfact, "counterfact_records", records_then_stop)
         with pytest.raises(Stopped):
             run_method_bench(config, out)
     kept = json.loads((out / "unedited.json").read_text())
     assert {"weights_sha256", "locality_pre_edit", "generation_pre_edit"} <= set(kept)
     assert "evaluation" not in kept and "final" not in kept
+    parts_file = out / methods.UNEDITED_PARTS_FILE
+    assert [line["first"] for line in map(json.loads, parts_file.read_text().splitlines())] == [0, 1]
     assert write_report(out)["unedited"] is None  # a report meanwhile: no unedited row yet
-    # the references the methods compare against are never scored again
-    recomputed = []
-    real = methods._locality_pre_edit
-    monkeypatch.setattr(methods, "_locality_pre_edit", lambda *a: recomputed.append(a) or real(*a))
-    monkeypatch.setattr(generation, "pre_edit_generations", lambda *a: recomputed.append(a))
+
     # scoring other weights than the row began with is refused, and nothing is written
     (out / "unedited.json").write_text(json.dumps(kept | {"weights_sha256": "f" * 64}))
     with pytest.raises(StateMismatchError, match="the unedited row of this benchmark began with"):
         run_method_bench(config, out)
     assert json.loads((out / "unedited.json").read_text()) == kept | {"weights_sha256": "f" * 64}
+    assert len(parts_file.read_text().splitlines()) == 2
+
+    # a restart scores only the parts still missing; the references are never scored again
     (out / "unedited.json").write_text(json.dumps(kept))
+    recomputed = []
+    real_locality = methods._locality_pre_edit
+    monkeypatch.setattr(methods, "_locality_pre_edit", lambda *a: recomputed.append(a) or real_locality(*a))
+    monkeypatch.setattr(generation, "pre_edit_generations", lambda *a: recomputed.append(a))
+    monkeypatch.setattr(counterfact, "counterfact_records",
+                        lambda lm, part, **kw: parts_scored.append([r.id for r in part]) or real_records(lm, part, **kw))
     full = run_method_bench(config, out)
-    assert recomputed == []
+    ids = [r.id for r in select_edits(config.data, config.n)]
+    # the row's parts (two before the stop, two after), then the method's checkpoint on all four
+    assert parts_scored[:4] == [[i] for i in ids] and parts_scored[4:] == [ids] and recomputed == []
+    assert not parts_file.exists()  # in unedited.json now
     done = json.loads((out / "unedited.json").read_text())
     assert {k: done[k] for k in kept} == kept
+    # the same scores as the row scored in one pass (to float rounding: other batches)
+    whole = finished[1]["unedited"]["evaluation"]["counterfact"]["summary"]
+    assert full["unedited"]["evaluation"]["counterfact"]["summary"] == pytest.approx(whole, rel=1e-5)
     assert full["unedited"]["evaluation"]["counterfact"]["summary"]["locality"] == 1.0
     assert "| unedited (before editing) |" in (out / "results.md").read_text()
 

@@ -11,7 +11,8 @@ import torch
 from eval_tiny_lm import make_lm
 from rlsedit.errors import InvalidRequestError
 from rlsedit.eval.consistency import REFERENCE_LABEL, ConsistencyReference, tfidf_cosine
-from rlsedit.eval.counterfact import evaluate_counterfact, generation_prompts, probes, score_requests
+from rlsedit.eval.counterfact import (counterfact_records, evaluate_counterfact, generation_prompts,
+                                      neighborhood_predictions, probes, score_requests)
 from rlsedit.eval.datafiles import EvalDataError
 from rlsedit.eval.fluency import ngram_entropy, ngram_entropy_bits, text_ngram_entropy, word_tokens
 from rlsedit.eval.scoring import score_continuations
@@ -104,6 +105,21 @@ def test_summary_is_mean_over_requests_and_harmonic_score(lm):
     assert out["chance"]["efficacy"] == 0.5
     assert out["chance"]["efficacy_acc"] == pytest.approx(1 / len(lm.tokenizer))
     json.dumps(out)  # JSON-able
+
+
+def test_records_scored_in_parts_give_the_evaluation_of_one_pass(lm):
+    reqs = [parse_request(ROME_RECORD), parse_request(MEND_RECORD, 1)]
+    reference = neighborhood_predictions(lm, reqs)
+    whole = evaluate_counterfact(lm, reqs, pre_edit_locality=reference)
+    parts = counterfact_records(lm, reqs[:1], pre_edit_locality=reference) + \
+        counterfact_records(lm, reqs[1:], pre_edit_locality=reference)
+    again = evaluate_counterfact(lm, reqs, pre_edit_locality=reference, records=json.loads(json.dumps(parts)))
+    assert again["summary"] == pytest.approx(whole["summary"], rel=1e-9)
+    assert again["summary"]["locality"] == 1.0 and again["notes"] == whole["notes"]
+    with pytest.raises(EvalDataError, match="do not belong"):
+        evaluate_counterfact(lm, reqs, records=parts[::-1])
+    with pytest.raises(EvalDataError, match="without pre_edit_locality"):
+        evaluate_counterfact(lm, reqs, pre_edit_locality=reference, records=counterfact_records(lm, reqs))
 
 
 def test_fluency_and_consistency_records(lm, tmp_path):

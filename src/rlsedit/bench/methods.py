@@ -10,8 +10,9 @@ What one run does (``rlsedit bench methods``, or plain ``rlsedit bench --model â
    on one ``out`` share it: the first scores it under a lock on ``out``, the others wait.
    ``unedited.json`` grows in stages, each written when done: the weights' sha256, the
    references the methods' scores compare against (EasyEdit locality's argmaxes, the
-   unedited continuations of the generation samples), then the row's own scores. A stop
-   during the scores (hours at 10,000 edits on a CPU) keeps the references.
+   unedited continuations of the generation samples), then the row's own scores, whose
+   CounterFact records are appended to ``unedited-counterfact.jsonl`` 500 edits at a time
+   while they run (hours at 10,000 edits on a CPU): a stop loses at most one part.
 3. **Per method**, on a freshly loaded model (each method's
    :class:`~rlsedit.session.session.Session` loads the model itself; before the first batch
    the weights' sha256 is checked against the base model's, so nothing leaks between
@@ -81,6 +82,8 @@ log = logging.getLogger(__name__)
 
 LOCALITY_PRE_EDIT = "locality_pre_edit"  # the unedited row's key of EasyEdit locality's reference
 GENERATION_PRE_EDIT = "generation_pre_edit"  # the unedited row's continuations of the sampled prompts
+UNEDITED_PARTS_FILE = "unedited-counterfact.jsonl"  # the unedited row's CounterFact records while it scores them
+UNEDITED_PART = 500  # edits per part: minutes of CPU each
 TARGETS_DIR = "targets"  # <method>/targets/: the target log a resumed run rebuilds lost batches from
 
 
@@ -154,8 +157,10 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
                                    lambda: {LOCALITY_PRE_EDIT: _locality_pre_edit(config, requests)})
     base_sha = unedited["weights_sha256"]
     plan = generation_plan_with_pre_edit(out, config, requests)
+    parts = out / UNEDITED_PARTS_FILE
     unedited = add_to_unedited(out, UNEDITED_SCORES, lambda: _score_unedited(
-        config, requests, general, consistency_ref, plan, unedited[LOCALITY_PRE_EDIT], base_sha))
+        config, requests, general, consistency_ref, plan, unedited[LOCALITY_PRE_EDIT], base_sha, parts))
+    parts.unlink(missing_ok=True)  # in unedited.json now
 
     results: dict[str, Any] = {}
     for run in runs:
@@ -217,18 +222,40 @@ def _unedited_identity(config) -> dict[str, Any]:
 
 
 def _score_unedited(config, requests, general, consistency_ref, plan: GenerationPlan | None,
-                    locality: dict[str, list[list[int]]], base_sha: str) -> dict[str, Any]:
-    """The unedited row's own scores (its last stage), on the weights its first stage recorded.
+                    locality: dict[str, list[list[int]]], base_sha: str, parts: Path) -> dict[str, Any]:
+    """The unedited row's own scores (its last stage), on the weights its first stage recorded;
+    its CounterFact records are kept in ``parts`` as they are scored (hours at 10,000 edits on a
+    CPU), so a restart continues them.
 
     Its locality and "neighbour gen unchanged" compare the base model with itself in other
     batches (a determinism check): the methods' figures compare against the same references.
     """
+    from ..eval.counterfact import counterfact_records
+
     start = time.perf_counter()
     lm = _base_model(config, base_sha)
+    scored = _records_in_parts(parts, requests, lambda part: counterfact_records(
+        lm, part, batch_size=config.eval_batch_size, pre_edit_locality=locality))
     records: list[dict[str, Any]] = []
-    evaluation = evaluate_checkpoint(lm, requests, config, general, plan, locality, records_out=records)
+    evaluation = evaluate_checkpoint(lm, requests, config, general, plan, locality, records_out=records,
+                                     counterfact_records=scored)
     extras = final_extras(lm, requests, config, consistency_ref, records=records)
     return {"evaluation": evaluation, "final": extras, "seconds": time.perf_counter() - start}
+
+
+def _records_in_parts(path: Path, requests: list[EditRequest], score) -> list[dict[str, Any]]:
+    """CounterFact records of ``requests``, ``UNEDITED_PART`` edits at a time, each part appended to
+    ``path`` as it is scored: a stop loses one part, and a restart reads the parts back. (Parts
+    batch the prompts differently from one pass: the records agree to float rounding.)"""
+    done = [r for line in read_progress(path) for r in line["records"]]
+    if [r["id"] for r in done] != [q.id for q in requests[:len(done)]]:
+        raise StateMismatchError(f"{path} holds records of other edits than this benchmark's; delete it")
+    for first in range(len(done), len(requests), UNEDITED_PART):
+        part = score(requests[first:first + UNEDITED_PART])
+        append_progress(path, {"first": first, "records": part})
+        done += part
+        log.info("unedited row: CounterFact records of %d of %d edits", len(done), len(requests))
+    return done
 
 
 def checkpoint_edit_counts(config: MethodBenchConfig, n_requests: int) -> list[int]:

@@ -23,20 +23,24 @@ log = logging.getLogger(__name__)
 def evaluate_checkpoint(lm, requests: Sequence[EditRequest], config: MethodBenchConfig, general: Sequence[str],
                         plan: GenerationPlan | None = None,
                         locality_pre_edit: dict[str, list[list[int]]] | None = None,
-                        records_out: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                        records_out: list[dict[str, Any]] | None = None,
+                        counterfact_records: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The evaluation at a checkpoint: CounterFact on ``requests`` (the edits applied so far),
     the general suites, and the generation metrics of ``plan``'s sample among them. With
     ``locality_pre_edit`` (:func:`locality_reference` of the unedited model) CounterFact also
     reports EasyEdit's ``locality``. ``records_out``, when given, receives CounterFact's
     per-request records (the forgetting curve after the last batch reads them instead of
-    scoring every edit prompt again: a quarter of an hour at 10,000 edits on a CPU)."""
+    scoring every edit prompt again: a quarter of an hour at 10,000 edits on a CPU).
+    ``counterfact_records``: those records already scored on this model (in parts), used
+    instead of scoring again."""
     from ..eval.runner import DETAIL_KEYS, run_eval
 
     locality = None if locality_pre_edit is None else {"counterfact": locality_pre_edit}
     out = run_eval(lm, counterfact=list(requests), general=tuple(general), data_dir=config.data_dir,
                    n=config.general_n, limit=config.gsm8k_limit, ppl_tokens=config.ppl_tokens,
                    batch_size=config.eval_batch_size, seed=config.seed, max_new_tokens=config.max_new_tokens,
-                   pre_edit_locality=locality, details=records_out is not None)
+                   pre_edit_locality=locality, details=records_out is not None,
+                   counterfact_records=counterfact_records)
     if records_out is not None:  # keep only the records; the rest as without details
         records_out.extend(out["counterfact"]["records"])
         out["counterfact"] = {k: v for k, v in out["counterfact"].items() if k not in DETAIL_KEYS}

@@ -238,6 +238,16 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def counterfact_records(lm, requests: Sequence[EditRequest], *, batch_size: int = 16,
+                        pre_edit_locality: dict[str, Sequence[Sequence[int]]] | None = None) -> list[dict[str, Any]]:
+    """The teacher-forced part of :func:`evaluate_counterfact`: one record per request
+    (:func:`score_requests`), with EasyEdit's ``locality`` when ``pre_edit_locality`` is given."""
+    records = score_requests(lm, requests, batch_size=batch_size)
+    if pre_edit_locality is not None:
+        _add_locality(lm, requests, records, pre_edit_locality, batch_size)
+    return records
+
+
 def evaluate_counterfact(
     lm,
     requests: Sequence[EditRequest],
@@ -250,11 +260,15 @@ def evaluate_counterfact(
     seed: int = 0,
     keep_generations: bool = False,
     pre_edit_locality: dict[str, Sequence[Sequence[int]]] | None = None,
+    records: Sequence[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """All CounterFact metrics of ``requests`` on the model as it is now.
 
     With ``pre_edit_locality`` (:func:`neighborhood_predictions` on the unedited model) each
-    record and the summary also get EasyEdit's ``locality``.
+    record and the summary also get EasyEdit's ``locality``. ``records``, when given, are the
+    teacher-forced records of ``requests`` already scored on this model
+    (:func:`counterfact_records`, e.g. in parts across a restart); they are used instead of
+    scoring again.
 
     Returns ``{"summary": {...}, "chance": {...}, "records": [...], "notes": [...]}``;
     records are per request (see :func:`score_requests`), plus ``fluency`` /
@@ -263,14 +277,19 @@ def evaluate_counterfact(
     """
     if not requests:
         raise EvalDataError("evaluate_counterfact needs at least one request")
-    records = score_requests(lm, requests, batch_size=batch_size)
+    if records is None:
+        records = counterfact_records(lm, requests, batch_size=batch_size, pre_edit_locality=pre_edit_locality)
+    else:
+        records = [dict(r) for r in records]
+        if [r.get("id") for r in records] != [req.id for req in requests]:
+            raise EvalDataError("records do not belong to these requests (one per request, in their order)")
+        if pre_edit_locality is not None and any("locality" not in r for r in records):
+            raise EvalDataError("records were scored without pre_edit_locality; score them with it")
     notes = [
         "success = per-token NLL comparison (ROME); *_acc = teacher-forced top-1 token accuracy "
         "(EasyEdit); *_exact = all target tokens top-1; neighborhood_acc is accuracy against the "
         "answer, EasyEdit's locality (pre/post argmax agreement) is 'locality'",
     ]
-    if pre_edit_locality is not None:
-        _add_locality(lm, requests, records, pre_edit_locality, batch_size)
     if fluency or consistency is not None:
         texts = generate_for_requests(lm, requests, decoding=decoding, max_new_tokens=max_new_tokens,
                                       seed=seed, batch_size=max(1, batch_size // 2))

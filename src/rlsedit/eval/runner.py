@@ -180,6 +180,7 @@ def run_eval(
     multihop: Sequence[MultiHopCase] | None = None,
     multihop_config: GenerationConfig | None = None,
     progress: bool = False,
+    counterfact_records: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run the requested suites on ``lm`` as it is now; see the module docstring.
 
@@ -187,6 +188,8 @@ def run_eval(
     chance levels and notes are returned. ``max_new_tokens`` caps generation in GSM8K and
     HumanEval (``None``: their defaults, 256 and 384). ``progress`` shows a bar over the
     suites (each suite's name while it runs, the time left from the suites done).
+    ``counterfact_records``: the teacher-forced records of ``counterfact`` already scored on this
+    model (:func:`~rlsedit.eval.counterfact.counterfact_records`), used instead of scoring again.
     """
     from tqdm.auto import tqdm
 
@@ -232,7 +235,7 @@ def run_eval(
             seconds["consistency_reference"] = time.perf_counter() - start
         out["counterfact"] = timed("counterfact", lambda: evaluate_counterfact(
             lm, counterfact, batch_size=batch_size, fluency=fluency, consistency=reference, seed=seed,
-            pre_edit_locality=(pre_edit_locality or {}).get("counterfact")))
+            pre_edit_locality=(pre_edit_locality or {}).get("counterfact"), records=counterfact_records))
     if zsre:
         out["zsre"] = timed("zsre", lambda: evaluate_zsre(
             lm, zsre, pre_edit_locality=(pre_edit_locality or {}).get("zsre"), convention=zsre_convention,
