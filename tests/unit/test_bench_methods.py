@@ -438,12 +438,12 @@ def test_weights_that_differ_from_the_base_are_refused(finished, tiny_setup, tmp
 
 
 def test_the_unedited_row_is_written_in_stages_and_a_stop_keeps_what_it_scored(finished, tiny_setup, monkeypatch):
-    from rlsedit.bench import methods
+    from rlsedit.bench import unedited_row
     from rlsedit.eval import counterfact, generation
 
     out = tiny_setup["root"] / "staged"
     config = _config(tiny_setup, methods=("rlsedit",), general=(), checkpoints=1)
-    monkeypatch.setattr(methods, "UNEDITED_PART", 1)  # four parts of one edit
+    monkeypatch.setattr(unedited_row, "UNEDITED_PART", 1)  # four parts of one edit
     real_records = counterfact.counterfact_records
     parts_scored = []
 
@@ -463,7 +463,7 @@ def test_the_unedited_row_is_written_in_stages_and_a_stop_keeps_what_it_scored(f
     kept = json.loads((out / "unedited.json").read_text())
     assert {"weights_sha256", "locality_pre_edit", "generation_pre_edit"} <= set(kept)
     assert "evaluation" not in kept and "final" not in kept
-    parts_file = out / methods.UNEDITED_PARTS_FILE
+    parts_file = out / unedited_row.UNEDITED_PARTS_FILE
     assert [line["first"] for line in map(json.loads, parts_file.read_text().splitlines())] == [0, 1]
     assert write_report(out)["unedited"] is None  # a report meanwhile: no unedited row yet
 
@@ -477,8 +477,8 @@ def test_the_unedited_row_is_written_in_stages_and_a_stop_keeps_what_it_scored(f
     # a restart scores only the parts still missing; the references are never scored again
     (out / "unedited.json").write_text(json.dumps(kept))
     recomputed = []
-    real_locality = methods._locality_pre_edit
-    monkeypatch.setattr(methods, "_locality_pre_edit", lambda *a: recomputed.append(a) or real_locality(*a))
+    real_locality = unedited_row._locality_pre_edit
+    monkeypatch.setattr(unedited_row, "_locality_pre_edit", lambda *a: recomputed.append(a) or real_locality(*a))
     monkeypatch.setattr(generation, "pre_edit_generations", lambda *a: recomputed.append(a))
     monkeypatch.setattr(counterfact, "counterfact_records",
                         lambda lm, part, **kw: parts_scored.append([r.id for r in part]) or real_records(lm, part, **kw))

@@ -8,11 +8,8 @@ What one run does (``rlsedit bench methods``, or plain ``rlsedit bench --model â
 2. **Unedited reference.** The base model is scored once on the same edits and general
    suites (row ``unedited``): what editing starts from. Methods run as separate processes
    on one ``out`` share it: the first scores it under a lock on ``out``, the others wait.
-   ``unedited.json`` grows in stages, each written when done: the weights' sha256, the
-   references the methods' scores compare against (EasyEdit locality's argmaxes, the
-   unedited continuations of the generation samples), then the row's own scores, whose
-   CounterFact records are appended to ``unedited-counterfact.jsonl`` 500 edits at a time
-   while they run (hours at 10,000 edits on a CPU): a stop loses at most one part.
+   ``unedited.json`` is written in stages, so a stop while it is scored (hours at 10,000
+   edits on a CPU) loses little (:mod:`rlsedit.bench.unedited_row`).
 3. **Per method**, on a freshly loaded model (each method's
    :class:`~rlsedit.session.session.Session` loads the model itself; before the first batch
    the weights' sha256 is checked against the base model's, so nothing leaks between
@@ -56,7 +53,6 @@ lost keeps its edits; its timings are recorded as ``None``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -70,20 +66,17 @@ from ..requests import EditRequest
 from .edit_stream import checkpoint_plan, collapse_stop, select_edits
 from .methods_config import MethodBenchConfig, MethodRun, plan_runs
 from .methods_eval import (GenerationPlan, consistency_reference, diagnostics_summary, evaluate_checkpoint,
-                           final_extras, generation_plan, last_batch_efficacy, locality_reference)
+                           final_extras, last_batch_efficacy)
 from .methods_report import write_report
 from .provenance import code_description
 from .target_log import TargetLog
+from .resume import (append_progress, bench_settings, check_or_write_settings, read_progress, rewrite_progress,
+                     write_json, write_run_name)
 from .timing import timing_summary
-from .resume import (UNEDITED_SCORES, add_to_unedited, append_progress, bench_settings, check_or_write_settings,
-                     merge_into_unedited, read_progress, rewrite_progress, unedited_once, write_json, write_run_name)
+from .unedited_row import LOCALITY_PRE_EDIT, unedited_row
 
 log = logging.getLogger(__name__)
 
-LOCALITY_PRE_EDIT = "locality_pre_edit"  # the unedited row's key of EasyEdit locality's reference
-GENERATION_PRE_EDIT = "generation_pre_edit"  # the unedited row's continuations of the sampled prompts
-UNEDITED_PARTS_FILE = "unedited-counterfact.jsonl"  # the unedited row's CounterFact records while it scores them
-UNEDITED_PART = 500  # edits per part: minutes of CPU each
 TARGETS_DIR = "targets"  # <method>/targets/: the target log a resumed run rebuilds lost batches from
 
 
@@ -151,16 +144,8 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
     if config.fluency_n:
         consistency_ref = consistency_reference(config, requests)
 
-    unedited = unedited_once(out, lambda: _unedited_identity(config))
-    if LOCALITY_PRE_EDIT not in unedited:
-        unedited = add_to_unedited(out, (LOCALITY_PRE_EDIT,),
-                                   lambda: {LOCALITY_PRE_EDIT: _locality_pre_edit(config, requests)})
+    unedited, plan = unedited_row(out, config, requests, general, consistency_ref)
     base_sha = unedited["weights_sha256"]
-    plan = generation_plan_with_pre_edit(out, config, requests)
-    parts = out / UNEDITED_PARTS_FILE
-    unedited = add_to_unedited(out, UNEDITED_SCORES, lambda: _score_unedited(
-        config, requests, general, consistency_ref, plan, unedited[LOCALITY_PRE_EDIT], base_sha, parts))
-    parts.unlink(missing_ok=True)  # in unedited.json now
 
     results: dict[str, Any] = {}
     for run in runs:
@@ -198,102 +183,6 @@ def _machine(config: MethodBenchConfig) -> dict[str, Any]:
 
     return machine_description(torch.device(config.device)) | {"torch_threads": torch.get_num_threads(),
                                                                 "target_rows": config.target_rows}
-
-
-def _base_model(config: MethodBenchConfig, base_sha: str | None = None):
-    """The base model, freshly loaded for one stage of the unedited row; with ``base_sha``, refused
-    unless its weights are those the row began with."""
-    from ..model.load import load_model
-    from ..model.weights import weights_sha256
-
-    lm = load_model(config.model, device=config.device, cache_dir=config.cache_dir)
-    if base_sha is not None and weights_sha256(lm) != base_sha:
-        raise StateMismatchError(f"{config.model}: the weights differ from those the unedited row of this "
-                                 "benchmark began with; use another --out")
-    return lm
-
-
-def _unedited_identity(config) -> dict[str, Any]:
-    """The unedited row's first stage: which weights every method must start from."""
-    from ..model.weights import weights_sha256
-
-    lm = _base_model(config)
-    return {"weights_sha256": weights_sha256(lm), "model_fingerprint": lm.fingerprint}
-
-
-def _score_unedited(config, requests, general, consistency_ref, plan: GenerationPlan | None,
-                    locality: dict[str, list[list[int]]], base_sha: str, parts: Path) -> dict[str, Any]:
-    """The unedited row's own scores (its last stage), on the weights its first stage recorded;
-    its CounterFact records are kept in ``parts`` as they are scored (hours at 10,000 edits on a
-    CPU), so a restart continues them.
-
-    Its locality and "neighbour gen unchanged" compare the base model with itself in other
-    batches (a determinism check): the methods' figures compare against the same references.
-    """
-    from ..eval.counterfact import counterfact_records
-
-    start = time.perf_counter()
-    lm = _base_model(config, base_sha)
-    scored = _records_in_parts(parts, requests, lambda part: counterfact_records(
-        lm, part, batch_size=config.eval_batch_size, pre_edit_locality=locality))
-    records: list[dict[str, Any]] = []
-    evaluation = evaluate_checkpoint(lm, requests, config, general, plan, locality, records_out=records,
-                                     counterfact_records=scored)
-    extras = final_extras(lm, requests, config, consistency_ref, records=records)
-    return {"evaluation": evaluation, "final": extras, "seconds": time.perf_counter() - start}
-
-
-def _records_in_parts(path: Path, requests: list[EditRequest], score) -> list[dict[str, Any]]:
-    """CounterFact records of ``requests``, ``UNEDITED_PART`` edits at a time, each part appended to
-    ``path`` as it is scored: a stop loses one part, and a restart reads the parts back. (Parts
-    batch the prompts differently from one pass: the records agree to float rounding.)"""
-    done = [r for line in read_progress(path) for r in line["records"]]
-    if [r["id"] for r in done] != [q.id for q in requests[:len(done)]]:
-        raise StateMismatchError(f"{path} holds records of other edits than this benchmark's; delete it")
-    for first in range(len(done), len(requests), UNEDITED_PART):
-        part = score(requests[first:first + UNEDITED_PART])
-        append_progress(path, {"first": first, "records": part})
-        done += part
-        log.info("unedited row: CounterFact records of %d of %d edits", len(done), len(requests))
-    return done
-
-
-def checkpoint_edit_counts(config: MethodBenchConfig, n_requests: int) -> list[int]:
-    """The edit count of every checkpoint of the run (the batch that reaches each)."""
-    plan = checkpoint_plan(n_requests, config.batch_size, config.checkpoints, config.checkpoint_edits)
-    return [min(b * config.batch_size, n_requests) for b in sorted(plan)]
-
-
-def generation_plan_with_pre_edit(out: Path, config: MethodBenchConfig,
-                                  requests: list[EditRequest]) -> GenerationPlan | None:
-    """The run's generation plan (``None`` without generation metrics) with the unedited
-    continuations of every checkpoint's sample, from ``unedited.json``: the row's third stage
-    computes them (and a row scored when checkpoints sampled fewer edits gets the missing ones)."""
-    plan = generation_plan(config, requests)
-    if plan is None:
-        return None
-    unedited = merge_into_unedited(out, GENERATION_PRE_EDIT, lambda have: _missing_pre_edit(config, requests, plan, have))
-    return dataclasses.replace(plan, pre_edit=unedited.get(GENERATION_PRE_EDIT))
-
-
-def _missing_pre_edit(config, requests, plan: GenerationPlan, have: dict[str, str] | None) -> dict[str, str]:
-    """The unedited continuations of the checkpoint samples' prompts not in ``have`` (the base
-    model is loaded only when some are missing)."""
-    from ..eval.generation import pre_edit_generations, pre_edit_prompts
-
-    have = have or {}
-    sampled = [requests[p] for p in plan.union(checkpoint_edit_counts(config, len(requests)))]
-    missing = [r for r in sampled if any(p not in have for p in pre_edit_prompts(r, plan.config))]
-    if not missing:
-        return {}
-    log.info("unedited continuations for %d more sampled edits", len(missing))
-    return pre_edit_generations(_base_model(config), missing, plan.config)
-
-
-def _locality_pre_edit(config, requests) -> dict[str, list[list[int]]]:
-    """The unedited row's second stage: EasyEdit locality's reference (a row written before it was
-    recorded also gets it here)."""
-    return locality_reference(_base_model(config), requests, config)
 
 
 def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditRequest], general, folder: Path,

@@ -25,13 +25,14 @@ from typing import Any
 
 from ..errors import InvalidRequestError, StateMismatchError
 from .edit_stream import select_edits
-from .methods import TARGETS_DIR, generation_plan_with_pre_edit, rebuild_batch
+from .methods import TARGETS_DIR, rebuild_batch
 from .methods_config import MethodBenchConfig, MethodRun, plan_runs
 from .methods_eval import GenerationPlan, evaluate_generation_sample, retention_of_first
 from .provenance import code_description
 from .resume import (SETTINGS_FILE, bench_settings, check_or_write_settings, read_progress, rewrite_progress,
                      write_json)
 from .target_log import TargetLog
+from .unedited_row import generation_plan_with_pre_edit
 
 log = logging.getLogger(__name__)
 
