@@ -473,6 +473,13 @@ def test_the_unedited_row_is_written_in_stages_and_a_stop_keeps_what_it_scored(f
         run_method_bench(config, out)
     assert json.loads((out / "unedited.json").read_text()) == kept | {"weights_sha256": "f" * 64}
     assert len(parts_file.read_text().splitlines()) == 2
+    # a broken part before the last is refused with advice about that file alone, not the benchmark's folder
+    intact = parts_file.read_text()
+    parts_file.write_text("{not json\n" + intact)
+    (out / "unedited.json").write_text(json.dumps(kept))
+    with pytest.raises(StateMismatchError, match="line 1 is not JSON; delete this file"):
+        run_method_bench(config, out)
+    parts_file.write_text(intact)
 
     # a restart scores only the parts still missing; the references are never scored again
     (out / "unedited.json").write_text(json.dumps(kept))

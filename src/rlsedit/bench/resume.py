@@ -95,8 +95,9 @@ def read_run_name(folder: Path) -> str:
     return name if name is not None and run_dir_name(name) == folder.name else folder.name
 
 
-def read_progress(path: Path) -> list[dict[str, Any]]:
-    """Lines of a progress file; a torn last line (a crash mid-write) is dropped."""
+def read_progress(path: Path, *, redo: str = "delete the run's folder to redo it") -> list[dict[str, Any]]:
+    """Lines of an appended JSONL file (a run's progress, the unedited row's parts); a torn last line
+    (a crash mid-write) is dropped. ``redo``: what the error for a broken earlier line advises."""
     if not path.is_file():
         return []
     out = []
@@ -108,7 +109,7 @@ def read_progress(path: Path) -> list[dict[str, Any]]:
             if i == len(lines) - 1:
                 log.warning("%s: dropping a torn last line", path)
                 break
-            raise StateMismatchError(f"{path} line {i + 1} is not JSON; delete the run's folder to redo it") from None
+            raise StateMismatchError(f"{path} line {i + 1} is not JSON; {redo}") from None
     return out
 
 

@@ -104,7 +104,7 @@ def _records_in_parts(path: Path, requests: list[EditRequest], score) -> list[di
     """CounterFact records of ``requests``, ``UNEDITED_PART`` edits at a time, each part appended to
     ``path`` as it is scored: a stop loses one part, and a restart reads the parts back. (Parts
     batch the prompts differently from one pass: the records agree to float rounding.)"""
-    done = [r for line in read_progress(path) for r in line["records"]]
+    done = [r for line in read_progress(path, redo="delete this file to score its edits again") for r in line["records"]]
     if [r["id"] for r in done] != [q.id for q in requests[:len(done)]]:
         raise StateMismatchError(f"{path} holds records of other edits than this benchmark's; delete it")
     for first in range(len(done), len(requests), UNEDITED_PART):
