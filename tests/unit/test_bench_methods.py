@@ -196,6 +196,24 @@ def test_sweep_points_are_the_finished_ones_led_by_the_finished_defaults():
                               "rlsedit[lambda_reg=4]": other})) == ["rlsedit[lambda_reg=0]", "rlsedit[lambda_reg=4]"]
 
 
+def test_sweep_figure_labels_the_defaults_unset_layers_as_default():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from rlsedit.bench.plots import _sweep_figure
+
+    def run(lambda_reg, layers, efficacy):
+        return {"config": {"lambda_reg": lambda_reg, "layers": layers},
+                "batches": [{"evaluation": {"counterfact": {"summary": {"efficacy": efficacy, "specificity": 0.6}}}}]}
+
+    fig = _sweep_figure(plt, {"rlsedit": run(0.0, None, 0.9), "rlsedit[layers=2-8]": run(0.0, [2, 3, 4, 5, 6, 7, 8], 0.8),
+                              "rlsedit[lambda_reg=4]": run(4.0, None, 0.95)})
+    efficacy_panel = fig.axes[0]
+    assert [t.get_text() for t in efficacy_panel.get_legend().get_texts()] == ["layers=default", "layers=2-8"]
+    assert [line.get_ydata().tolist() for line in efficacy_panel.get_lines()] == [[0.9, 0.95], [0.8]]
+    plt.close(fig)
+
+
 def run_killed_at_edit(config: MethodBenchConfig, out: Path, call: int, monkeypatch) -> None:
     """Run the benchmark with its ``call``-th ``Session.edit`` (a batch) killed before it edits."""
     from rlsedit.session.session import Session

@@ -279,8 +279,8 @@ def _sweep_figure(plt, sweep: dict[str, dict[str, Any]]):
         cfg = configs[name]
         evals = _checkpoints(result)
         summary = evals[-1]["evaluation"]["counterfact"]["summary"] if evals else {}
-        line = ", ".join(f"{_SHORT.get(k, k)}={sweep_value_text(cfg.get(k))}" for k in line_keys) or "RLSEdit"
-        x = sweep_value_text(cfg.get(x_key)) if x_key else name
+        line = ", ".join(f"{_SHORT.get(k, k)}={_setting_text(cfg.get(k))}" for k in line_keys) or "RLSEdit"
+        x = _setting_text(cfg.get(x_key)) if x_key else name
         lines.setdefault(line, []).append((x, summary.get("efficacy"), summary.get("specificity")))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for line, pts in lines.items():
@@ -296,3 +296,9 @@ def _sweep_figure(plt, sweep: dict[str, dict[str, Any]]):
 
 
 _SHORT = {"lambda_reg": "λ", "mu_reg": "μ", "mom2_update_weight": "n"}
+
+
+def _setting_text(value: Any) -> str:
+    """A setting as the sweep figure labels it: ``None`` (left to the hparams file or the model's
+    architecture table, as the defaults run leaves ``layers``) reads "default"."""
+    return "default" if value is None else sweep_value_text(value)
