@@ -148,6 +148,27 @@ def test_last_batch_efficacy_is_the_rewrite_success_rate():
     assert last_batch_efficacy(lm, [], MethodBenchConfig()) is None
 
 
+
+def test_first_edits_efficacy_read_from_the_checkpoint_records_is_the_scored_one():
+    """The checkpoint reads the first edits' efficacy from CounterFact's records of all applied edits;
+    scoring the first edits' rewrite prompts alone (other batches, another code path) agrees."""
+    from rlsedit.bench.methods_eval import retention_of_first
+    from rlsedit.eval.counterfact import score_requests
+    from rlsedit.requests import parse_request
+
+    lm = make_lm("llama", n_layers=8)
+    applied = [parse_request(e) for e in FIVE]
+    config = MethodBenchConfig(n=5, retention_first=3, eval_batch_size=2)
+    records = score_requests(lm, applied, batch_size=2)
+    read = retention_of_first(lm, applied, config, None, records=records)
+    scored = retention_of_first(lm, applied, config, None)
+    assert read["edits"] == scored["edits"] == 3 and read["generation"] is None
+    assert read["efficacy"] == pytest.approx(scored["efficacy"])
+    assert read["efficacy"] == pytest.approx(sum(r["rewrite_success"] for r in records[:3]) / 3)
+    assert retention_of_first(lm, applied, config, None, efficacy=0.25)["efficacy"] == 0.25  # a re-score keeps it
+    with pytest.raises(InvalidRequestError, match="records"):
+        retention_of_first(lm, applied, config, None, records=records[1:])
+
 # ---- the whole benchmark ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -189,7 +210,7 @@ def test_retention_of_the_first_edits_is_in_every_checkpoint(collapsed):
             assert first["edits"] == applied and 0.0 <= first["efficacy"] <= 1.0, (name, b["batch"], first)
             assert first["generation"]["edits"] == applied and 0.0 <= first["generation"]["edit_begins"] <= 1.0
     # at 4 edits the first 4 are all the edits applied: the same figures as the checkpoint's own
-    # CounterFact and generation scores (other code paths)
+    # CounterFact (whose records the efficacy is read from) and generation scores (another code path)
     middle = full["methods"]["rlsedit"]["batches"][1]["evaluation"]
     assert middle["retention_first"]["efficacy"] == pytest.approx(middle["counterfact"]["summary"]["efficacy"])
     assert middle["retention_first"]["efficacy"] > 0  # the tiny model takes one of them: not a vacuous equality

@@ -75,6 +75,7 @@ def test_a_checkpoint_scored_on_fewer_edits_is_rescored_on_the_rebuilt_weights(s
     # the same weights give the same figures the original scoring of the full sample gave
     assert ev["generation"]["summary"] == fresh["generation"]["summary"]
     assert ev["retention_first"]["generation"] == fresh["retention_first"]["generation"]
+    assert ev["retention_first"]["efficacy"] == before[0]["evaluation"]["retention_first"]["efficacy"]
     assert ev["generation_rescored"]["before"] == {"generation_edits": 1, "first_generation_edits": 1}
     # teacher-forced scores, timings and the other checkpoint are untouched
     assert ev["counterfact"] == before[0]["evaluation"]["counterfact"]

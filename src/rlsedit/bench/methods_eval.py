@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..errors import InvalidRequestError
 from ..requests import EditRequest
 from .methods_config import GEN_CHAT, MethodBenchConfig
 
@@ -32,17 +33,21 @@ def evaluate_checkpoint(lm, requests: Sequence[EditRequest], config: MethodBench
     per-request records (the forgetting curve after the last batch reads them instead of
     scoring every edit prompt again: a quarter of an hour at 10,000 edits on a CPU).
     ``counterfact_records``: those records already scored on this model (in parts), used
-    instead of scoring again."""
+    instead of scoring again. The first edits' efficacy (``retention_first``) is read from the
+    same records: their rewrite prompts are among those CounterFact has just scored."""
     from ..eval.runner import DETAIL_KEYS, run_eval
 
     locality = None if locality_pre_edit is None else {"counterfact": locality_pre_edit}
+    details = records_out is not None or bool(config.retention_first)
     out = run_eval(lm, counterfact=list(requests), general=tuple(general), data_dir=config.data_dir,
                    n=config.general_n, limit=config.gsm8k_limit, ppl_tokens=config.ppl_tokens,
                    batch_size=config.eval_batch_size, seed=config.seed, max_new_tokens=config.max_new_tokens,
-                   pre_edit_locality=locality, details=records_out is not None,
-                   counterfact_records=counterfact_records)
-    if records_out is not None:  # keep only the records; the rest as without details
-        records_out.extend(out["counterfact"]["records"])
+                   pre_edit_locality=locality, details=details, counterfact_records=counterfact_records)
+    records: list[dict[str, Any]] = []
+    if details:  # keep only the records; the rest as without details
+        records = out["counterfact"]["records"]
+        if records_out is not None:
+            records_out.extend(records)
         out["counterfact"] = {k: v for k, v in out["counterfact"].items() if k not in DETAIL_KEYS}
         out["general"] = {name: {k: v for k, v in res.items() if k not in DETAIL_KEYS}
                           for name, res in out.get("general", {}).items()}
@@ -53,7 +58,7 @@ def evaluate_checkpoint(lm, requests: Sequence[EditRequest], config: MethodBench
         if generation is not None:
             out["generation"] = generation
     if config.retention_first:
-        out["retention_first"] = retention_of_first(lm, requests, config, plan)
+        out["retention_first"] = retention_of_first(lm, requests, config, plan, records=records)
     return out
 
 
@@ -76,27 +81,47 @@ def last_batch_efficacy(lm, batch: Sequence[EditRequest], config: MethodBenchCon
 
 
 def retention_of_first(lm, applied: Sequence[EditRequest], config: MethodBenchConfig,
-                       plan: GenerationPlan | None) -> dict[str, Any]:
+                       plan: GenerationPlan | None, *, records: Sequence[dict[str, Any]] | None = None,
+                       efficacy: float | None = None) -> dict[str, Any]:
     """Efficacy of the first ``retention_first`` edits of the stream (those applied so far) and, with
-    generation metrics on, *says it* on their edit prompts for a seeded sample of ``gen_n`` of them
-    (all of them while fewer have been applied; raw prompt, no chat, no other prompts)."""
-    from ..eval.generation import evaluate_generation, sample_positions
+    generation metrics on, *says it* on their edit prompts (:func:`first_edits_said`).
 
+    The efficacy is ``efficacy`` when given (a re-score on weights proven identical), else the mean
+    ``rewrite_success`` of ``records`` (CounterFact's records of ``applied``, in order) when given,
+    else the rewrite prompts are scored here."""
     first = list(applied[:config.retention_first])
     start = time.perf_counter()
-    out: dict[str, Any] = {"edits": len(first), "efficacy": rewrite_efficacy(lm, first, config), "generation": None}
-    if plan is not None and first:
-        # min(gen_n, len(first)) of them: all of the first 500 at 500 edits, the same 500 of 1,000 from 1,000 on
-        chosen = sample_positions(len(first), config.gen_n, config.seed)
-        if chosen:
-            # only the edit prompt is generated: the other prompts are scored by the checkpoint's own sample
-            bare = [dataclasses.replace(first[p], paraphrases=(), neighborhood=(), neighborhood_answers=(),
-                                        generation_prompts=()) for p in chosen]
-            gen_config = dataclasses.replace(plan.config, n=None, chat=False, portability=False, samples=0)
-            result = evaluate_generation(lm, bare, gen_config)
-            out["generation"] = {"edits": len(chosen), "edit_begins": result["summary"]["edit_begins"]}
+    if efficacy is None and records:
+        if len(records) < len(first) or any(r["id"] != q.id for r, q in zip(records, first)):
+            raise InvalidRequestError("records are not CounterFact's records of the applied edits, in order")
+        values = [r["rewrite_success"] for r in records[:len(first)] if r["rewrite_success"] is not None]
+        efficacy = sum(values) / len(values) if values else None
+    elif efficacy is None:
+        efficacy = rewrite_efficacy(lm, first, config)
+    out: dict[str, Any] = {"edits": len(first), "efficacy": efficacy,
+                           "generation": first_edits_said(lm, first, config, plan)}
     out["seconds"] = time.perf_counter() - start
     return out
+
+
+def first_edits_said(lm, first: Sequence[EditRequest], config: MethodBenchConfig,
+                     plan: GenerationPlan | None) -> dict[str, Any] | None:
+    """*Says it* on the edit prompts of a seeded sample of ``gen_n`` of ``first`` (all of them while
+    fewer have been applied; raw prompt, no chat, no other prompts); ``None`` with generation off."""
+    from ..eval.generation import evaluate_generation, sample_positions
+
+    if plan is None or not first:
+        return None
+    # min(gen_n, len(first)) of them: all of the first 500 at 500 edits, the same 500 of 1,000 from 1,000 on
+    chosen = sample_positions(len(first), config.gen_n, config.seed)
+    if not chosen:
+        return None
+    # only the edit prompt is generated: the other prompts are scored by the checkpoint's own sample
+    bare = [dataclasses.replace(first[p], paraphrases=(), neighborhood=(), neighborhood_answers=(),
+                                generation_prompts=()) for p in chosen]
+    gen_config = dataclasses.replace(plan.config, n=None, chat=False, portability=False, samples=0)
+    result = evaluate_generation(lm, bare, gen_config)
+    return {"edits": len(chosen), "edit_begins": result["summary"]["edit_begins"]}
 
 
 def locality_reference(lm, requests: Sequence[EditRequest], config: MethodBenchConfig) -> dict[str, list[list[int]]]:
