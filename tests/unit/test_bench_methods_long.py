@@ -152,7 +152,7 @@ def test_last_batch_efficacy_is_the_rewrite_success_rate():
 def test_first_edits_efficacy_read_from_the_checkpoint_records_is_the_scored_one():
     """The checkpoint reads the first edits' efficacy from CounterFact's records of all applied edits;
     scoring the first edits' rewrite prompts alone (other batches, another code path) agrees."""
-    from rlsedit.bench.methods_eval import retention_of_first
+    from rlsedit.bench.methods_eval import retention_of_first, success_rate
     from rlsedit.eval.counterfact import score_requests
     from rlsedit.requests import parse_request
 
@@ -160,14 +160,27 @@ def test_first_edits_efficacy_read_from_the_checkpoint_records_is_the_scored_one
     applied = [parse_request(e) for e in FIVE]
     config = MethodBenchConfig(n=5, retention_first=3, eval_batch_size=2)
     records = score_requests(lm, applied, batch_size=2)
-    read = retention_of_first(lm, applied, config, None, records=records)
+    read = success_rate(records[:3])
     scored = retention_of_first(lm, applied, config, None)
-    assert read["edits"] == scored["edits"] == 3 and read["generation"] is None
-    assert read["efficacy"] == pytest.approx(scored["efficacy"])
-    assert read["efficacy"] == pytest.approx(sum(r["rewrite_success"] for r in records[:3]) / 3)
-    assert retention_of_first(lm, applied, config, None, efficacy=0.25)["efficacy"] == 0.25  # a re-score keeps it
-    with pytest.raises(InvalidRequestError, match="records"):
-        retention_of_first(lm, applied, config, None, records=records[1:])
+    assert scored["edits"] == 3 and scored["generation"] is None
+    assert read == pytest.approx(scored["efficacy"])
+    assert read == pytest.approx(sum(r["rewrite_success"] for r in records[:3]) / 3)
+    assert retention_of_first(lm, applied, config, None, efficacy=0.25)["efficacy"] == 0.25  # given: kept
+    assert success_rate([{"rewrite_success": None}]) is None
+
+
+
+def test_records_out_of_order_are_refused_rather_than_read_as_the_first_edits(monkeypatch):
+    from rlsedit.bench.methods_eval import evaluate_checkpoint
+    from rlsedit.eval import runner
+    from rlsedit.requests import parse_request
+
+    applied = [parse_request(e) for e in FIVE]
+    swapped = [{"id": r.id, "rewrite_success": 1.0} for r in reversed(applied)]
+    monkeypatch.setattr(runner, "run_eval", lambda *a, **k: {"counterfact": {"records": swapped, "summary": {}}})
+    config = MethodBenchConfig(n=5, retention_first=3)
+    with pytest.raises(InvalidRequestError, match="in order"):
+        evaluate_checkpoint(None, applied, config, general=())
 
 # ---- the whole benchmark ----------------------------------------------------------------------
 

@@ -58,7 +58,10 @@ def evaluate_checkpoint(lm, requests: Sequence[EditRequest], config: MethodBench
         if generation is not None:
             out["generation"] = generation
     if config.retention_first:
-        out["retention_first"] = retention_of_first(lm, requests, config, plan, records=records)
+        first = records[:config.retention_first]
+        if [r["id"] for r in first] != [q.id for q in requests[:config.retention_first]]:
+            raise InvalidRequestError("CounterFact's records are not those of the applied edits, in order")
+        out["retention_first"] = retention_of_first(lm, requests, config, plan, efficacy=success_rate(first))
     return out
 
 
@@ -69,7 +72,12 @@ def rewrite_efficacy(lm, requests: Sequence[EditRequest], config: MethodBenchCon
 
     if not requests:
         return None
-    records = score_requests(lm, requests, groups=("rewrite",), batch_size=config.eval_batch_size)
+    return success_rate(score_requests(lm, requests, groups=("rewrite",), batch_size=config.eval_batch_size))
+
+
+def success_rate(records: Sequence[dict[str, Any]]) -> float | None:
+    """The share of CounterFact ``records`` whose rewrite prompt prefers the new object (``None``
+    without any)."""
     values = [r["rewrite_success"] for r in records if r["rewrite_success"] is not None]
     return sum(values) / len(values) if values else None
 
@@ -81,22 +89,16 @@ def last_batch_efficacy(lm, batch: Sequence[EditRequest], config: MethodBenchCon
 
 
 def retention_of_first(lm, applied: Sequence[EditRequest], config: MethodBenchConfig,
-                       plan: GenerationPlan | None, *, records: Sequence[dict[str, Any]] | None = None,
-                       efficacy: float | None = None) -> dict[str, Any]:
+                       plan: GenerationPlan | None, *, efficacy: float | None = None) -> dict[str, Any]:
     """Efficacy of the first ``retention_first`` edits of the stream (those applied so far) and, with
     generation metrics on, *says it* on their edit prompts (:func:`first_edits_said`).
 
-    The efficacy is ``efficacy`` when given (a re-score on weights proven identical), else the mean
-    ``rewrite_success`` of ``records`` (CounterFact's records of ``applied``, in order) when given,
-    else the rewrite prompts are scored here."""
+    ``efficacy``: theirs, already scored on these weights (read from the checkpoint's CounterFact
+    records, or recorded by the checkpoint a re-score rebuilt bit for bit); without it their rewrite
+    prompts are scored here."""
     first = list(applied[:config.retention_first])
     start = time.perf_counter()
-    if efficacy is None and records:
-        if len(records) < len(first) or any(r["id"] != q.id for r, q in zip(records, first)):
-            raise InvalidRequestError("records are not CounterFact's records of the applied edits, in order")
-        values = [r["rewrite_success"] for r in records[:len(first)] if r["rewrite_success"] is not None]
-        efficacy = sum(values) / len(values) if values else None
-    elif efficacy is None:
+    if efficacy is None:
         efficacy = rewrite_efficacy(lm, first, config)
     out: dict[str, Any] = {"edits": len(first), "efficacy": efficacy,
                            "generation": first_edits_said(lm, first, config, plan)}
