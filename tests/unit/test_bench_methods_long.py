@@ -148,26 +148,24 @@ def test_last_batch_efficacy_is_the_rewrite_success_rate():
     assert last_batch_efficacy(lm, [], MethodBenchConfig()) is None
 
 
-
 def test_first_edits_efficacy_read_from_the_checkpoint_records_is_the_scored_one():
     """The checkpoint reads the first edits' efficacy from CounterFact's records of all applied edits;
     scoring the first edits' rewrite prompts alone (other batches, another code path) agrees."""
-    from rlsedit.bench.methods_eval import retention_of_first, success_rate
-    from rlsedit.eval.counterfact import score_requests
+    from rlsedit.bench.methods_eval import retention_of_first
+    from rlsedit.eval.counterfact import score_requests, summarize
     from rlsedit.requests import parse_request
 
     lm = make_lm("llama", n_layers=8)
     applied = [parse_request(e) for e in FIVE]
     config = MethodBenchConfig(n=5, retention_first=3, eval_batch_size=2)
     records = score_requests(lm, applied, batch_size=2)
-    read = success_rate(records[:3])
+    read = summarize(records[:3])["efficacy"]  # what the checkpoint reads
     scored = retention_of_first(lm, applied, config, None)
     assert scored["edits"] == 3 and scored["generation"] is None
     assert read == pytest.approx(scored["efficacy"])
     assert read == pytest.approx(sum(r["rewrite_success"] for r in records[:3]) / 3)
     assert retention_of_first(lm, applied, config, None, efficacy=0.25)["efficacy"] == 0.25  # given: kept
-    assert success_rate([{"rewrite_success": None}]) is None
-
+    assert summarize([{"id": "x", "rewrite_success": None}])["efficacy"] is None  # none scored: no rate
 
 
 def test_records_out_of_order_are_refused_rather_than_read_as_the_first_edits(monkeypatch):
@@ -181,6 +179,7 @@ def test_records_out_of_order_are_refused_rather_than_read_as_the_first_edits(mo
     config = MethodBenchConfig(n=5, retention_first=3)
     with pytest.raises(InvalidRequestError, match="in order"):
         evaluate_checkpoint(None, applied, config, general=())
+
 
 # ---- the whole benchmark ----------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ def evaluate_checkpoint(lm, requests: Sequence[EditRequest], config: MethodBench
     ``counterfact_records``: those records already scored on this model (in parts), used
     instead of scoring again. The first edits' efficacy (``retention_first``) is read from the
     same records: their rewrite prompts are among those CounterFact has just scored."""
+    from ..eval.counterfact import summarize
     from ..eval.runner import DETAIL_KEYS, run_eval
 
     locality = None if locality_pre_edit is None else {"counterfact": locality_pre_edit}
@@ -61,25 +62,20 @@ def evaluate_checkpoint(lm, requests: Sequence[EditRequest], config: MethodBench
         first = records[:config.retention_first]
         if [r["id"] for r in first] != [q.id for q in requests[:config.retention_first]]:
             raise InvalidRequestError("CounterFact's records are not those of the applied edits, in order")
-        out["retention_first"] = retention_of_first(lm, requests, config, plan, efficacy=success_rate(first))
+        out["retention_first"] = retention_of_first(lm, requests, config, plan,
+                                                    efficacy=summarize(first).get("efficacy"))
     return out
 
 
 def rewrite_efficacy(lm, requests: Sequence[EditRequest], config: MethodBenchConfig) -> float | None:
     """Teacher-forced efficacy of ``requests``: the share whose rewrite prompt gives the new object a
     lower mean NLL than the true one (ROME's p(new) > p(true); chance 0.5)."""
-    from ..eval.counterfact import score_requests
+    from ..eval.counterfact import score_requests, summarize
 
     if not requests:
         return None
-    return success_rate(score_requests(lm, requests, groups=("rewrite",), batch_size=config.eval_batch_size))
-
-
-def success_rate(records: Sequence[dict[str, Any]]) -> float | None:
-    """The share of CounterFact ``records`` whose rewrite prompt prefers the new object (``None``
-    without any)."""
-    values = [r["rewrite_success"] for r in records if r["rewrite_success"] is not None]
-    return sum(values) / len(values) if values else None
+    records = score_requests(lm, requests, groups=("rewrite",), batch_size=config.eval_batch_size)
+    return summarize(records).get("efficacy")
 
 
 def last_batch_efficacy(lm, batch: Sequence[EditRequest], config: MethodBenchConfig) -> float | None:
