@@ -538,19 +538,20 @@ def test_the_forgetting_curve_reads_the_last_checkpoints_scores(tiny_setup, monk
     assert "records" not in result["methods"]["rlsedit"]["batches"][-1]["evaluation"]["counterfact"]
 
 
-def test_a_lost_session_is_rebuilt_from_the_target_log(finished, tiny_setup):
+@pytest.mark.parametrize("method, entries", [("memit-seq", 2), ("rome", 4)])  # one per batch; per request
+def test_a_lost_session_is_rebuilt_from_the_target_log(finished, tiny_setup, method, entries):
     """A run folder whose session was lost (a new machine gets only the committed files) rebuilds
     its batches from the logged target residuals: no optimisation, the same weights bit for bit,
     the first run's progress lines (timings, scores) kept."""
     import shutil
 
-    out = tiny_setup["root"] / "lost-state"
-    config = _config(tiny_setup, methods=("memit-seq",), general=(), checkpoints=1)
-    first = run_method_bench(config, out)["methods"]["memit-seq"]
-    assert len(list((out / "memit-seq" / "targets").glob("*.safetensors"))) == 2  # one per batch
-    shutil.rmtree(out / "memit-seq" / "state")
-    (out / "memit-seq" / "result.json").unlink()
-    again = run_method_bench(config, out)["methods"]["memit-seq"]
+    out = tiny_setup["root"] / f"lost-state-{method}"
+    config = _config(tiny_setup, methods=(method,), general=(), checkpoints=1)
+    first = run_method_bench(config, out)["methods"][method]
+    assert len(list((out / method / "targets").glob("*.safetensors"))) == entries
+    shutil.rmtree(out / method / "state")
+    (out / method / "result.json").unlink()
+    again = run_method_bench(config, out)["methods"][method]
     assert again["status"]["edits_applied"] == 4
     assert again["batches"] == first["batches"]
     assert again["rebuilt_batches"]["count"] == 2
@@ -586,7 +587,8 @@ def test_a_batch_whose_targets_were_logged_before_a_stop_replays_them_and_is_not
 
 def test_timings_are_given_per_device_and_leave_out_replayed_targets():
     """A stream that moved from a CPU to a GPU and back: one s/edit per device (lines written
-    before lines named their machine count under the settings' device), replayed batches out."""
+    before lines named their machine count under the settings' device), batches with replayed
+    targets (all or some) out."""
     from rlsedit.bench.methods_report import _timing_cells
     from rlsedit.bench.timing import timing_summary
 
@@ -598,7 +600,8 @@ def test_timings_are_given_per_device_and_leave_out_replayed_targets():
 
     records = [line(1, 30.0), line(2, 20.0, "cpu"), line(3, 4.0, "cuda"), line(4, 6.0, "cuda"),
                line(5, 1.0, "cpu", targets_replayed=True), line(6, 40.0, "cpu"),
-               {"batch": 7, "edits": 70, "total_s": None, "solve_s": None, "resumed": True}]
+               {"batch": 7, "edits": 70, "total_s": None, "solve_s": None, "resumed": True},
+               line(8, 2.0, "cpu", targets_replayed_edits=4)]  # ROME resumed mid-batch
     t = timing_summary(records, first_device="cpu")
     assert t["by_device"]["cpu"]["seconds_per_edit"] == pytest.approx(90.0 / 30)
     assert t["by_device"]["cuda"]["seconds_per_edit"] == pytest.approx(10.0 / 20)

@@ -106,3 +106,17 @@ def test_rescoring_refuses_a_folder_without_a_benchmark_and_other_settings(score
         rescore_generation(config, tmp_path)
     with pytest.raises(StateMismatchError, match="other settings"):
         rescore_generation(dataclasses.replace(config, gen_n=5), out)
+
+
+def test_a_method_without_value_targets_is_not_rescored(tiny_setup):
+    """FT logs no value targets: its stale checkpoint is refused with a reason, before any rebuild."""
+    out = tiny_setup["root"] / "rescore-ft"
+    config = _config(tiny_setup, methods=("ft",), general=(), gen_n=3)
+    run_method_bench(config, out)
+    progress = out / "ft" / "progress.jsonl"
+    records = read_progress(progress)
+    records[0]["evaluation"]["generation"]["counts"]["edits"] = 1
+    rewrite_progress(progress, records)
+    with pytest.raises(InvalidRequestError, match="no value targets to replay"):
+        rescore_generation(config, out)
+    assert read_progress(progress) == records

@@ -102,8 +102,50 @@ def test_the_logged_run_differs_from_an_unlogged_one_only_by_the_rounding(tmp_pa
         assert (a - b).norm() <= 1e-3 * change  # float16 residuals: relative 2⁻¹¹ per entry
 
 
-def test_rome_and_ft_keep_their_own_procedure():
-    for method in ("rome", "ft"):
-        assert get_editor_class(method).logs_value_targets is False
-    for method in ("rlsedit", "rlsedit-official", "alphaedit", "memit", "memit-seq"):
+def test_ft_logs_nothing_and_rome_logs_each_request():
+    assert get_editor_class("ft").logs_value_targets is False
+    for method in ("rlsedit", "rlsedit-official", "alphaedit", "memit", "memit-seq", "rome"):
         assert get_editor_class(method).logs_value_targets is True
+    assert get_editor_class("memit").target_log_entries(REQUESTS[:2]) == [("a", "b")]
+    assert get_editor_class("rome").target_log_entries(REQUESTS[:2]) == [("a",), ("b",)]
+
+
+def _rome(log):
+    lm = make_lm("llama")
+    cls = get_editor_class("rome")
+    editor = cls(lm, cls.config_class(layers=(1,), context_template_length_params=[[5, 1]], v_num_grad_steps=6),
+                 moments=_moments(lm))
+    editor.target_log = log
+    return editor
+
+
+def test_rome_replays_each_logged_request_and_optimises_only_the_others(tmp_path, monkeypatch):
+    """ROME optimises one request at a time on the model its predecessor left: each request's
+    residual is logged on its own, so a batch stopped part-way keeps the requests already done."""
+    log = TargetLog(tmp_path / "targets")
+    live = _rome(log)
+    live.partial_fit(REQUESTS[:2]).partial_fit(REQUESTS[2:])
+    assert sorted(p.name for p in log.folder.iterdir()) == sorted(f"{batch_key([r.id])}.safetensors"
+                                                                   for r in REQUESTS)
+    assert len(live.history_[1].info["target_steps"]) == 2 and "targets_replayed" not in live.history_[1].info
+
+    import rlsedit.locate.targets as targets
+
+    optimised = []
+    real = targets.compute_targets
+
+    def counted(lm, layer, requests, *args, **kwargs):
+        optimised.extend(r.id for r in requests)
+        return real(lm, layer, requests, *args, **kwargs)
+
+    monkeypatch.setattr(targets, "compute_targets", counted)
+    (log.folder / f"{batch_key(['d'])}.safetensors").unlink()  # stopped after c's target, before d's
+    replay = _rome(log)
+    replay.partial_fit(REQUESTS[:2]).partial_fit(REQUESTS[2:])
+    assert optimised == ["d"]
+    assert replay.history_[0].info["targets_replayed"] is True
+    assert replay.history_[1].info["targets_replayed_edits"] == 1
+    assert "targets_replayed" not in replay.history_[1].info
+    assert log.has(["d"])  # logged again
+    for l, W in _weights(live).items():
+        assert torch.equal(W, _weights(replay)[l]), l

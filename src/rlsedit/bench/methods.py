@@ -226,7 +226,8 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
             return all(r.id in session.index for r in batches[b - 1])
 
         def rebuildable(b: int) -> bool:
-            return target_log is not None and target_log.has([r.id for r in batches[b - 1]])
+            return target_log is not None and all(
+                target_log.has(ids) for ids in session.editor.target_log_entries(batches[b - 1]))
 
         # a progress line counts only if its batch is in the journal, or can be rebuilt from the
         # target log (a state folder lost, e.g. on another machine, while progress.jsonl stayed
@@ -271,6 +272,8 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
                                                    getattr(run.config, "v_num_grad_steps", None)))
                 if info.get("targets_replayed"):  # from the target log: this batch timed no optimisation
                     record["targets_replayed"] = True
+                elif info.get("targets_replayed_edits"):  # ROME resumed mid-batch: some requests were not timed
+                    record["targets_replayed_edits"] = info["targets_replayed_edits"]
             record["diagnostics"] = diagnostics_summary(session.editor.diagnostics())
             record["edited_weights_sha256"] = edited_weights_sha256(session.lm, session.editor.layers)
             if b in checkpoints:

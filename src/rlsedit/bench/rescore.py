@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..editors import get_editor_class
 from ..errors import InvalidRequestError, StateMismatchError
 from .edit_stream import select_edits
 from .methods import TARGETS_DIR, rebuild_batch
@@ -95,9 +96,12 @@ def _rescore_run(run: MethodRun, config: MethodBenchConfig, requests, folder: Pa
 
     by_batch = {rec["batch"]: rec for rec in records}
     batches = [requests[i:i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
+    editor_class = get_editor_class(run.method)
+    if not editor_class.logs_value_targets:
+        raise InvalidRequestError(f"{run.name}: {run.method} has no value targets to replay; re-run it instead")
     target_log = TargetLog(folder / TARGETS_DIR)
     for b in range(1, max(stale) + 1):
-        if not target_log.has([r.id for r in batches[b - 1]]):
+        if not all(target_log.has(ids) for ids in editor_class.target_log_entries(batches[b - 1])):
             raise StateMismatchError(f"{run.name}: batch {b} is not in the target log {folder / TARGETS_DIR}; "
                                      "its checkpoints cannot be rebuilt without optimising again")
     state = folder / "state"
@@ -108,8 +112,6 @@ def _rescore_run(run: MethodRun, config: MethodBenchConfig, requests, folder: Pa
         session = Session.create(Path(scratch) / "state", model=config.model, method=run.method, config=run.config,
                                  runtime=runtime)
         try:
-            if not session.editor.logs_value_targets:
-                raise InvalidRequestError(f"{run.name}: {run.method} has no value targets to replay; re-run it instead")
             session.editor.target_log = target_log
             for b in range(1, max(stale) + 1):
                 rebuilt = rebuild_batch(session, batches[b - 1], b, by_batch.get(b, {}))

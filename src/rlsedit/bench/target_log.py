@@ -7,7 +7,9 @@ solve and the journal take a few hundredths of a second per edit. So the benchma
 per batch, ``δ = z − h`` (``h``: the state after the top edited layer at each subject's
 last token before the batch writes anything; :meth:`Editor._logged_target`) in a small
 safetensors file, and a resumed run rebuilds the batches it has no journal for from them
-instead of optimising again.
+instead of optimising again. ROME, which optimises one request at a time on the model its
+predecessor left, logs one entry per request (``Editor.target_log_entries``), so a stop in the
+middle of one of its long batches keeps the requests already done.
 
 ``δ`` is stored as float16 (half the size of float32: 1.1 KB per edit at d_model = 576) when
 every entry fits float16's range, else as float32. The run that writes a batch uses the

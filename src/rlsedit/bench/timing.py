@@ -17,9 +17,11 @@ def batch_device(record: dict[str, Any], first_device: str | None) -> str | None
 
 def times_an_edit(record: dict[str, Any]) -> bool:
     """Whether a progress line's seconds time its batch's edits. Not so for a batch resumed from
-    the journal (no timings) or one whose value targets were replayed from the target log
-    (``targets_replayed``: it timed keys and the solve, not the edit)."""
-    return record.get("total_s") is not None and not record.get("targets_replayed")
+    the journal (no timings) or one whose value targets were replayed from the target log, all
+    (``targets_replayed``: it timed keys and the solve, not the edit) or some of them (ROME
+    resumed mid-batch: ``targets_replayed_edits``)."""
+    return (record.get("total_s") is not None and not record.get("targets_replayed")
+            and not record.get("targets_replayed_edits"))
 
 
 def timed_batches(records: Sequence[dict[str, Any]],

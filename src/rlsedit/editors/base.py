@@ -120,7 +120,7 @@ class Editor:
     name: ClassVar[str] = ""
     supports_undo: ClassVar[bool] = False
     needs_moments: ClassVar[bool] = True
-    # the shared batch procedure below consults ``target_log`` (ROME and FT have their own)
+    # whether the batch procedure consults ``target_log`` (FT writes no value targets)
     logs_value_targets: ClassVar[bool] = True
 
     def __init__(self, lm, config: EditConfig | None = None, *, corpus=None,
@@ -416,6 +416,12 @@ class Editor:
         if c.preserve_positions:
             return PromptKeys(self.lm, self.layers[0], self.layers[-1], pseudo, c.preserve_positions)
         return BatchKeys(self.lm, self.layers[0], self.layers[-1], pseudo, [SUBJECT_SLOT], average=c.key_average)
+
+    @classmethod
+    def target_log_entries(cls, requests: Sequence[EditRequest]) -> list[tuple[str, ...]]:
+        """The target log's keys for a batch of ``requests``: the batch is optimised as one, so
+        one entry (ROME, one request at a time, logs one per request)."""
+        return [tuple(r.id for r in requests)]
 
     def _paraphrases(self, requests: list[EditRequest]) -> list[list[str]] | None:
         """The model's rewordings of each prompt for the value targets (``paraphrase_count``), else None."""

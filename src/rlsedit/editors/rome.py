@@ -22,7 +22,8 @@ against the residual state ``h`` after the edited block; with one request at a t
 norm enters through its factors: ``clamp_norm_factor·‖m‖/‖h‖`` and ``v_weight_decay·‖h‖²/‖m‖²``.
 Where a norm follows the MLP (Gemma 3), ``m`` is that norm's output, what joins the residual
 stream. Requests of a batch are applied one after another, each with targets computed on the
-model as the previous one left it (ROME edits one fact at a time).
+model as the previous one left it (ROME edits one fact at a time); a target log, where one is
+set, holds each request's residual on its own.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ def mlp_output_at_subject(lm, layer: int, request) -> torch.Tensor:
 class ROME(Editor):
     config_class = ROMEConfig
     name = "rome"
-    logs_value_targets = False  # its own batch procedure; a target log is not consulted
 
     @classmethod
     def layers_for(cls, lm, config):
@@ -65,6 +65,10 @@ class ROME(Editor):
             return super().layers_for(lm, config)
         default = lm.default_layers()
         return (default[len(default) // 2],)
+
+    @classmethod
+    def target_log_entries(cls, requests):
+        return [(r.id,) for r in requests]
 
     def _make_prefixes(self) -> list[str]:
         from ..locate.prefixes import rome_context_prefixes
@@ -90,20 +94,28 @@ class ROME(Editor):
 
         c, lm, layer = self.config, self.lm, self.layers[0]
         ids = (request.id,)
+        # logged per request, not per batch: each request is optimised on the model its
+        # predecessor left, so a stop mid-batch keeps the requests already done
+        logged = None if self.target_log is None else self.target_log.lookup(ids)
+        result = z = None
         with clock("targets"):
             h = hidden_at_subject(lm, layer, [request]).float()  # (1, d_model) residual after the block
-            m = mlp_output_at_subject(lm, layer, request)  # (d_model,) the MLP's share of it
-            ratio = float(m.norm() / h.norm())  # ‖m‖/‖h‖
-            if not ratio > 0:
-                raise NumericalError(f"edit {request.id!r}: the MLP output at the subject is zero; "
-                                     "ROME's clamp and size term are relative to it")
-            # ‖δ‖ ≤ clamp·‖m‖ and wd·‖δ‖/‖m‖², written against the ‖h‖ that compute_targets uses
-            target_config = dataclasses.replace(self._target_config(), clamp_norm_factor=c.clamp_norm_factor * ratio,
-                                                weight_decay=c.v_weight_decay / ratio ** 2)
-            optimise = compute_targets if self.targets == "batched" else compute_targets_reference
-            result = optimise(lm, layer, [request], self.prefixes_, target_config)
-        z = result.z.float()
-        _check_finite("value target z", z, ids)
+            if logged is None:
+                m = mlp_output_at_subject(lm, layer, request)  # (d_model,) the MLP's share of h
+                ratio = float(m.norm() / h.norm())  # ‖m‖/‖h‖
+                if not ratio > 0:
+                    raise NumericalError(f"edit {request.id!r}: the MLP output at the subject is zero; "
+                                         "ROME's clamp and size term are relative to it")
+                # ‖δ‖ ≤ clamp·‖m‖ and wd·‖δ‖/‖m‖², written against the ‖h‖ that compute_targets uses
+                target_config = dataclasses.replace(self._target_config(),
+                                                    clamp_norm_factor=c.clamp_norm_factor * ratio,
+                                                    weight_decay=c.v_weight_decay / ratio ** 2)
+                optimise = compute_targets if self.targets == "batched" else compute_targets_reference
+                result = optimise(lm, layer, [request], self.prefixes_, target_config)
+                z = result.z.float()
+                _check_finite("value target z", z, ids)
+            if self.target_log is not None:
+                z = self._logged_target(ids, z, h, logged)
         with clock("keys"):
             K_mean = compute_keys(lm, layer, [request], self.prefixes_, average=c.key_average).float()  # (d_k, 1)
             K = compute_keys(lm, layer, [request], [SUBJECT_SLOT]).float()  # (d_k, 1) bare prompt
@@ -117,7 +129,10 @@ class ROME(Editor):
             _check_finite(f"layers.{layer}.W", W_new, ids)
             set_W(lm, layer, W_new)
         tensors = {f"layers.{layer}.K": K, f"layers.{layer}.V": V, f"layers.{layer}.K_mean": K_mean}
-        info = {"target_loss": [float(x) for x in result.losses], "target_steps": [int(x) for x in result.steps]}
+        if result is None:
+            return tensors, {"target_loss": [], "target_steps": [], "targets_replayed": 1}
+        info = {"target_loss": [float(x) for x in result.losses], "target_steps": [int(x) for x in result.steps],
+                "targets_replayed": 0}
         return tensors, info
 
     def _compute_batch(self, requests):
@@ -126,6 +141,11 @@ class ROME(Editor):
         tensors = {key: torch.cat([t[key] for t, _ in parts], dim=0 if key.endswith(".V") else 1).contiguous()
                    for key in parts[0][0]}
         info = {key: [x for _, i in parts for x in i[key]] for key in ("target_loss", "target_steps")}
+        replayed = sum(i["targets_replayed"] for _, i in parts)
+        if replayed == len(parts):
+            info["targets_replayed"] = True
+        elif replayed:  # a batch stopped part-way, resumed: these requests timed no optimisation
+            info["targets_replayed_edits"] = replayed
         info["seconds"] = clock.seconds
         return EditRecord(ids=tuple(r.id for r in requests), tensors=tensors, info=info), {}
 
