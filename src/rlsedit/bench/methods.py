@@ -226,8 +226,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
             return all(r.id in session.index for r in batches[b - 1])
 
         def rebuildable(b: int) -> bool:
-            return target_log is not None and all(
-                target_log.has(ids) for ids in session.editor.target_log_entries(batches[b - 1]))
+            return target_log is not None and target_log.has_all(session.editor.target_log_entries(batches[b - 1]))
 
         # a progress line counts only if its batch is in the journal, or can be rebuilt from the
         # target log (a state folder lost, e.g. on another machine, while progress.jsonl stayed

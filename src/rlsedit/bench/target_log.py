@@ -54,6 +54,10 @@ class TargetLog:
     def has(self, ids: Sequence[str]) -> bool:
         return self._path(ids).is_file()
 
+    def has_all(self, entries: Sequence[Sequence[str]]) -> bool:
+        """Whether every entry (``Editor.target_log_entries`` of a batch) is logged."""
+        return all(self.has(ids) for ids in entries)
+
     def lookup(self, ids: Sequence[str]) -> torch.Tensor | None:
         """The stored ``δ`` (u, d_model) float32 of the batch ``ids``, or None when not logged."""
         from ..session.tensorfile import decode

@@ -130,9 +130,9 @@ class ROME(Editor):
             set_W(lm, layer, W_new)
         tensors = {f"layers.{layer}.K": K, f"layers.{layer}.V": V, f"layers.{layer}.K_mean": K_mean}
         if result is None:
-            return tensors, {"target_loss": [], "target_steps": [], "targets_replayed": 1}
+            return tensors, {"target_loss": [], "target_steps": [], "replayed": True}
         info = {"target_loss": [float(x) for x in result.losses], "target_steps": [int(x) for x in result.steps],
-                "targets_replayed": 0}
+                "replayed": False}
         return tensors, info
 
     def _compute_batch(self, requests):
@@ -141,7 +141,7 @@ class ROME(Editor):
         tensors = {key: torch.cat([t[key] for t, _ in parts], dim=0 if key.endswith(".V") else 1).contiguous()
                    for key in parts[0][0]}
         info = {key: [x for _, i in parts for x in i[key]] for key in ("target_loss", "target_steps")}
-        replayed = sum(i["targets_replayed"] for _, i in parts)
+        replayed = sum(i["replayed"] for _, i in parts)
         if replayed == len(parts):
             info["targets_replayed"] = True
         elif replayed:  # a batch stopped part-way, resumed: these requests timed no optimisation
