@@ -32,8 +32,8 @@ NOTES = [
     "not neighborhood_acc (accuracy against the answer)",
     "timings: total_s per batch includes validation, value targets, keys, solve and the journal write; "
     "solve_s is the closed-form solve summed over layers (None for FT). s/edit and solve s/batch leave out "
-    "batches whose value targets were replayed from the target log (targets_replayed, or for some of its "
-    "requests targets_replayed_edits) and are given per device "
+    "batches whose value targets, all or some, were replayed from the target log (targets_replayed; ROME resumed "
+    "mid-batch: targets_replayed_edits) and are given per device "
     "when batches ran on more than one (machine.device of each progress line)",
     "generation columns (settings.gen_n): at each checkpoint a seeded sample of min(gen_n, edits so far) of the edits "
     "applied, the same for every method (sampled edits: how many; the end of the stream and the unedited row score "
