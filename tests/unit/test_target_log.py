@@ -19,6 +19,7 @@ REQUESTS = [EditRequest(id="a", prompt="{} is located in", subject="The Eiffel T
             EditRequest(id="c", prompt="{} plays the", subject="Toko Yasuda", target_new="piano"),
             EditRequest(id="d", prompt="{} was born in", subject="Marie Curie", target_new="Oslo")]
 FAST = dict(layers=(1, 2), context_count=1, mom2_update_weight=10.0, v_num_grad_steps=6)
+ROME_FAST = dict(layers=(1,), context_template_length_params=[[5, 1]])  # ROME's one layer, one short prefix
 
 
 def _moments(lm, n=400):
@@ -26,10 +27,10 @@ def _moments(lm, n=400):
     return {l: X @ X.T / n for l in range(lm.n_layers)}
 
 
-def _editor(method="rlsedit", log=None):
+def _editor(method="rlsedit", log=None, **changes):
     lm = make_lm("llama")
     cls = get_editor_class(method)
-    editor = cls(lm, cls.config_class(**FAST), moments=_moments(lm))
+    editor = cls(lm, cls.config_class(**{**FAST, **changes}), moments=_moments(lm))
     editor.target_log = log
     return editor
 
@@ -110,20 +111,11 @@ def test_ft_logs_nothing_and_rome_logs_each_request():
     assert get_editor_class("rome").target_log_entries(REQUESTS[:2]) == [("a",), ("b",)]
 
 
-def _rome(log):
-    lm = make_lm("llama")
-    cls = get_editor_class("rome")
-    editor = cls(lm, cls.config_class(layers=(1,), context_template_length_params=[[5, 1]], v_num_grad_steps=6),
-                 moments=_moments(lm))
-    editor.target_log = log
-    return editor
-
-
 def test_rome_replays_each_logged_request_and_optimises_only_the_others(tmp_path, monkeypatch):
     """ROME optimises one request at a time on the model its predecessor left: each request's
     residual is logged on its own, so a batch stopped part-way keeps the requests already done."""
     log = TargetLog(tmp_path / "targets")
-    live = _rome(log)
+    live = _editor("rome", log, **ROME_FAST)
     live.partial_fit(REQUESTS[:2]).partial_fit(REQUESTS[2:])
     assert sorted(p.name for p in log.folder.iterdir()) == sorted(f"{batch_key([r.id])}.safetensors"
                                                                    for r in REQUESTS)
@@ -140,7 +132,7 @@ def test_rome_replays_each_logged_request_and_optimises_only_the_others(tmp_path
 
     monkeypatch.setattr(targets, "compute_targets", counted)
     (log.folder / f"{batch_key(['d'])}.safetensors").unlink()  # stopped after c's target, before d's
-    replay = _rome(log)
+    replay = _editor("rome", log, **ROME_FAST)
     replay.partial_fit(REQUESTS[:2]).partial_fit(REQUESTS[2:])
     assert optimised == ["d"]
     assert replay.history_[0].info["targets_replayed"] is True
