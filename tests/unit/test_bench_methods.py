@@ -557,6 +557,7 @@ def test_a_lost_session_is_rebuilt_from_the_target_log(finished, tiny_setup, met
     assert again["rebuilt_batches"]["count"] == 2
     assert again["rebuilt_batches"]["identical"] == again["rebuilt_batches"]["checked"] == 2
     assert again["rebuilt_batches"]["max_drift_rel_diff"] == 0.0
+    assert again["rebuilt_batches"]["max_layer_rel_diff"] == 0.0
     assert again["status"]["weights_sha256"] == first["status"]["weights_sha256"]
 
 

@@ -69,7 +69,8 @@ def test_a_checkpoint_scored_on_fewer_edits_is_rescored_on_the_rebuilt_weights(s
     summary = rescore_generation(config, out)
     assert summary == {"rlsedit": [{"batch": 1, "edits": 2,
                                     "before": {"generation_edits": 1, "first_generation_edits": 1},
-                                    "after": {"generation_edits": 2, "first_generation_edits": 2}}]}
+                                    "after": {"generation_edits": 2, "first_generation_edits": 2},
+                                    "weights": {"identical": True}}]}
     after = read_progress(progress)
     ev = after[0]["evaluation"]
     # the same weights give the same figures the original scoring of the full sample gave
@@ -88,16 +89,39 @@ def test_a_checkpoint_scored_on_fewer_edits_is_rescored_on_the_rebuilt_weights(s
     assert rescore_generation(config, out) == {"rlsedit": []}  # nothing left to do
 
 
-def test_weights_that_do_not_rebuild_bit_for_bit_are_not_rescored(scored):
-    out, config, _ = scored
+def test_weights_that_do_not_rebuild_bit_for_bit_are_rescored_only_within_the_tolerance(scored):
+    """A digest that differs (as on another CPU) is refused, unless every layer's drift and anchor
+    residual match the progress line's within the tolerance; that difference is then recorded."""
+    out, config, fresh = scored
     progress = out / "rlsedit" / "progress.jsonl"
     records = read_progress(progress)
     records[0]["evaluation"]["generation"]["counts"]["edits"] = 1
     records[0]["edited_weights_sha256"] = "0" * 64
     rewrite_progress(progress, records)
-    with pytest.raises(StateMismatchError, match="not the checkpoint's"):
+    with pytest.raises(StateMismatchError, match="not the checkpoint's.*difference .* is 0.00e.*--rebuild-tolerance"):
         rescore_generation(config, out)
     assert read_progress(progress) == records  # nothing rewritten
+    layers = records[0]["diagnostics"]["layers"]
+    layer = sorted(layers)[-1]
+    assert set(layers[layer]) >= {"drift_fro", "anchor_residual"}
+    true_residual = layers[layer]["anchor_residual"]
+    layers[layer]["anchor_residual"] = true_residual * (1 + 1e-4)  # one layer off by more than rounding
+    rewrite_progress(progress, records)
+    with pytest.raises(StateMismatchError, match=r"is 1\.00e-04"):
+        rescore_generation(config, out, tolerance=1e-6)
+    assert read_progress(progress) == records
+    with pytest.raises(InvalidRequestError, match="tolerance"):
+        rescore_generation(config, out, tolerance=0.5)
+
+    layers[layer]["anchor_residual"] = true_residual * (1 + 1e-7)
+    rewrite_progress(progress, records)
+    [done] = rescore_generation(config, out, tolerance=1e-6)["rlsedit"]
+    assert done["weights"]["identical"] is False and done["weights"]["tolerance"] == 1e-6
+    assert done["weights"]["layer_rel_diff"] == pytest.approx(1e-7, rel=1e-3)
+    ev = read_progress(progress)[0]["evaluation"]
+    assert ev["generation_rescored"]["weights"] == done["weights"]
+    assert ev["generation_rescored"]["machine"]["cpu"]
+    assert ev["generation"]["summary"] == fresh["generation"]["summary"]  # the same weights in fact
 
 
 def test_rescoring_refuses_a_folder_without_a_benchmark_and_other_settings(scored, tmp_path):
@@ -120,3 +144,10 @@ def test_a_method_without_value_targets_is_not_rescored(tiny_setup):
     with pytest.raises(InvalidRequestError, match="no value targets to replay"):
         rescore_generation(config, out)
     assert read_progress(progress) == records
+
+
+def test_the_rebuild_tolerance_is_refused_without_a_rescore(capsys):
+    from rlsedit import cli
+
+    assert cli.main(["bench", "methods", "--out", "unused", "--rebuild-tolerance", "1e-6"]) == 2
+    assert "--rebuild-tolerance applies only with --rescore-generation" in capsys.readouterr().err

@@ -159,7 +159,7 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
         write_json(result_path, results[run.name])
         if on_method_done is not None:
             on_method_done(run.name, results[run.name])
-    return write_report(out, [r.name for r in runs], machine=_machine(config))
+    return write_report(out, [r.name for r in runs], machine=bench_machine(config))
 
 
 def target_steps_summary(steps: list[int] | None, max_steps: int | None) -> dict[str, Any]:
@@ -174,7 +174,7 @@ def target_steps_summary(steps: list[int] | None, max_steps: int | None) -> dict
     return out
 
 
-def _machine(config: MethodBenchConfig) -> dict[str, Any]:
+def bench_machine(config: MethodBenchConfig) -> dict[str, Any]:
     """The device, CPU, torch version, thread count and rows per target pass this process
     benchmarks on."""
     import torch
@@ -239,7 +239,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
             rewrite_progress(progress_path, kept)
             records = kept
         done = {rec["batch"]: rec for rec in records}
-        ran_on = {"code": code_description(), "machine": _machine(config)}  # written on each new progress line
+        ran_on = {"code": code_description(), "machine": bench_machine(config)}  # written on each new progress line
         rebuilt: list[dict[str, Any]] = []
         last_records: list[dict[str, Any]] | None = None
         stopped = collapse_stop(records) if config.stop_below_chance else None
@@ -331,7 +331,9 @@ def edited_weights_sha256(lm, layers) -> str:
 
 def rebuild_batch(session, batch: list[EditRequest], b: int, record: dict[str, Any]) -> dict[str, Any]:
     """Apply batch ``b`` again from its logged targets (no optimisation) and compare what it
-    left with its progress line: the weights' digest (bit for bit) and each layer's drift."""
+    left with its progress line: the weights' digest (bit for bit, ``identical``), the total drift
+    (``drift_rel_diff``) and, per layer, ``‖W−W0‖`` and the anchor residual (``layer_rel_diff``,
+    the largest relative difference of any of them: float rounding when another CPU rebuilt it)."""
     start = time.perf_counter()
     report = session.edit(batch, batch_size=len(batch))
     if len(report.applied) != len(batch):
@@ -340,13 +342,21 @@ def rebuild_batch(session, batch: list[EditRequest], b: int, record: dict[str, A
     expected = record.get("edited_weights_sha256")
     if expected is not None:
         out["identical"] = expected == edited_weights_sha256(session.lm, session.editor.layers)
-    drift = diagnostics_summary(session.editor.diagnostics())["drift_fro"]
+    now = diagnostics_summary(session.editor.diagnostics())
     old_drift = (record.get("diagnostics") or {}).get("drift_fro")
-    if drift is not None and old_drift:
-        out["drift_rel_diff"] = abs(drift - old_drift) / old_drift
+    if now["drift_fro"] is not None and old_drift:
+        out["drift_rel_diff"] = abs(now["drift_fro"] - old_drift) / old_drift
+    layer_diffs = []
+    for layer, was in ((record.get("diagnostics") or {}).get("layers") or {}).items():
+        new = now["layers"].get(layer, {})
+        layer_diffs += [abs(new[key] - was[key]) / abs(was[key]) for key in ("drift_fro", "anchor_residual")
+                        if was.get(key) and new.get(key) is not None]
+    if layer_diffs:
+        out["layer_rel_diff"] = max(layer_diffs)
     if out.get("identical") is False:
         log.warning("batch %d rebuilt from its logged targets differs from the original run's weights "
-                    "(largest relative drift difference %.2e)", b, out.get("drift_rel_diff", float("nan")))
+                    "(largest relative difference of a layer's drift or anchor residual: %.2e)", b,
+                    out.get("layer_rel_diff", float("nan")))
     return out
 
 
@@ -358,4 +368,5 @@ def rebuilt_summary(rebuilt: list[dict[str, Any]]) -> dict[str, Any] | None:
     diffs = [r["drift_rel_diff"] for r in rebuilt if "drift_rel_diff" in r]
     return {"count": len(rebuilt), "identical": sum(r["identical"] for r in checked), "checked": len(checked),
             "max_drift_rel_diff": max(diffs) if diffs else None,
+            "max_layer_rel_diff": max((r["layer_rel_diff"] for r in rebuilt if "layer_rel_diff" in r), default=None),
             "seconds": sum(r["seconds"] for r in rebuilt)}

@@ -105,9 +105,14 @@ _OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
         "action": "store_true", "help": "edit nothing: re-score the generation metrics of the checkpoints of --out "
         "that sampled fewer edits than min(--gen-n, edits so far), on weights rebuilt from each run's target log "
         "(checked bit for bit against the checkpoint), then rewrite the report; give the run's own options"}),
+    (("--rebuild-tolerance",), "rebuild_tolerance", {
+        "type": float, "metavar": "REL", "help": "with --rescore-generation: also accept rebuilt weights that are "
+        "not bit for bit the checkpoint's when every edited layer's ||W-W0|| and anchor residual are within REL "
+        "(relative) of its progress line's, as when another CPU rebuilds them (float rounding; e.g. 1e-6); the "
+        "re-scored checkpoint records the difference"}),
 ]
 _REQUIRED = ("model", "data", "out")
-_NOT_CONFIG = {"out", "threads", "progress", "json", "report_only", "rescore_generation"}
+_NOT_CONFIG = {"out", "threads", "progress", "json", "report_only", "rescore_generation", "rebuild_tolerance"}
 _DEST_PREFIX = "methods_bench_"  # the group-level copies live under their own names
 
 
@@ -174,6 +179,8 @@ def _run(values: dict) -> int:
         result = write_report(values["out"], names)
         print(json.dumps(result, indent=2, sort_keys=True) if values.get("json") else format_results_markdown(result))
         return 0
+    if values.get("rebuild_tolerance") is not None and not values.get("rescore_generation"):
+        raise UsageError("bench methods: --rebuild-tolerance applies only with --rescore-generation")
     missing = [f"--{name}" for name in _REQUIRED if values.get(name) is None]
     if missing:
         raise UsageError(f"bench methods: missing {', '.join(missing)}")
@@ -183,12 +190,15 @@ def _run(values: dict) -> int:
         torch.set_num_threads(values["threads"])
     config = build_config(values)
     if values.get("rescore_generation"):
-        rescored = rescore_generation(config, values["out"], progress=bool(values.get("progress")))
+        rescored = rescore_generation(config, values["out"], progress=bool(values.get("progress")),
+                                      tolerance=values.get("rebuild_tolerance"))
         for name, checkpoints in rescored.items():
             for c in checkpoints:
+                match = ("bit for bit" if c["weights"]["identical"]
+                         else f"within {c['weights']['layer_rel_diff']:.1e} relative")
                 print(f"{name}: {c['edits']:,} edits: sampled {c['before']['generation_edits']} -> "
                       f"{c['after']['generation_edits']} edits (first edits: {c['before']['first_generation_edits']} -> "
-                      f"{c['after']['first_generation_edits']})", file=sys.stderr)
+                      f"{c['after']['first_generation_edits']}; rebuilt weights {match})", file=sys.stderr)
         result = write_report(values["out"], [run.name for run in plan_runs(config)])
         print(json.dumps(result, indent=2, sort_keys=True) if values.get("json") else format_results_markdown(result))
         return 0

@@ -8,9 +8,13 @@ A checkpoint after ``E`` edits scores generation on ``min(gen_n, E)`` of them
 method's weights in a scratch session from its target log (no optimisation: the logged value
 targets are replayed, keys recomputed), refuses unless they match the checkpoint's recorded
 ``edited_weights_sha256`` bit for bit, and scores the generation metrics (and *says it* on the
-first edits) again. Teacher-forced figures (the first edits' efficacy among them) and timings are
-kept; the rescored evaluation records ``generation_rescored`` (when, by which code, and the sample
-sizes it replaced). Progress lines are rewritten after each checkpoint, so a stop keeps what was done.
+first edits) again. Another CPU rebuilds the same weights only up to float rounding (its BLAS
+kernels sum in another order); ``tolerance`` accepts those when every edited layer's ``‖W−W0‖``
+and anchor residual are within it (relative) of the progress line's, and the rescored checkpoint
+records the difference. Teacher-forced figures (the first edits' efficacy among them) and timings are
+kept; the rescored evaluation records ``generation_rescored`` (when, by which code, the sample
+sizes it replaced, and how the rebuilt weights matched). Progress lines are rewritten after each
+checkpoint, so a stop keeps what was done.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 from ..editors import get_editor_class
 from ..errors import InvalidRequestError, StateMismatchError
 from .edit_stream import select_edits
-from .methods import TARGETS_DIR, rebuild_batch
+from .methods import TARGETS_DIR, bench_machine, rebuild_batch
 from .methods_config import MethodBenchConfig, MethodRun, plan_runs
 from .methods_eval import GenerationPlan, evaluate_generation_sample, retention_of_first
 from .provenance import code_description
@@ -57,15 +61,19 @@ def stale_checkpoints(records: list[dict[str, Any]], plan: GenerationPlan, confi
     return stale
 
 
-def rescore_generation(config: MethodBenchConfig, out: str | Path, *, progress: bool = False) -> dict[str, Any]:
+def rescore_generation(config: MethodBenchConfig, out: str | Path, *, progress: bool = False,
+                       tolerance: float | None = None) -> dict[str, Any]:
     """Re-score every stale checkpoint of the runs of ``config`` in ``out``; returns, per run, the
-    batches re-scored with the sample sizes before and after."""
+    batches re-scored with the sample sizes before and after. ``tolerance`` (relative; ``None``:
+    bit for bit) accepts rebuilt weights that differ from the checkpoint's by float rounding."""
     from ..eval.runner import general_suite_names
     from ..session.session import Runtime
 
     out = Path(out)
     if not (out / SETTINGS_FILE).is_file():
         raise InvalidRequestError(f"{out} holds no method benchmark ({SETTINGS_FILE} is missing); nothing to re-score")
+    if tolerance is not None and not 0 <= tolerance < 1e-3:
+        raise InvalidRequestError(f"the rebuild tolerance must be in [0, 1e-3) (float rounding), got {tolerance}")
     if not config.gen_n:
         raise InvalidRequestError("--rescore-generation needs the run's --gen-n (generation metrics are off)")
     general = general_suite_names(config.general)
@@ -81,7 +89,8 @@ def rescore_generation(config: MethodBenchConfig, out: str | Path, *, progress: 
         records = read_progress(folder / "progress.jsonl")
         stale = stale_checkpoints(records, plan, config)
         if stale:
-            summary[run.name] = _rescore_run(run, config, requests, folder, runtime, plan, records, stale)
+            summary[run.name] = _rescore_run(run, config, requests, folder, runtime, plan, records, stale,
+                                             tolerance)
         else:
             summary[run.name] = []
             log.info("%s: every checkpoint already scored its full sample", run.name)
@@ -89,7 +98,7 @@ def rescore_generation(config: MethodBenchConfig, out: str | Path, *, progress: 
 
 
 def _rescore_run(run: MethodRun, config: MethodBenchConfig, requests, folder: Path, runtime, plan: GenerationPlan,
-                 records: list[dict[str, Any]], stale: list[int]) -> list[dict[str, Any]]:
+                 records: list[dict[str, Any]], stale: list[int], tolerance: float | None) -> list[dict[str, Any]]:
     from ..filelock import StateLock
     from ..session.session import Session
     from ..session.store import is_state_dir
@@ -118,11 +127,8 @@ def _rescore_run(run: MethodRun, config: MethodBenchConfig, requests, folder: Pa
                 if b not in stale:
                     continue
                 rec = by_batch[b]
-                if rebuilt.get("identical") is not True:
-                    raise StateMismatchError(
-                        f"{run.name}: the weights rebuilt at batch {b} are not the checkpoint's (its "
-                        "edited_weights_sha256); its generation is not re-scored")
-                done.append(_rescore_checkpoint(session.lm, rec, batches[:b], config, plan))
+                weights = _rebuilt_match(run.name, b, rebuilt, tolerance)
+                done.append(_rescore_checkpoint(session.lm, rec, batches[:b], config, plan, weights))
                 rewrite_progress(folder / "progress.jsonl", records)
                 log.info("%s: batch %d re-scored (%s)", run.name, b, done[-1])
         finally:
@@ -135,8 +141,25 @@ def _rescore_run(run: MethodRun, config: MethodBenchConfig, requests, folder: Pa
     return done
 
 
+def _rebuilt_match(name: str, b: int, rebuilt: dict[str, Any], tolerance: float | None) -> dict[str, Any]:
+    """How the weights rebuilt at batch ``b`` match its checkpoint; raises unless bit for bit, or
+    within ``tolerance`` on every layer's drift and anchor residual."""
+    if rebuilt.get("identical") is True:
+        return {"identical": True}
+    diff = rebuilt.get("layer_rel_diff")
+    if tolerance is not None and rebuilt.get("identical") is False and diff is not None and diff <= tolerance:
+        return {"identical": False, "layer_rel_diff": diff, "tolerance": tolerance}
+    measured = ("" if diff is None else
+                f"; the largest relative difference of a layer's drift or anchor residual is {diff:.2e}")
+    raise StateMismatchError(
+        f"{name}: the weights rebuilt at batch {b} are not the checkpoint's (its edited_weights_sha256{measured}); "
+        "its generation is not re-scored"
+        + ("" if tolerance is not None else " (a rebuild on another CPU differs by float rounding: "
+           "--rebuild-tolerance accepts that)"))
+
+
 def _rescore_checkpoint(lm, rec: dict[str, Any], batches, config: MethodBenchConfig,
-                        plan: GenerationPlan) -> dict[str, Any]:
+                        plan: GenerationPlan, weights: dict[str, Any]) -> dict[str, Any]:
     so_far = [r for batch in batches for r in batch]
     ev = rec["evaluation"]
     before = {"generation_edits": ((ev.get("generation") or {}).get("counts") or {}).get("edits", 0),
@@ -144,11 +167,12 @@ def _rescore_checkpoint(lm, rec: dict[str, Any], batches, config: MethodBenchCon
                                          .get("edits", 0))}
     ev["generation"] = evaluate_generation_sample(lm, so_far, plan, config.retention_bins)
     if config.retention_first:
-        # the weights are the checkpoint's bit for bit (edited_weights_sha256): its efficacy stands
+        # the weights are the checkpoint's (bit for bit, or to float rounding): its efficacy stands
         recorded = (ev.get("retention_first") or {}).get("efficacy")
         ev["retention_first"] = retention_of_first(lm, so_far, config, plan, efficacy=recorded)
     after = {"generation_edits": ev["generation"]["counts"]["edits"],
              "first_generation_edits": ((ev.get("retention_first") or {}).get("generation") or {}).get("edits", 0)}
     ev["generation_rescored"] = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                 "code": code_description(), "before": before}
-    return {"batch": rec["batch"], "edits": rec["edits"], "before": before, "after": after}
+                                 "code": code_description(), "machine": bench_machine(config), "before": before,
+                                 "weights": weights}
+    return {"batch": rec["batch"], "edits": rec["edits"], "before": before, "after": after, "weights": weights}
