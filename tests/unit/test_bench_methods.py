@@ -125,13 +125,13 @@ def test_config_refuses_bad_values():
 def test_rows_per_target_pass_are_a_machine_fact_not_a_pinned_setting(tiny_setup):
     """--target-rows changes how targets run, not a figure: settings.json leaves it out and each
     progress line's machine records it."""
-    from rlsedit.bench.methods import _machine
+    from rlsedit.bench.methods import bench_machine
     from rlsedit.bench.resume import bench_settings
 
     requests = select_edits(tiny_setup["data"], 4)
     wide, default = _config(tiny_setup, target_rows=700), _config(tiny_setup)
     assert bench_settings(wide, requests, ("ppl",)) == bench_settings(default, requests, ("ppl",))
-    assert _machine(wide)["target_rows"] == 700 and _machine(default)["target_rows"] == 32
+    assert bench_machine(wide)["target_rows"] == 700 and bench_machine(default)["target_rows"] == 32
     with pytest.raises(InvalidRequestError, match="target_rows"):
         _config(tiny_setup, target_rows=0)
 
