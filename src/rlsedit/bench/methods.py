@@ -343,11 +343,11 @@ def rebuild_batch(session, batch: list[EditRequest], b: int, record: dict[str, A
     if expected is not None:
         out["identical"] = expected == edited_weights_sha256(session.lm, session.editor.layers)
     now = diagnostics_summary(session.editor.diagnostics())
-    old_drift = (record.get("diagnostics") or {}).get("drift_fro")
-    if now["drift_fro"] is not None and old_drift:
-        out["drift_rel_diff"] = abs(now["drift_fro"] - old_drift) / old_drift
+    old = record.get("diagnostics") or {}
+    if now["drift_fro"] is not None and old.get("drift_fro"):
+        out["drift_rel_diff"] = abs(now["drift_fro"] - old["drift_fro"]) / old["drift_fro"]
     layer_diffs = []
-    for layer, was in ((record.get("diagnostics") or {}).get("layers") or {}).items():
+    for layer, was in (old.get("layers") or {}).items():
         new = now["layers"].get(layer, {})
         layer_diffs += [abs(new[key] - was[key]) / abs(was[key]) for key in ("drift_fro", "anchor_residual")
                         if was.get(key) and new.get(key) is not None]
