@@ -85,7 +85,7 @@ def test_a_checkpoint_scored_on_fewer_edits_is_rescored_on_the_rebuilt_weights(s
     assert json.loads((out / "rlsedit" / "result.json").read_text())["batches"] == after
     write_report(out, ["rlsedit"])
     md = (out / "results.md").read_text()
-    assert "sampled edits (of first 2)" in md and "| 2 (2) |" in md
+    assert "sampled edits (of first 2)" in md and "| 2 (2), re-scored |" in md
     assert rescore_generation(config, out) == {"rlsedit": []}  # nothing left to do
 
 
@@ -122,6 +122,8 @@ def test_weights_that_do_not_rebuild_bit_for_bit_are_rescored_only_within_the_to
     assert ev["generation_rescored"]["weights"] == done["weights"]
     assert ev["generation_rescored"]["machine"]["cpu"]
     assert ev["generation"]["summary"] == fresh["generation"]["summary"]  # the same weights in fact
+    write_report(out, ["rlsedit"])
+    assert "| 2 (2), re-scored ≈1.0e-07 |" in (out / "results.md").read_text()
 
 
 def test_rescoring_refuses_a_folder_without_a_benchmark_and_other_settings(scored, tmp_path):

@@ -37,7 +37,9 @@ NOTES = [
     "when batches ran on more than one (machine.device of each progress line)",
     "generation columns (settings.gen_n): at each checkpoint a seeded sample of min(gen_n, edits so far) of the edits "
     "applied, the same for every method (sampled edits: how many; the end of the stream and the unedited row score "
-    "the stream's own sample of gen_n; a checkpoint scored on fewer is re-scored by --rescore-generation): "
+    "the stream's own sample of gen_n; a checkpoint scored on fewer is re-scored by --rescore-generation: "
+    "'re-scored' on weights rebuilt bit for bit from the target log, 're-scored ≈D' on weights rebuilt on another "
+    "CPU, every edited layer's ‖W−W0‖ and anchor residual within D (relative) of the run's): "
     "greedy decoding to '.', a newline or EOS, at most settings.gen_max_new_tokens tokens, SQuAD-normalised; "
     "says it = the continuation begins with the new object; says it (paraphrase it answered unedited) = the same "
     "over only the paraphrases whose unedited continuation began with the old object; mentions (rephrase) = the new object occurs in the "
@@ -57,13 +59,18 @@ NOTES = [
 
 
 def _sample_sizes(evaluation: dict[str, Any], first_n: int | None) -> str:
-    """How many edits the checkpoint's generation columns scored ('–' without them), and with
-    ``first_n`` how many of the first edits its *says it first N* did."""
+    """How many edits the checkpoint's generation columns scored ('–' without them), with
+    ``first_n`` how many of the first edits its *says it first N* did, and whether
+    ``--rescore-generation`` scored them on rebuilt weights (with the tolerance it used, how close)."""
     gen = (evaluation.get("generation") or {}).get("counts", {}).get("edits")
     text = "–" if gen is None else f"{gen:,}"
     if first_n:
         first = ((evaluation.get("retention_first") or {}).get("generation") or {}).get("edits")
         text += " (–)" if first is None else f" ({first:,})"
+    rescored = evaluation.get("generation_rescored")
+    if rescored:
+        weights = rescored.get("weights") or {"identical": True}  # rescores before the tolerance were bit for bit
+        text += ", re-scored" if weights.get("identical") else f", re-scored ≈{weights['layer_rel_diff']:.1e}"
     return text
 
 
