@@ -86,6 +86,13 @@ def test_a_checkpoint_scored_on_fewer_edits_is_rescored_on_the_rebuilt_weights(s
     write_report(out, ["rlsedit"])
     md = (out / "results.md").read_text()
     assert "sampled edits (of first 2)" in md and "| 2 (2), re-scored |" in md
+    # a checkpoint re-scored before --rebuild-tolerance records no weights match: it was bit for bit
+    result_path = out / "rlsedit" / "result.json"
+    result = json.loads(result_path.read_text())
+    del result["batches"][0]["evaluation"]["generation_rescored"]["weights"]
+    result_path.write_text(json.dumps(result))
+    write_report(out, ["rlsedit"])
+    assert "| 2 (2), re-scored |" in (out / "results.md").read_text()
     assert rescore_generation(config, out) == {"rlsedit": []}  # nothing left to do
 
 
