@@ -581,9 +581,45 @@ def test_a_batch_whose_targets_were_logged_before_a_stop_replays_them_and_is_not
     last = again["batches"][-1]
     assert last["batch"] == 2 and last["targets_replayed"] is True and last["total_s"] is not None
     assert "targets_replayed" not in again["batches"][0]
+    # the first line written after the rebuild says how the rebuilt weights matched: bit for bit here
+    assert last["rebuilt_before"]["count"] == 1
+    assert last["rebuilt_before"]["identical"] == last["rebuilt_before"]["checked"] == 1
+    assert "rebuilt_before" not in again["batches"][0]
+    assert "(after a rebuild ≈" not in "".join(_trajectory_rows(out, "memit-seq"))
     assert again["seconds_per_edit"] == pytest.approx(again["batches"][0]["total_s"] / 2)
     assert again["by_device"] == {"cpu": {"seconds_per_edit": again["seconds_per_edit"],
                                           "solve_seconds_per_batch": again["batches"][0]["solve_s"]}}
+
+
+def _trajectory_rows(out, name: str) -> list[str]:
+    """The rows of results.md's "Along the stream" table for run ``name``."""
+    md = (out / "results.md").read_text()
+    table = md.split("## Along the stream", 1)[1]
+    return [row for row in table.splitlines() if row.startswith(f"| {name} | ")]
+
+
+def test_checkpoints_after_an_inexact_rebuild_are_marked(finished, tiny_setup):
+    """A run resumed on another CPU rebuilds its lost batches only to float rounding: the checkpoint
+    at and after the first line written from those weights carries the largest difference, the
+    ones before do not."""
+    from rlsedit.bench.methods_report import write_report
+
+    out = tiny_setup["root"] / "inexact-rebuild"
+    config = _config(tiny_setup, methods=("memit-seq",), general=(), checkpoints=2)
+    run_method_bench(config, out)
+    folder = out / "memit-seq"
+    (folder / "result.json").unlink()  # reported from progress.jsonl, as a run still going
+    lines = [json.loads(line) for line in (folder / "progress.jsonl").read_text().splitlines()]
+    assert [bool(r.get("evaluation")) for r in lines] == [True, True]
+    lines[1]["rebuilt_before"] = {"count": 1, "identical": 0, "checked": 1, "max_layer_rel_diff": 0.0657}
+    (folder / "progress.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    write_report(out, ["memit-seq"])
+    assert [row.split(" | ")[1] for row in _trajectory_rows(out, "memit-seq")] == ["2", "4 (after a rebuild ≈6.6e-02)"]
+    # a bit-for-bit rebuild is no mark
+    lines[1]["rebuilt_before"]["identical"] = 1
+    (folder / "progress.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    write_report(out, ["memit-seq"])
+    assert "(after a rebuild ≈" not in "".join(_trajectory_rows(out, "memit-seq"))
 
 
 def test_timings_are_given_per_device_and_leave_out_replayed_targets():

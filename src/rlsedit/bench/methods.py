@@ -241,6 +241,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
         done = {rec["batch"]: rec for rec in records}
         ran_on = {"code": code_description(), "machine": bench_machine(config)}  # written on each new progress line
         rebuilt: list[dict[str, Any]] = []
+        rebuilt_noted = False
         last_records: list[dict[str, Any]] | None = None
         stopped = collapse_stop(records) if config.stop_below_chance else None
         for b, batch in enumerate(batches, start=1):
@@ -286,6 +287,11 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
                     record["evaluation"]["last_batch_efficacy"] = last_batch_efficacy(session.lm, batch, config)
             record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             record.update(ran_on)
+            if rebuilt and not rebuilt_noted:
+                # the weights this batch started from were rebuilt in this process: the line says how
+                # they matched the first run (another CPU rebuilds them only to float rounding)
+                record["rebuilt_before"] = rebuilt_summary(rebuilt)
+                rebuilt_noted = True
             append_progress(progress_path, record)
             records.append(record)
             if config.stop_below_chance:

@@ -23,7 +23,10 @@ RESULTS_MD = "results.md"
 
 NOTES = [
     "edits: the first n records of the data file in file order (settings.shuffle: a seeded shuffle of them); "
-    "the same sequence and batches for every method",
+    "the same sequence and batches for every method. A checkpoint marked '(after a rebuild ≈D)' descends from "
+    "weights that a resumed run rebuilt from the target log (its session lost, e.g. on a new machine) and that "
+    "matched the first run's only within D: the largest relative difference of an edited layer's ‖W−W0‖ or anchor "
+    "residual (progress line rebuilt_before). The stream went on from the rebuilt weights",
     "efficacy/generalization/specificity: ROME success rates (NLL comparison; chance 0.5) on the edits "
     "applied so far; *_acc: teacher-forced top-1 accuracy (chance 1/V)",
     "locality (EasyEdit): per neighbourhood prompt, the share of its answer's tokens whose teacher-forced argmax is "
@@ -72,6 +75,17 @@ def _sample_sizes(evaluation: dict[str, Any], first_n: int | None) -> str:
         weights = rescored.get("weights") or {"identical": True}  # rescores before the tolerance were bit for bit
         text += ", re-scored" if weights.get("identical") else f", re-scored ≈{weights['layer_rel_diff']:.1e}"
     return text
+
+
+def _inexact_rebuild(rebuilt: dict[str, Any] | None, so_far: float | None) -> float | None:
+    """The largest layer difference of the rebuilds a run's weights descend from that did not
+    match their first run bit for bit (``so_far``: the earlier ones'), or None while every one did.
+    ``rebuilt`` is a progress line's ``rebuilt_before``; the difference carries to every later line."""
+    if not rebuilt or rebuilt.get("identical") == rebuilt.get("checked"):
+        return so_far
+    diff = rebuilt.get("max_layer_rel_diff")
+    diff = float("nan") if diff is None else diff
+    return diff if so_far is None else max(so_far, diff)
 
 
 def partial_result(folder: Path, n: int, first_device: str | None = None) -> dict[str, Any] | None:
@@ -319,8 +333,10 @@ def format_results_markdown(full: dict[str, Any]) -> str:
         if result is None:
             continue
         previous = 0
+        inexact = None  # the largest difference of an earlier rebuild that was not bit for bit
         for b in sorted(result["batches"], key=lambda r: r["batch"]):
             size, previous = b["edits"] - previous, b["edits"]
+            inexact = _inexact_rebuild(b.get("rebuilt_before"), inexact)
             if "evaluation" not in b:
                 continue
             s = b["evaluation"].get("counterfact", {}).get("summary", {})
@@ -330,6 +346,7 @@ def format_results_markdown(full: dict[str, Any]) -> str:
             para = g.get("paraphrase_begins") if g.get("paraphrase_begins") is not None else g.get("open_mentions")
             asked = [a for a in b.get("checkpoint_for", []) if a != b["edits"]]
             edits = f"{b['edits']:,}" + (f" (asked {', '.join(f'{a:,}' for a in asked)})" if asked else "")
+            edits += "" if inexact is None else f" (after a rebuild ≈{inexact:.1e})"
             extra = [_pct(v) for v in _first_n(b["evaluation"])] if first_n else []
             extra += [_pct(b["evaluation"].get("last_batch_efficacy"))] if last_batch else []
             cells = [name, edits, _pct(s.get("efficacy")), _pct(s.get("generalization")), _pct(s.get("specificity")),
