@@ -2,7 +2,7 @@
 (locate/postnorm.py). See docs/TUNING.md ("How exactly the fit is determined").
 
 The first edited layer of the first batch of the 10,000-edit run: its keys, its current output
-``K^T W`` and its share of the logged target residual ``R = delta / 5`` (no lower layer has been
+``K^T W`` and its share of the logged target residual ``R = delta / L`` (L edited layers) (no lower layer has been
 written yet, so ``R`` is exact). The fit runs twice, once from the current output as computed and
 once from that output times ``1 + 1e-7 * noise`` (about one float32 rounding step), and the two
 value targets and their outputs are compared.
@@ -21,6 +21,8 @@ import torch
 torch.set_num_threads(1)
 from rlsedit.bench.edit_stream import select_edits
 from rlsedit.bench.target_log import TargetLog
+from rlsedit.editors.config import EditConfig
+from rlsedit.editors.registry import get_editor_class
 from rlsedit.locate.keys import compute_keys
 from rlsedit.locate.postnorm import value_through_norm
 from rlsedit.locate.prefixes import context_prefixes
@@ -32,10 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 log_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else \
     ROOT / "benchmarks/methods/gemma3-270m-train-n10000-b100/rlsedit/targets"
 n = int(sys.argv[2]) if len(sys.argv) > 2 else 100
-LAYERS = [2, 3, 4, 5, 6]  # Gemma 3 270M's edited band (the defaults)
-layer = LAYERS[0]
-
 lm = load_model("gemma3-270m")
+layers = get_editor_class("rlsedit").layers_for(lm, EditConfig())  # the band the run edited (defaults)
+layer = layers[0]
 data = Path(os.environ.get("RLSEDIT_DATA", ROOT.parent / "shared/data"))  # as run_10k.sh
 requests = select_edits(str(data / "counterfact/counterfact-train.json"), n)
 prefixes = context_prefixes(lm)
@@ -43,7 +44,7 @@ K = compute_keys(lm, layer, requests, prefixes).float()  # (d_k, u)
 delta = TargetLog(log_dir).lookup(tuple(r.id for r in requests))
 if delta is None:
     sys.exit(f"{log_dir} holds no target residuals for the first {n} train records")
-R = delta.float() / len(LAYERS)  # the first layer's share: (z − h) / 5
+R = delta.float() / len(layers)  # the first layer's share of z − h (MEMIT spreading)
 norm = resolve(block(lm, layer), lm.arch.post_mlp_norm)
 current = K.T @ get_W(lm, layer)
 with torch.no_grad():

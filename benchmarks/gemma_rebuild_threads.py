@@ -8,11 +8,12 @@ fit is determined").
 
 --save writes the rebuilt layers' weights (torch.save of plain tensors, this script's own file);
 --compare prints ‖W − W_other‖ per layer against such a file written by an earlier call.
-RLSEDIT_DATA: the data folder (default ../shared/data).
+The bench settings (model, edit stream, batches, corpus) are read from the folder's settings.json.
 """
 import argparse
 import dataclasses
-import os
+import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from rlsedit.bench.edit_stream import select_edits
 from rlsedit.bench.methods import TARGETS_DIR, diagnostics_summary, rebuild_batch
 from rlsedit.bench.methods_cli import _OPTIONS, build_config
 from rlsedit.bench.methods_config import plan_runs
-from rlsedit.bench.resume import read_progress
+from rlsedit.bench.resume import SETTINGS_FILE, read_progress
 from rlsedit.bench.target_log import TargetLog
 from rlsedit.model.weights import get_W
 from rlsedit.session.session import Runtime, Session
@@ -39,17 +40,20 @@ parser.add_argument("--save")
 parser.add_argument("--compare")
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
-data = Path(os.environ.get("RLSEDIT_DATA", ROOT.parent / "shared/data"))  # as run_10k.sh
 values = {dest: None for _, dest, _ in _OPTIONS}
+settings = json.loads((FOLDER / SETTINGS_FILE).read_text())
+# every pinned setting the options take as given ("checkpoints" is the count behind checkpoint_edits,
+# "general" the suites' expanded names: neither enters a rebuild)
+values.update({k: v for k, v in settings.items() if k in values and k not in ("checkpoints", "general")})
 sweep = "lambda=1" if args.run == "rlsedit_lambda_reg-1" else None
-values.update(model="gemma3-270m", data=str(data / "counterfact/counterfact-train.json"), n=10000, batch_size=100,
-              checkpoint_edits=[500, 1000, 2000, 5000, 10000], corpus=str(data / "corpus/enwiki_pages_2MB.jsonl"),
-              data_dir=str(data), methods=["rlsedit"], sweep=sweep, sweep_only=True if sweep else None)
+values.update(methods=["rlsedit"], sweep=sweep, sweep_only=True if sweep else None)
 config = build_config(values)
 run = {r.dir_name: r for r in plan_runs(config)}[args.run]
 if args.state_dtype:
     run = dataclasses.replace(run, config=dataclasses.replace(run.config, state_dtype=args.state_dtype))
 requests = select_edits(config.data, config.n, shuffle=config.shuffle, seed=config.seed)
+if [r.id for r in requests] != settings["edit_ids"]:
+    sys.exit(f"{config.data} does not give the edit stream pinned in {FOLDER / SETTINGS_FILE}")
 batches = [requests[i:i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
 folder = FOLDER / run.dir_name
 lines = {r["batch"]: r for r in read_progress(folder / "progress.jsonl")}
