@@ -8,6 +8,8 @@ Per batch: Adam on the down-projection weights of the edited layers to minimise
 every step the weights are clamped to an ℓ∞ ball of radius ``norm_constraint`` around their
 values at the start of the batch, and the loop stops before a step once ``L < 1e-2``
 (``ft_main``'s early stop). No keys, no targets: its journal record stores the new weights.
+The loss is :class:`~rlsedit.locate.target_nll.TargetNLL`: the blocks from the lowest edited
+layer up, the LM head only where a target token is predicted.
 
 One deliberate difference from ``kmeng01/rome`` / ``kmeng01/memit`` ``baselines/ft/ft_main.py``:
 there every target token's log-probability is read at the prompt's *last* position (the
@@ -22,42 +24,14 @@ import time
 
 import torch
 
-from ..locate.tokens import pad_id
+from ..locate.target_nll import TargetNLL
 from ..model.weights import down_proj, get_W, set_W
-from ..requests import target_text
 from .base import EditRecord, Editor, Proposal, _check_finite
 from .config import FTConfig
 
 
-def _nll_batch(lm, requests) -> tuple[dict, torch.Tensor]:
-    """Right-padded token ids of prompt+target and a mask selecting the target tokens."""
-    tok = lm.tokenizer
-    rows, masks = [], []
-    for r in requests:
-        prompt_ids = tok(r.text, add_special_tokens=True)["input_ids"]
-        target_ids = tok(target_text(r.target_new), add_special_tokens=False)["input_ids"]
-        rows.append(prompt_ids + target_ids)
-        masks.append([0] * len(prompt_ids) + [1] * len(target_ids))
-    width = max(len(x) for x in rows)
-    pad = pad_id(lm)  # never read: it sits after every real token, masked out
-    ids = torch.tensor([x + [pad] * (width - len(x)) for x in rows], device=lm.device)
-    attention = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in rows], device=lm.device)
-    target_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=lm.device, dtype=torch.bool)
-    return {"input_ids": ids, "attention_mask": attention}, target_mask
-
-
 EARLY_STOP_LOSS = 1e-2
 """``ft_main`` takes no step once the loss is below this."""
-
-
-def ft_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """``(1/u) Σ_i (1/T_i) Σ_t −log p(y_{i,t} | ·)`` from logits ``(u, L, V)``, token ids ``(u, L)``
-    and the mask ``(u, L)`` of target tokens (each row holds at least one)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t+1
-    token_logp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (u, L-1)
-    mask = target_mask[:, 1:]
-    # per-request mean over its target tokens, then the mean over requests (ft_main)
-    return (-(token_logp * mask).sum(dim=1) / mask.sum(dim=1)).mean()
 
 
 class FT(Editor):
@@ -69,7 +43,7 @@ class FT(Editor):
     def _compute_batch(self, requests):
         c = self.config
         start_time = time.perf_counter()
-        inputs, target_mask = _nll_batch(self.lm, requests)
+        loss_of_weights = TargetNLL(self.lm, requests, min(self.layers))
         params = [down_proj(self.lm, l).weight for l in self.layers]
         start = [p.detach().clone() for p in params]
         for p in params:
@@ -78,7 +52,7 @@ class FT(Editor):
         try:
             for _ in range(c.num_steps):
                 optimizer.zero_grad(set_to_none=True)
-                loss = ft_loss(self.lm.model(**inputs).logits, inputs["input_ids"], target_mask)
+                loss = loss_of_weights()
                 if not torch.isfinite(loss) or float(loss.detach()) < EARLY_STOP_LOSS:
                     break
                 loss.backward()
