@@ -10,7 +10,8 @@
 #     --rescore-generation), and rewrites the report
 # It takes days of CPU: run it again after any stop (a killed process, a new machine). A finished
 # method is skipped; a half-finished one continues from its session when the machine kept it, else
-# rebuilds its batches from the committed target log (<method>/targets/) and continues from there.
+# rebuilds its batches from the committed target log (<method>/targets/; FT, which logs none, computes
+# them again) and continues from there.
 # TARGET_ROWS=N: rows per pass of the value-target optimisation (default 32; wider suits a GPU; it
 # changes no figure beyond float rounding and is not pinned). Different methods (and the sweep) may
 # run at once in separate processes on one folder: each run writes only its own sub-folder

@@ -566,16 +566,11 @@ def test_a_batch_whose_targets_were_logged_before_a_stop_replays_them_and_is_not
     the machine): the resumed run applies it from the logged targets, with the same weights, and
     marks the line ``targets_replayed``: its seconds time keys and the solve, not an edit, so
     s/edit leaves it out."""
-    import shutil
 
     out = tiny_setup["root"] / "lost-last-line"
     config = _config(tiny_setup, methods=("memit-seq",), general=(), checkpoints=1)
     first = run_method_bench(config, out)["methods"]["memit-seq"]
-    folder = out / "memit-seq"
-    shutil.rmtree(folder / "state")
-    (folder / "result.json").unlink()
-    lines = (folder / "progress.jsonl").read_text().splitlines()
-    (folder / "progress.jsonl").write_text(lines[0] + "\n")
+    _lose_session(out / "memit-seq", keep_lines=1)
     again = run_method_bench(config, out)["methods"]["memit-seq"]
     assert again["status"]["weights_sha256"] == first["status"]["weights_sha256"]
     last = again["batches"][-1]
@@ -589,6 +584,18 @@ def test_a_batch_whose_targets_were_logged_before_a_stop_replays_them_and_is_not
     assert again["seconds_per_edit"] == pytest.approx(again["batches"][0]["total_s"] / 2)
     assert again["by_device"] == {"cpu": {"seconds_per_edit": again["seconds_per_edit"],
                                           "solve_seconds_per_batch": again["batches"][0]["solve_s"]}}
+
+
+def _lose_session(folder, *, keep_lines: int | None = None) -> None:
+    """What a new machine finds of run ``folder``: no session, no result.json; with ``keep_lines``,
+    only that many progress lines (a stop after a batch whose line was not yet written)."""
+    import shutil
+
+    shutil.rmtree(folder / "state")
+    (folder / "result.json").unlink()
+    if keep_lines is not None:
+        lines = (folder / "progress.jsonl").read_text().splitlines()
+        (folder / "progress.jsonl").write_text("".join(line + "\n" for line in lines[:keep_lines]))
 
 
 def _trajectory_rows(out, name: str) -> list[str]:
@@ -651,25 +658,45 @@ def test_timings_are_given_per_device_and_leave_out_replayed_targets():
 
 
 def test_progress_without_a_journal_or_a_target_log_is_redone(finished, tiny_setup):
-    """A run folder whose session and target log were both lost keeps no credit for its progress
-    lines; so does FT's, which has no target log (its batches are not built from value targets)."""
+    """A run folder whose session and target log were both lost keeps no credit for its progress lines."""
     import shutil
 
     out = tiny_setup["root"] / "lost-all"
-    config = _config(tiny_setup, methods=("memit-seq", "ft"), general=(), checkpoints=1)
-    first = run_method_bench(config, out)["methods"]
-    assert not (out / "ft" / "targets").exists()
-    for method in ("memit-seq", "ft"):
-        shutil.rmtree(out / method / "state")
-        (out / method / "result.json").unlink()
+    config = _config(tiny_setup, methods=("memit-seq",), general=(), checkpoints=1)
+    first = run_method_bench(config, out)["methods"]["memit-seq"]
+    shutil.rmtree(out / "memit-seq" / "state")
+    (out / "memit-seq" / "result.json").unlink()
     shutil.rmtree(out / "memit-seq" / "targets")
-    again = run_method_bench(config, out)["methods"]
-    for method in ("memit-seq", "ft"):
-        assert again[method]["status"]["edits_applied"] == 4
-        assert all(b["total_s"] is not None and "resumed" not in b for b in again[method]["batches"])
-        assert again[method]["rebuilt_batches"] is None
-        assert again[method]["batches"][0]["finished_at"] >= first[method]["batches"][-1]["finished_at"]
-        assert again[method]["status"]["weights_sha256"] == first[method]["status"]["weights_sha256"]
+    again = run_method_bench(config, out)["methods"]["memit-seq"]
+    assert again["status"]["edits_applied"] == 4
+    assert all(b["total_s"] is not None and "resumed" not in b for b in again["batches"])
+    assert again["rebuilt_batches"] is None
+    assert again["batches"][0]["finished_at"] >= first["batches"][-1]["finished_at"]
+    assert again["status"]["weights_sha256"] == first["status"]["weights_sha256"]
+
+
+def test_a_lost_ft_session_is_computed_again_and_its_progress_kept(finished, tiny_setup):
+    """FT logs no value targets: a lost session's batches are computed again (the same weights bit
+    for bit on the same machine), compared with their progress lines, which are kept, scores and all;
+    the next new line says how the rebuild matched."""
+
+    out = tiny_setup["root"] / "lost-ft"
+    config = _config(tiny_setup, methods=("ft",), general=(), checkpoints=1)
+    first = run_method_bench(config, out)["methods"]["ft"]
+    assert not (out / "ft" / "targets").exists()
+    _lose_session(out / "ft")
+    again = run_method_bench(config, out)["methods"]["ft"]
+    assert again["batches"] == first["batches"]
+    assert again["rebuilt_batches"]["count"] == 2
+    assert again["rebuilt_batches"]["identical"] == again["rebuilt_batches"]["checked"] == 2
+    assert again["status"]["weights_sha256"] == first["status"]["weights_sha256"]
+    # a stop after batch 1 (its line kept, the session lost): batch 1 is computed again, batch 2 runs
+    _lose_session(out / "ft", keep_lines=1)
+    resumed = run_method_bench(config, out)["methods"]["ft"]
+    assert resumed["batches"][0] == first["batches"][0]
+    assert resumed["batches"][1]["rebuilt_before"]["count"] == 1
+    assert resumed["batches"][1]["rebuilt_before"]["identical"] == 1
+    assert resumed["status"]["weights_sha256"] == first["status"]["weights_sha256"]
 
 
 def test_report_only_gathers_finished_runs(finished, tiny_setup, capsys):

@@ -48,7 +48,10 @@ holds one line per finished batch (timings, diagnostics, checkpoint scores, UTC 
 finished methods, reopens a half-finished one from its journal and continues with the
 next batch; a method whose progress lines already meet the collapse stop is not edited
 further (batch granularity: a batch that was journaled but whose progress line was
-lost keeps its edits; its timings are recorded as ``None``).
+lost keeps its edits; its timings are recorded as ``None``). A half-finished method whose
+session is gone (a new machine gets only the committed files) rebuilds its finished batches
+from ``<method>/targets/`` (the value targets it logged), or, for FT, which logs none, by
+computing them again, compares each with its progress line, and continues.
 """
 
 from __future__ import annotations
@@ -226,11 +229,14 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
             return all(r.id in session.index for r in batches[b - 1])
 
         def rebuildable(b: int) -> bool:
-            return target_log is not None and target_log.has_all(session.editor.target_log_entries(batches[b - 1]))
+            if target_log is None:  # FT: no value targets; its batch is computed again from the weights before it
+                return True
+            return target_log.has_all(session.editor.target_log_entries(batches[b - 1]))
 
-        # a progress line counts only if its batch is in the journal, or can be rebuilt from the
-        # target log (a state folder lost, e.g. on another machine, while progress.jsonl stayed
-        # must not make the run skip unapplied batches)
+        # a progress line counts only if its batch is in the journal, or can be rebuilt: from the
+        # target log, or by computing it again where the method logs no targets (a state folder
+        # lost, e.g. on another machine, while progress.jsonl stayed must not make the run skip
+        # unapplied batches)
         kept = [rec for rec in records if 1 <= rec["batch"] <= len(batches) and (journaled(rec["batch"])
                                                                                  or rebuildable(rec["batch"]))]
         if len(kept) != len(records):
@@ -336,8 +342,8 @@ def edited_weights_sha256(lm, layers) -> str:
 
 
 def rebuild_batch(session, batch: list[EditRequest], b: int, record: dict[str, Any]) -> dict[str, Any]:
-    """Apply batch ``b`` again from its logged targets (no optimisation) and compare what it
-    left with its progress line: the weights' digest (bit for bit, ``identical``), the total drift
+    """Apply batch ``b`` again, from its logged targets (no optimisation) or, for a method that
+    logs none (FT), by computing it again, and compare what it left with its progress line: the weights' digest (bit for bit, ``identical``), the total drift
     (``drift_rel_diff``) and, per layer, ``‖W−W0‖`` and the anchor residual (``layer_rel_diff``,
     the largest relative difference of any of them: float rounding when another CPU rebuilt it)."""
     start = time.perf_counter()
@@ -360,14 +366,15 @@ def rebuild_batch(session, batch: list[EditRequest], b: int, record: dict[str, A
     if layer_diffs:
         out["layer_rel_diff"] = max(layer_diffs)
     if out.get("identical") is False:
-        log.warning("batch %d rebuilt from its logged targets differs from the original run's weights "
-                    "(largest relative difference of a layer's drift or anchor residual: %.2e)", b,
+        how = "from its logged targets" if session.editor.logs_value_targets else "by computing it again"
+        log.warning("batch %d rebuilt %s differs from the original run's weights "
+                    "(largest relative difference of a layer's drift or anchor residual: %.2e)", b, how,
                     out.get("layer_rel_diff", float("nan")))
     return out
 
 
 def rebuilt_summary(rebuilt: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """How the batches rebuilt from the target log in this process matched their first run."""
+    """How the batches rebuilt in this process (:func:`rebuild_batch`) matched their first run."""
     if not rebuilt:
         return None
     checked = [r for r in rebuilt if "identical" in r]
