@@ -25,9 +25,8 @@ NOTES = [
     "edits: the first n records of the data file in file order (settings.shuffle: a seeded shuffle of them); "
     "the same sequence and batches for every method. A checkpoint marked '(after a rebuild ≈D)' descends from "
     "weights that a resumed run rebuilt from the target log (FT: computed again; its session lost, e.g. on a new "
-    "machine) and that "
-    "matched the first run's only within D: the largest relative difference of an edited layer's ‖W−W0‖ or anchor "
-    "residual (progress line rebuilt_before). The stream went on from the rebuilt weights",
+    "machine) and that matched the first run's only within D: the largest relative difference of an edited "
+    "layer's ‖W−W0‖ or anchor residual (progress line rebuilt_before). The stream went on from the rebuilt weights",
     "efficacy/generalization/specificity: ROME success rates (NLL comparison; chance 0.5) on the edits "
     "applied so far; *_acc: teacher-forced top-1 accuracy (chance 1/V)",
     "locality (EasyEdit): per neighbourhood prompt, the share of its answer's tokens whose teacher-forced argmax is "

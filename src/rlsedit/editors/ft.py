@@ -1,15 +1,12 @@
 """FT-L (the constrained fine-tuning baseline of ROME/MEMIT) on the same edited layers.
 
-Per batch: Adam on the down-projection weights of the edited layers to minimise
-
-    L = (1/u) Σ_i (1/T_i) Σ_t −log p(y_{i,t} | x_i ⊕ y_{i,<t})
-
-(each request's mean target-token NLL, then the mean over requests, as ``ft_main``); after
-every step the weights are clamped to an ℓ∞ ball of radius ``norm_constraint`` around their
-values at the start of the batch, and the loop stops before a step once ``L < 1e-2``
-(``ft_main``'s early stop). No keys, no targets: its journal record stores the new weights.
-The loss is :class:`~rlsedit.locate.target_nll.TargetNLL`: the blocks from the lowest edited
-layer up, the LM head only where a target token is predicted.
+Per batch: Adam on the down-projection weights of the edited layers to minimise FT-L's objective,
+each request's mean target-token NLL, then the mean over requests, as ``ft_main``
+(:class:`~rlsedit.locate.target_nll.TargetNLL`: the blocks from the lowest edited layer up, the LM
+head only where a target token is predicted); after every step the weights are clamped to an ℓ∞
+ball of radius ``norm_constraint`` around their values at the start of the batch, and the loop
+stops before a step once the loss is below 1e-2 (``ft_main``'s early stop). No keys, no targets:
+its journal record stores the new weights.
 
 One deliberate difference from ``kmeng01/rome`` / ``kmeng01/memit`` ``baselines/ft/ft_main.py``:
 there every target token's log-probability is read at the prompt's *last* position (the
