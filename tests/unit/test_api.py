@@ -73,11 +73,14 @@ def test_the_readme_example_on_a_model_in_memory(tmp_path):
     editor.undo("0")
     assert list(editor.live_) == ["jordan"] and editor.n_edits_ == 1
     # undo is exact: the weights equal those of an editor that only ever took the second
-    # batch's keys and targets (its record, as journaled)
+    # batch's keys and targets (its record, as journaled), to float32 rounding of the update
+    # (which moves with the thread count: 1.8e-5 of a 0.63 change at one thread)
     fresh = RLSEdit(load_model(*hf_model()), RLSEditConfig(mu_reg=1.0, **CONFIG), corpus=SENTENCES * 20)
     fresh.apply_record(editor.history_[1])
     for l in CONFIG["layers"]:
-        assert torch.allclose(get_W(lm, l), get_W(fresh.lm, l), atol=1e-5)
+        change = float((get_W(fresh.lm, l) - W0[l]).abs().max())
+        assert change > 0.01
+        assert float((get_W(lm, l) - get_W(fresh.lm, l)).abs().max()) <= 1e-4 * change
     with pytest.raises(InvalidRequestError, match="no live edit with id '0'"):
         editor.undo("0")
 
