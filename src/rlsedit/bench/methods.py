@@ -344,8 +344,9 @@ def edited_weights_sha256(lm, layers) -> str:
 def rebuild_batch(session, batch: list[EditRequest], b: int, record: dict[str, Any]) -> dict[str, Any]:
     """Apply batch ``b`` again, from its logged targets (no optimisation) or, for a method that
     logs none (FT), by computing it again, and compare what it left with its progress line: the
-    weights' digest (bit for bit, ``identical``), the total drift (``drift_rel_diff``) and, per layer, ``‖W−W0‖`` and the anchor residual (``layer_rel_diff``,
-    the largest relative difference of any of them: float rounding when another CPU rebuilt it)."""
+    weights' digest (bit for bit, ``identical``), the total drift (``drift_rel_diff``) and, per
+    layer, ``‖W−W0‖`` and the anchor residual (``layer_rel_diff``, the largest relative difference
+    of any of them: float rounding when another CPU rebuilt it)."""
     start = time.perf_counter()
     report = session.edit(batch, batch_size=len(batch))
     if len(report.applied) != len(batch):
