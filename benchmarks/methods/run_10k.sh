@@ -6,8 +6,8 @@
 #   SWEEP='lambda=4' bash benchmarks/methods/run_10k.sh smollm2 ''        # rlsedit at λ = 4 alone
 #   RESCORE=1 SWEEP='lambda=4' bash benchmarks/methods/run_10k.sh smollm2 rlsedit,alphaedit
 #     edits nothing: re-scores the generation metrics of checkpoints that sampled fewer than
-#     min(500, edits so far) edits, on weights rebuilt from the target log (rlsedit bench methods
-#     --rescore-generation), and rewrites the report
+#     min(500, edits so far) edits, on weights rebuilt from the target log (FT's computed again;
+#     rlsedit bench methods --rescore-generation), and rewrites the report
 # It takes days of CPU: run it again after any stop (a killed process, a new machine). A finished
 # method is skipped; a half-finished one continues from its session when the machine kept it, else
 # rebuilds its batches from the committed target log (<method>/targets/; FT, which logs none, computes

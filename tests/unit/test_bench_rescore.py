@@ -141,18 +141,26 @@ def test_rescoring_refuses_a_folder_without_a_benchmark_and_other_settings(score
         rescore_generation(dataclasses.replace(config, gen_n=5), out)
 
 
-def test_a_method_without_value_targets_is_not_rescored(tiny_setup):
-    """FT logs no value targets: its stale checkpoint is refused with a reason, before any rebuild."""
+def test_a_method_without_value_targets_is_rescored_on_weights_computed_again(tiny_setup):
+    """FT logs no value targets: its stale checkpoint is rescored on weights computed again from
+    the same requests, which on this machine are the checkpoint's bit for bit."""
     out = tiny_setup["root"] / "rescore-ft"
     config = _config(tiny_setup, methods=("ft",), general=(), gen_n=3)
     run_method_bench(config, out)
     progress = out / "ft" / "progress.jsonl"
     records = read_progress(progress)
+    fresh = json.loads(json.dumps(records[0]["evaluation"]["generation"]))
     records[0]["evaluation"]["generation"]["counts"]["edits"] = 1
+    records[0]["evaluation"]["generation"]["summary"]["edit_begins"] = 0.123
     rewrite_progress(progress, records)
-    with pytest.raises(InvalidRequestError, match="no value targets to replay"):
-        rescore_generation(config, out)
-    assert read_progress(progress) == records
+    assert not (out / "ft" / "targets").exists()
+    [done] = rescore_generation(config, out)["ft"]
+    assert done["batch"] == 1 and done["weights"] == {"identical": True}
+    assert done["before"]["generation_edits"] == 1 and done["after"]["generation_edits"] == 2
+    after = read_progress(progress)
+    rescored = after[0]["evaluation"]["generation"]
+    assert {k: v for k, v in rescored.items() if k != "seconds"} == {k: v for k, v in fresh.items() if k != "seconds"}
+    assert after[1] == records[1]
 
 
 def test_the_rebuild_tolerance_is_refused_without_a_rescore(capsys):

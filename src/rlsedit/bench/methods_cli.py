@@ -104,7 +104,7 @@ _OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
     (("--rescore-generation",), "rescore_generation", {
         "action": "store_true", "help": "edit nothing: re-score the generation metrics of the checkpoints of --out "
         "that sampled fewer edits than min(--gen-n, edits so far), on weights rebuilt from each run's target log "
-        "(checked bit for bit against the checkpoint), then rewrite the report; give the run's own options"}),
+        "(FT's computed again; checked bit for bit against the checkpoint), then rewrite the report; give the run's own options"}),
     (("--rebuild-tolerance",), "rebuild_tolerance", {
         "type": float, "metavar": "REL", "help": "with --rescore-generation: also accept rebuilt weights that are "
         "not bit for bit the checkpoint's when every edited layer's ||W-W0|| and anchor residual are within REL "

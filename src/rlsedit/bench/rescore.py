@@ -6,9 +6,9 @@ A checkpoint after ``E`` edits scores generation on ``min(gen_n, E)`` of them
 (one fixed sample of ``gen_n`` over the whole stream: 24 of the first 500 edits of a
 10,000-edit stream) has checkpoints with fewer. For each such checkpoint this rebuilds the
 method's weights in a scratch session from its target log (no optimisation: the logged value
-targets are replayed, keys recomputed), refuses unless they match the checkpoint's recorded
-``edited_weights_sha256`` bit for bit, and scores the generation metrics (and *says it* on the
-first edits) again. Another CPU rebuilds the same weights only up to float rounding (its BLAS
+targets are replayed, keys recomputed; FT, which logs none, computes its batches again), refuses
+unless they match the checkpoint's recorded ``edited_weights_sha256`` bit for bit, and scores
+the generation metrics (and *says it* on the first edits) again. Another CPU rebuilds the same weights only up to float rounding (its BLAS
 kernels sum in another order); ``tolerance`` accepts those when every edited layer's ``‖W−W0‖``
 and anchor residual are within it (relative) of the progress line's, and the rescored checkpoint
 records the difference. Teacher-forced figures (the first edits' efficacy among them) and timings are
@@ -106,13 +106,13 @@ def _rescore_run(run: MethodRun, config: MethodBenchConfig, requests, folder: Pa
     by_batch = {rec["batch"]: rec for rec in records}
     batches = [requests[i:i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
     editor_class = get_editor_class(run.method)
-    if not editor_class.logs_value_targets:
-        raise InvalidRequestError(f"{run.name}: {run.method} has no value targets to replay; re-run it instead")
-    target_log = TargetLog(folder / TARGETS_DIR)
-    for b in range(1, max(stale) + 1):
-        if not target_log.has_all(editor_class.target_log_entries(batches[b - 1])):
-            raise StateMismatchError(f"{run.name}: batch {b} is not in the target log {folder / TARGETS_DIR}; "
-                                     "its checkpoints cannot be rebuilt without optimising again")
+    target_log = None  # FT logs no value targets: its batches are computed again (rebuild_batch)
+    if editor_class.logs_value_targets:
+        target_log = TargetLog(folder / TARGETS_DIR)
+        for b in range(1, max(stale) + 1):
+            if not target_log.has_all(editor_class.target_log_entries(batches[b - 1])):
+                raise StateMismatchError(f"{run.name}: batch {b} is not in the target log {folder / TARGETS_DIR}; "
+                                         "its checkpoints cannot be rebuilt without optimising again")
     state = folder / "state"
     # a bench editing this run holds its session's lock: refuse rather than rewrite its progress under it
     lock = StateLock(state) if is_state_dir(state) else contextlib.nullcontext()
@@ -121,7 +121,8 @@ def _rescore_run(run: MethodRun, config: MethodBenchConfig, requests, folder: Pa
         session = Session.create(Path(scratch) / "state", model=config.model, method=run.method, config=run.config,
                                  runtime=runtime)
         try:
-            session.editor.target_log = target_log
+            if target_log is not None:
+                session.editor.target_log = target_log
             for b in range(1, max(stale) + 1):
                 rebuilt = rebuild_batch(session, batches[b - 1], b, by_batch.get(b, {}))
                 if b not in stale:
