@@ -3,7 +3,7 @@ session, and compare the edited layers with the run's progress lines and, across
 each other (another thread count, another state dtype). See docs/TUNING.md ("How exactly the
 fit is determined").
 
-    python benchmarks/gemma_rebuild_threads.py [--run rlsedit] [--batches 1] [--threads 2]
+    python benchmarks/gemma_rebuild_threads.py [--method rlsedit] [--sweep lambda=1] [--batches 1] [--threads 2]
         [--state-dtype float32|float64] [--save W.pt] [--compare OTHER.pt]
 
 --save writes the rebuilt layers' weights (torch.save of plain tensors, this script's own file);
@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "benchmarks/methods/gemma3-270m-train-n10000-b100"
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--run", default="rlsedit", help="a run folder of the 10K Gemma bench, e.g. rlsedit_lambda_reg-1")
+parser.add_argument("--method", default="rlsedit", help="a method of the 10K Gemma bench that logs value targets")
+parser.add_argument("--sweep", help="the bench's --sweep point of the run, e.g. lambda=1 (default: the method's own run)")
 parser.add_argument("--batches", type=int, default=1)
 parser.add_argument("--threads", type=int, default=2)
 parser.add_argument("--state-dtype", choices=("float32", "float64"))
@@ -45,10 +46,9 @@ settings = json.loads((FOLDER / SETTINGS_FILE).read_text())
 # every pinned setting the options take as given ("checkpoints" is the count behind checkpoint_edits,
 # "general" the suites' expanded names: neither enters a rebuild)
 values.update({k: v for k, v in settings.items() if k in values and k not in ("checkpoints", "general")})
-sweep = "lambda=1" if args.run == "rlsedit_lambda_reg-1" else None
-values.update(methods=["rlsedit"], sweep=sweep, sweep_only=True if sweep else None)
+values.update(methods=[args.method], sweep=args.sweep, sweep_only=True if args.sweep else None)
 config = build_config(values)
-run = {r.dir_name: r for r in plan_runs(config)}[args.run]
+[run] = plan_runs(config)  # the same run (folder, config) the bench made for these options
 if args.state_dtype:
     run = dataclasses.replace(run, config=dataclasses.replace(run.config, state_dtype=args.state_dtype))
 requests = select_edits(config.data, config.n, shuffle=config.shuffle, seed=config.seed)
