@@ -1,4 +1,4 @@
-import sys, time, json, torch
+import sys, time, torch
 from rlsedit.model.load import load_model
 from rlsedit.editors import RLSEdit, RLSEditConfig
 from rlsedit.locate.stats import second_moments

@@ -1,9 +1,9 @@
-import json, sys, torch
+import json, torch
 torch.set_num_threads(1)
 from rlsedit import RLSEdit, RLSEditConfig, load_model
 from rlsedit.requests import parse_request
 from rlsedit.eval.decoding import greedy_generate
-from rlsedit.eval.generation import begins_with, mentions
+from rlsedit.eval.generation import begins_with
 recs = json.load(open('/work/shared/data/counterfact/counterfact-rome-format.json'))[:194]
 reqs = [parse_request(r, i) for i, r in enumerate(recs)]
 lm = load_model("smollm2")

@@ -86,7 +86,7 @@ class SpeedBenchConfig:
                 "(0 = skip)"})
 
     def __post_init__(self) -> None:
-        from ..locate.targets import TARGET_METHODS
+        from ..locate.target_config import TARGET_METHODS
 
         targets = tuple(self.targets)
         if not isinstance(self.variants, dict) or not all(

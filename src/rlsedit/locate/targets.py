@@ -47,8 +47,7 @@ from ..model.weights import block
 from ..requests import SUBJECT_SLOT, EditRequest, target_text
 from .forward import BlockCalls, capture_above, read_module, run_above, select_rows
 from .headloss import head_losses
-from .target_config import (TARGET_BATCH_SIZE, TARGET_DTYPES, TARGET_METHODS,  # noqa: F401  (TARGET_METHODS: re-export)
-                            TargetConfig)
+from .target_config import TARGET_BATCH_SIZE, TARGET_DTYPES, TargetConfig
 from .tokens import (check_layer, check_length, check_prefixes, encode_at_subject, encode_through_subject,
                      fill_subject, length_sorted_chunks, pad_id, pad_right, prompt_texts, request_template)
 
