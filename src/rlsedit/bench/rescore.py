@@ -121,8 +121,7 @@ def _rescore_run(run: MethodRun, config: MethodBenchConfig, requests, folder: Pa
         session = Session.create(Path(scratch) / "state", model=config.model, method=run.method, config=run.config,
                                  runtime=runtime)
         try:
-            if target_log is not None:
-                session.editor.target_log = target_log
+            session.editor.target_log = target_log
             for b in range(1, max(stale) + 1):
                 rebuilt = rebuild_batch(session, batches[b - 1], b, by_batch.get(b, {}))
                 if b not in stale:
