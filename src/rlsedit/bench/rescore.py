@@ -2,19 +2,19 @@
 asks (``rlsedit bench methods --rescore-generation``).
 
 A checkpoint after ``E`` edits scores generation on ``min(gen_n, E)`` of them
-(:meth:`~rlsedit.bench.methods_eval.GenerationPlan.at`); a run evaluated under an earlier rule
-(one fixed sample of ``gen_n`` over the whole stream: 24 of the first 500 edits of a
-10,000-edit stream) has checkpoints with fewer. For each such checkpoint this rebuilds the
-method's weights in a scratch session from its target log (no optimisation: the logged value
-targets are replayed, keys recomputed; FT, which logs none, computes its batches again), refuses
-unless they match the checkpoint's recorded ``edited_weights_sha256`` bit for bit, and scores
-the generation metrics (and *says it* on the first edits) again. Another CPU rebuilds the same weights only up to float rounding (its BLAS
-kernels sum in another order); ``tolerance`` accepts those when every edited layer's ``‖W−W0‖``
-and anchor residual are within it (relative) of the progress line's, and the rescored checkpoint
-records the difference. Teacher-forced figures (the first edits' efficacy among them) and timings are
-kept; the rescored evaluation records ``generation_rescored`` (when, by which code, the sample
-sizes it replaced, and how the rebuilt weights matched). Progress lines are rewritten after each
-checkpoint, so a stop keeps what was done.
+(:meth:`~rlsedit.bench.methods_eval.GenerationPlan.at`); a run evaluated under an earlier rule (one
+fixed sample of ``gen_n`` over the whole stream: 24 of the first 500 edits of a 10,000-edit stream)
+has checkpoints with fewer. For each such checkpoint this rebuilds the method's weights in a
+scratch session from its target log (no optimisation: the logged value targets are replayed, keys
+recomputed; FT, which logs none, computes its batches again), refuses unless they match the
+checkpoint's recorded ``edited_weights_sha256`` bit for bit, and scores the generation metrics (and
+*says it* on the first edits) again. Another CPU rebuilds the same weights only up to float
+rounding (its BLAS kernels sum in another order); ``tolerance`` accepts those when every edited
+layer's ``‖W−W0‖`` and anchor residual are within it (relative) of the progress line's, and the
+rescored checkpoint records the difference. Teacher-forced figures (the first edits' efficacy among
+them) and timings are kept; the rescored evaluation records ``generation_rescored`` (when, by which
+code, the sample sizes it replaced, and how the rebuilt weights matched). Progress lines are
+rewritten after each checkpoint, so a stop keeps what was done.
 """
 
 from __future__ import annotations
