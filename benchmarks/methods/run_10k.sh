@@ -16,8 +16,9 @@
 # changes no figure beyond float rounding and is not pinned). Different methods (and the sweep) may
 # run at once in separate processes on one folder: each run writes only its own sub-folder
 # (run_10k_gpu.sh does this on a GPU machine).
-# After each stop, commit the folder (progress.jsonl, targets/, logs/, results.*, plots; state/ is
-# ignored) and regenerate the report:
+# After each stop, commit the folder (progress.jsonl, targets/, logs/, results.*, plots, and a
+# checkpoint-counterfact.jsonl left by a stop mid-checkpoint: a restart on the same CPU, which
+# rebuilds the same weights bit for bit, reads its parts back; state/ is ignored) and regenerate the report:
 #   rlsedit bench methods --report-only --out benchmarks/methods/<model>-train-n10000-b100 --methods ...
 set -euo pipefail
 cd "$(dirname "$0")/../.."

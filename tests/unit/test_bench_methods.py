@@ -15,6 +15,7 @@ from rlsedit.bench.methods import run_method_bench
 from rlsedit.bench.methods_config import MethodBenchConfig, plan_runs
 from rlsedit.bench.methods_report import format_results_markdown, write_report
 from rlsedit.bench.plots import MAX_TRACED_SWEEP_POINTS, sweep_points, traced_runs
+from rlsedit.bench.resume import read_progress
 from rlsedit.bench.sweep import parse_sweep, run_dir_name, sweep_run_name
 from rlsedit.eval.runner import general_suite_names
 from rlsedit.errors import InvalidRequestError, StateMismatchError
@@ -456,12 +457,12 @@ def test_weights_that_differ_from_the_base_are_refused(finished, tiny_setup, tmp
 
 
 def test_the_unedited_row_is_written_in_stages_and_a_stop_keeps_what_it_scored(finished, tiny_setup, monkeypatch):
-    from rlsedit.bench import unedited_row
+    from rlsedit.bench import counterfact_parts, unedited_row
     from rlsedit.eval import counterfact, generation
 
     out = tiny_setup["root"] / "staged"
     config = _config(tiny_setup, methods=("rlsedit",), general=(), checkpoints=1)
-    monkeypatch.setattr(unedited_row, "UNEDITED_PART", 1)  # four parts of one edit
+    monkeypatch.setattr(counterfact_parts, "PART", 1)  # four parts of one edit
     real_records = counterfact.counterfact_records
     parts_scored = []
 
@@ -509,8 +510,8 @@ def test_the_unedited_row_is_written_in_stages_and_a_stop_keeps_what_it_scored(f
                         lambda lm, part, **kw: parts_scored.append([r.id for r in part]) or real_records(lm, part, **kw))
     full = run_method_bench(config, out)
     ids = [r.id for r in select_edits(config.data, config.n)]
-    # the row's parts (two before the stop, two after), then the method's checkpoint on all four
-    assert parts_scored[:4] == [[i] for i in ids] and parts_scored[4:] == [ids] and recomputed == []
+    # the row's parts (two before the stop, two after), then the method's checkpoint's four
+    assert parts_scored == [[i] for i in ids] * 2 and recomputed == []
     assert not parts_file.exists()  # in unedited.json now
     done = json.loads((out / "unedited.json").read_text())
     assert {k: done[k] for k in kept} == kept
@@ -519,6 +520,66 @@ def test_the_unedited_row_is_written_in_stages_and_a_stop_keeps_what_it_scored(f
     assert full["unedited"]["evaluation"]["counterfact"]["summary"] == pytest.approx(whole, rel=1e-5)
     assert full["unedited"]["evaluation"]["counterfact"]["summary"]["locality"] == 1.0
     assert "| unedited (before editing) |" in (out / "results.md").read_text()
+
+
+def test_a_stop_in_a_checkpoint_keeps_the_parts_it_scored_for_the_same_weights(finished, tiny_setup, monkeypatch):
+    """A checkpoint's CounterFact records are kept a part at a time: a restart that reaches the
+    same edited weights scores only the parts still missing; parts of other weights are scored
+    again. The kept line matches an uninterrupted run's."""
+    from rlsedit.bench import counterfact_parts
+    from rlsedit.bench.methods import CHECKPOINT_PARTS_FILE
+    from rlsedit.eval import counterfact
+
+    out = tiny_setup["root"] / "checkpoint-parts"
+    out.mkdir()
+    for name in ("settings.json", "unedited.json"):  # the same benchmark; its unedited row is done
+        shutil.copy(finished[0] / name, out / name)
+    config = _config(tiny_setup, methods=("rlsedit",))
+    monkeypatch.setattr(counterfact_parts, "PART", 1)
+    real_records = counterfact.counterfact_records
+    scored: list[list[str]] = []
+
+    class Stopped(Exception):
+        pass
+
+    def records(lm, part, **kw):
+        scored.append([r.id for r in part])
+        if len(scored) == stop_at:
+            raise Stopped
+        return real_records(lm, part, **kw)
+
+    monkeypatch.setattr(counterfact, "counterfact_records", records)
+    parts = out / "rlsedit" / CHECKPOINT_PARTS_FILE
+    # batch 1's checkpoint scores e0, e1; batch 2's stops while scoring its third part
+    stop_at = 5
+    with pytest.raises(Stopped):
+        run_method_bench(config, out)
+    assert scored == [["e0"], ["e1"], ["e0"], ["e1"], ["e2"]]
+    lines = [json.loads(line) for line in parts.read_text().splitlines()]
+    assert [line["first"] for line in lines] == [0, 1] and {line["weights"]["batch"] for line in lines} == {2}
+    assert [r["batch"] for r in read_progress(out / "rlsedit" / "progress.jsonl")] == [1]
+
+    # parts of other weights (a rebuild that differs by float rounding) are not read back
+    tampered = [line | {"weights": line["weights"] | {"edited_weights_sha256": "0" * 64}} for line in lines]
+    parts.write_text("".join(json.dumps(line) + "\n" for line in tampered))
+    scored.clear()
+    stop_at = 2
+    with pytest.raises(Stopped):
+        run_method_bench(config, out)
+    assert scored == [["e0"], ["e1"]]
+    assert [json.loads(line)["first"] for line in parts.read_text().splitlines()] == [0]
+
+    # the same weights (the session kept batch 2): only the missing parts are scored
+    scored.clear()
+    stop_at = None
+    result = run_method_bench(config, out)["methods"]["rlsedit"]
+    assert scored == [["e1"], ["e2"], ["e3"]]
+    assert not parts.exists()  # in the progress line now
+    line, whole = result["batches"][1], finished[1]["methods"]["rlsedit"]["batches"][1]
+    assert line["resumed"] is True and line["edited_weights_sha256"] == whole["edited_weights_sha256"]
+    # parts batch the prompts differently from one pass: the same scores to float rounding
+    assert line["evaluation"]["counterfact"]["summary"] == pytest.approx(
+        whole["evaluation"]["counterfact"]["summary"], rel=1e-5)
 
 
 def test_the_forgetting_curve_reads_the_last_checkpoints_scores(tiny_setup, monkeypatch):

@@ -51,7 +51,11 @@ further (batch granularity: a batch that was journaled but whose progress line w
 lost keeps its edits; its timings are recorded as ``None``). A half-finished method whose
 session is gone (a new machine gets only the committed files) rebuilds its finished batches
 from ``<method>/targets/`` (the value targets it logged), or, for FT, which logs none, by
-computing them again, compares each with its progress line, and continues.
+computing them again, compares each with its progress line, and continues. A checkpoint's
+CounterFact records are appended to ``<method>/checkpoint-counterfact.jsonl`` a part at a time
+while they are scored (:mod:`rlsedit.bench.counterfact_parts`): a stop in the middle keeps them
+for a restart that reaches the same edited weights bit for bit (the same CPU replaying the same
+targets); the file goes once the batch's progress line is written.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ from typing import Any, Callable
 
 from ..errors import InvalidRequestError, StateMismatchError
 from ..requests import EditRequest
+from .counterfact_parts import counterfact_in_parts
 from .edit_stream import checkpoint_plan, collapse_stop, select_edits
 from .methods_config import MethodBenchConfig, MethodRun, plan_runs
 from .methods_eval import (GenerationPlan, consistency_reference, diagnostics_summary, evaluate_checkpoint,
@@ -81,6 +86,7 @@ from .unedited_row import LOCALITY_PRE_EDIT, unedited_row
 log = logging.getLogger(__name__)
 
 TARGETS_DIR = "targets"  # <method>/targets/: the target log a resumed run rebuilds lost batches from
+CHECKPOINT_PARTS_FILE = "checkpoint-counterfact.jsonl"  # <method>/: a checkpoint's CounterFact records while scored
 
 
 class _PhaseTimer:
@@ -200,6 +206,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
     write_run_name(folder, run.name)
     state_dir = folder / "state"
     progress_path = folder / "progress.jsonl"
+    parts_path = folder / CHECKPOINT_PARTS_FILE
     if state_dir.exists() and not is_state_dir(state_dir):
         # a crash while the session was being created: nothing in it was acknowledged
         log.warning("%s: removing an unfinished state folder %s", run.name, state_dir)
@@ -287,8 +294,15 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
                 if checkpoints[b]:
                     record["checkpoint_for"] = checkpoints[b]  # the edit counts asked; "edits" is the actual one
                 last_records = [] if b == len(batches) else None  # the forgetting curve reads them
+                # scored in parts kept on disk: a stop in an hours-long checkpoint keeps what was scored,
+                # for a restart whose weights are these bit for bit
+                scored = counterfact_in_parts(
+                    session.lm, so_far, parts_path,
+                    {"batch": b, "edited_weights_sha256": record["edited_weights_sha256"]},
+                    batch_size=config.eval_batch_size, pre_edit_locality=locality_pre_edit)
                 record["evaluation"] = evaluate_checkpoint(session.lm, so_far, config, general, plan,
-                                                           locality_pre_edit, records_out=last_records)
+                                                           locality_pre_edit, records_out=last_records,
+                                                           counterfact_records=scored)
                 if config.stop_below_chance:
                     record["evaluation"]["last_batch_efficacy"] = last_batch_efficacy(session.lm, batch, config)
             record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -299,6 +313,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
                 record["rebuilt_before"] = rebuilt_summary(rebuilt)
                 rebuilt_noted = True
             append_progress(progress_path, record)
+            parts_path.unlink(missing_ok=True)  # in the progress line now
             records.append(record)
             if config.stop_below_chance:
                 stopped = collapse_stop(records)

@@ -8,8 +8,9 @@ row takes hours and a working session may end in the middle of it:
 2. EasyEdit locality's reference: the unedited argmaxes on every neighbourhood prompt;
 3. the unedited continuations of every checkpoint's generation sample;
 4. the row's own scores (CounterFact, generation, general suites, forgetting curve, fluency),
-   whose CounterFact records are appended to ``unedited-counterfact.jsonl`` ``UNEDITED_PART``
-   edits at a time while they run, and which are written to ``unedited.json`` as a whole.
+   whose CounterFact records are appended to ``unedited-counterfact.jsonl`` a part at a time
+   while they run (:mod:`rlsedit.bench.counterfact_parts`), and which are written to
+   ``unedited.json`` as a whole.
 
 A stage is computed by the first process to arrive without it, under the lock on ``out``
 (:mod:`rlsedit.bench.resume`); a row written by an older version gets its missing stages the
@@ -26,18 +27,17 @@ from typing import Any, Sequence
 
 from ..errors import StateMismatchError
 from ..requests import EditRequest
+from .counterfact_parts import counterfact_in_parts
 from .edit_stream import checkpoint_plan
 from .methods_config import MethodBenchConfig
 from .methods_eval import GenerationPlan, evaluate_checkpoint, final_extras, generation_plan, locality_reference
-from .resume import (UNEDITED_SCORES, add_to_unedited, append_progress, merge_into_unedited, read_progress,
-                     unedited_once)
+from .resume import UNEDITED_SCORES, add_to_unedited, merge_into_unedited, unedited_once
 
 log = logging.getLogger(__name__)
 
 LOCALITY_PRE_EDIT = "locality_pre_edit"  # the unedited row's key of EasyEdit locality's reference
 GENERATION_PRE_EDIT = "generation_pre_edit"  # the unedited row's continuations of the sampled prompts
 UNEDITED_PARTS_FILE = "unedited-counterfact.jsonl"  # the unedited row's CounterFact records while it scores them
-UNEDITED_PART = 500  # edits per part: minutes of CPU each
 
 
 def unedited_row(out: Path, config: MethodBenchConfig, requests: list[EditRequest], general: Sequence[str],
@@ -87,32 +87,15 @@ def _score_unedited(config, requests, general, consistency_ref, plan: Generation
     Its locality and "neighbour gen unchanged" compare the base model with itself in other
     batches (a determinism check): the methods' figures compare against the same references.
     """
-    from ..eval.counterfact import counterfact_records
-
     start = time.perf_counter()
     lm = _base_model(config, base_sha)
-    scored = _records_in_parts(parts, requests, lambda part: counterfact_records(
-        lm, part, batch_size=config.eval_batch_size, pre_edit_locality=locality))
+    scored = counterfact_in_parts(lm, requests, parts, {"weights_sha256": base_sha},
+                                  batch_size=config.eval_batch_size, pre_edit_locality=locality)
     records: list[dict[str, Any]] = []
     evaluation = evaluate_checkpoint(lm, requests, config, general, plan, locality, records_out=records,
                                      counterfact_records=scored)
     extras = final_extras(lm, requests, config, consistency_ref, records=records)
     return {"evaluation": evaluation, "final": extras, "seconds": time.perf_counter() - start}
-
-
-def _records_in_parts(path: Path, requests: list[EditRequest], score) -> list[dict[str, Any]]:
-    """CounterFact records of ``requests``, ``UNEDITED_PART`` edits at a time, each part appended to
-    ``path`` as it is scored: a stop loses one part, and a restart reads the parts back. (Parts
-    batch the prompts differently from one pass: the records agree to float rounding.)"""
-    done = [r for line in read_progress(path, redo="delete this file to score its edits again") for r in line["records"]]
-    if [r["id"] for r in done] != [q.id for q in requests[:len(done)]]:
-        raise StateMismatchError(f"{path} holds records of other edits than this benchmark's; delete it")
-    for first in range(len(done), len(requests), UNEDITED_PART):
-        part = score(requests[first:first + UNEDITED_PART])
-        append_progress(path, {"first": first, "records": part})
-        done += part
-        log.info("unedited row: CounterFact records of %d of %d edits", len(done), len(requests))
-    return done
 
 
 def checkpoint_edit_counts(config: MethodBenchConfig, n_requests: int) -> list[int]:
