@@ -28,7 +28,8 @@ NOTES = [
     "machine) and that matched the first run's only within D: the largest relative difference of an edited "
     "layer's ‖W−W0‖ or anchor residual (progress line rebuilt_before). The stream went on from the rebuilt weights",
     "efficacy/generalization/specificity: ROME success rates (NLL comparison; chance 0.5) on the edits "
-    "applied so far; *_acc: teacher-forced top-1 accuracy (chance 1/V)",
+    "applied so far; *_acc: teacher-forced top-1 accuracy (chance 1/V). Checkpoints since 95b04f5 score them 500 edits "
+    "at a time (a stop keeps the parts done): the same as one pass to float rounding",
     "locality (EasyEdit): per neighbourhood prompt, the share of its answer's tokens whose teacher-forced argmax is "
     "the unedited model's (recorded once: unedited.json locality_pre_edit), averaged over the edits applied so far; "
     "the unedited row compares the model with itself in other batches (a determinism check). Not specificity, and "
