@@ -131,13 +131,15 @@ def test_rome_replays_each_logged_request_and_optimises_only_the_others(tmp_path
         return real(lm, layer, requests, *args, **kwargs)
 
     monkeypatch.setattr(targets, "compute_targets", counted)
+    assert log.has_batch(get_editor_class("rome"), REQUESTS[2:])
     (log.folder / f"{batch_key(['d'])}.safetensors").unlink()  # stopped after c's target, before d's
+    assert log.has_batch(live, REQUESTS[:3]) and not log.has_batch(live, REQUESTS[2:])
     replay = _editor("rome", log, **ROME_FAST)
     replay.partial_fit(REQUESTS[:2]).partial_fit(REQUESTS[2:])
     assert optimised == ["d"]
     assert replay.history_[0].info["targets_replayed"] is True
     assert replay.history_[1].info["targets_replayed_edits"] == 1
     assert "targets_replayed" not in replay.history_[1].info
-    assert log.has(["d"])  # logged again
+    assert log.has(["d"]) and log.has_batch(replay, REQUESTS[2:])  # logged again
     for l, W in _weights(live).items():
         assert torch.equal(W, _weights(replay)[l]), l

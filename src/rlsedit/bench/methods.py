@@ -194,6 +194,23 @@ def bench_machine(config: MethodBenchConfig) -> dict[str, Any]:
                                                                 "target_rows": config.target_rows}
 
 
+def _score_checkpoint(lm, batches: list[list[EditRequest]], record: dict[str, Any], config: MethodBenchConfig,
+                      general, plan: GenerationPlan | None, locality_pre_edit, parts_path: Path, *,
+                      records_out: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The checkpoint evaluation of the weights after ``batches`` (all applied so far; ``record`` is
+    the last one's progress line). CounterFact is scored in parts kept on disk: a stop in an
+    hours-long checkpoint keeps what was scored, for a restart whose weights are these bit for bit."""
+    so_far = [r for batch in batches for r in batch]
+    scored = counterfact_in_parts(lm, so_far, parts_path,
+                                  {"batch": record["batch"], "edited_weights_sha256": record["edited_weights_sha256"]},
+                                  batch_size=config.eval_batch_size, pre_edit_locality=locality_pre_edit)
+    evaluation = evaluate_checkpoint(lm, so_far, config, general, plan, locality_pre_edit, records_out=records_out,
+                                     counterfact_records=scored)
+    if config.stop_below_chance:
+        evaluation["last_batch_efficacy"] = last_batch_efficacy(lm, batches[-1], config)
+    return evaluation
+
+
 def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditRequest], general, folder: Path,
              runtime, base_sha: str, consistency_ref, plan: GenerationPlan | None = None,
              locality_pre_edit: dict[str, list[list[int]]] | None = None, *,
@@ -238,7 +255,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
         def rebuildable(b: int) -> bool:
             if target_log is None:  # FT: no value targets; its batch is computed again from the weights before it
                 return True
-            return target_log.has_all(session.editor.target_log_entries(batches[b - 1]))
+            return target_log.has_batch(session.editor, batches[b - 1])
 
         # a progress line counts only if its batch is in the journal, or can be rebuilt: from the
         # target log, or by computing it again where the method logs no targets (a state folder
@@ -290,21 +307,12 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
             record["diagnostics"] = diagnostics_summary(session.editor.diagnostics())
             record["edited_weights_sha256"] = edited_weights_sha256(session.lm, session.editor.layers)
             if b in checkpoints:
-                so_far = [r for bb in batches[:b] for r in bb]
                 if checkpoints[b]:
                     record["checkpoint_for"] = checkpoints[b]  # the edit counts asked; "edits" is the actual one
                 last_records = [] if b == len(batches) else None  # the forgetting curve reads them
-                # scored in parts kept on disk: a stop in an hours-long checkpoint keeps what was scored,
-                # for a restart whose weights are these bit for bit
-                scored = counterfact_in_parts(
-                    session.lm, so_far, parts_path,
-                    {"batch": b, "edited_weights_sha256": record["edited_weights_sha256"]},
-                    batch_size=config.eval_batch_size, pre_edit_locality=locality_pre_edit)
-                record["evaluation"] = evaluate_checkpoint(session.lm, so_far, config, general, plan,
-                                                           locality_pre_edit, records_out=last_records,
-                                                           counterfact_records=scored)
-                if config.stop_below_chance:
-                    record["evaluation"]["last_batch_efficacy"] = last_batch_efficacy(session.lm, batch, config)
+                record["evaluation"] = _score_checkpoint(
+                    session.lm, batches[:b], record, config, general, plan, locality_pre_edit, parts_path,
+                    records_out=last_records)
             record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             record.update(ran_on)
             if rebuilt and not rebuilt_noted:

@@ -110,7 +110,7 @@ def _rescore_run(run: MethodRun, config: MethodBenchConfig, requests, folder: Pa
     if editor_class.logs_value_targets:
         target_log = TargetLog(folder / TARGETS_DIR)
         for b in range(1, max(stale) + 1):
-            if not target_log.has_all(editor_class.target_log_entries(batches[b - 1])):
+            if not target_log.has_batch(editor_class, batches[b - 1]):
                 raise StateMismatchError(f"{run.name}: batch {b} is not in the target log {folder / TARGETS_DIR}; "
                                          "its checkpoints cannot be rebuilt without optimising again")
     state = folder / "state"

@@ -42,7 +42,7 @@ class TargetLog:
     """Target residuals ``δ`` of batches, keyed by their edit ids (one file per batch in ``folder``).
 
     The editor calls :meth:`lookup` before optimising a batch and :meth:`record` after (see
-    ``Editor.target_log``); the benchmark asks :meth:`has` which lost batches it can rebuild.
+    ``Editor.target_log``); the benchmark asks :meth:`has_batch` which lost batches it can rebuild.
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -54,9 +54,9 @@ class TargetLog:
     def has(self, ids: Sequence[str]) -> bool:
         return self._path(ids).is_file()
 
-    def has_all(self, entries: Sequence[Sequence[str]]) -> bool:
-        """Whether every entry (``Editor.target_log_entries`` of a batch) is logged."""
-        return all(self.has(ids) for ids in entries)
+    def has_batch(self, editor, requests: Sequence) -> bool:
+        """Whether every entry ``editor`` (an editor or its class) logs for the batch ``requests`` is here."""
+        return all(self.has(ids) for ids in editor.target_log_entries(requests))
 
     def lookup(self, ids: Sequence[str]) -> torch.Tensor | None:
         """The stored ``δ`` (u, d_model) float32 of the batch ``ids``, or None when not logged."""
