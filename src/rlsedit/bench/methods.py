@@ -70,18 +70,16 @@ from typing import Any, Callable
 
 from ..errors import InvalidRequestError, StateMismatchError
 from ..requests import EditRequest
-from .counterfact_parts import counterfact_in_parts
 from .edit_stream import checkpoint_plan, collapse_stop, select_edits
 from .methods_config import MethodBenchConfig, MethodRun, plan_runs
-from .methods_eval import (GenerationPlan, consistency_reference, diagnostics_summary, evaluate_checkpoint,
-                           final_extras, last_batch_efficacy)
+from .methods_eval import RunScoring, consistency_reference, diagnostics_summary, last_batch_efficacy
 from .methods_report import write_report
 from .provenance import code_description
 from .target_log import TargetLog
 from .resume import (append_progress, bench_settings, check_or_write_settings, read_progress, rewrite_progress,
                      write_json, write_run_name)
 from .timing import timing_summary
-from .unedited_row import LOCALITY_PRE_EDIT, unedited_row
+from .unedited_row import unedited_row
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +151,7 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
     if config.fluency_n:
         consistency_ref = consistency_reference(config, requests)
 
-    unedited, plan = unedited_row(out, config, requests, general, consistency_ref)
+    unedited, scoring = unedited_row(out, config, requests, general, consistency_ref)
     base_sha = unedited["weights_sha256"]
 
     results: dict[str, Any] = {}
@@ -163,8 +161,8 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
             log.info("%s: already done (%s)", run.name, result_path)
             results[run.name] = json.loads(result_path.read_text())
             continue
-        results[run.name] = _run_one(run, config, requests, general, out / run.dir_name, runtime, base_sha,
-                                     consistency_ref, plan, unedited[LOCALITY_PRE_EDIT], first_device=first_device)
+        results[run.name] = _run_one(run, scoring, requests, out / run.dir_name, runtime, base_sha,
+                                     first_device=first_device)
         write_json(result_path, results[run.name])
         if on_method_done is not None:
             on_method_done(run.name, results[run.name])
@@ -194,31 +192,46 @@ def bench_machine(config: MethodBenchConfig) -> dict[str, Any]:
                                                                 "target_rows": config.target_rows}
 
 
-def _score_checkpoint(lm, batches: list[list[EditRequest]], record: dict[str, Any], config: MethodBenchConfig,
-                      general, plan: GenerationPlan | None, locality_pre_edit, parts_path: Path, *,
-                      records_out: list[dict[str, Any]] | None) -> dict[str, Any]:
+def _score_checkpoint(lm, batches: list[list[EditRequest]], record: dict[str, Any], scoring: RunScoring,
+                      parts_path: Path, *, records_out: list[dict[str, Any]] | None) -> dict[str, Any]:
     """The checkpoint evaluation of the weights after ``batches`` (all applied so far; ``record`` is
     the last one's progress line). CounterFact is scored in parts kept on disk: a stop in an
     hours-long checkpoint keeps what was scored, for a restart whose weights are these bit for bit."""
     so_far = [r for batch in batches for r in batch]
-    scored = counterfact_in_parts(lm, so_far, parts_path,
-                                  {"batch": record["batch"], "edited_weights_sha256": record["edited_weights_sha256"]},
-                                  batch_size=config.eval_batch_size, pre_edit_locality=locality_pre_edit)
-    evaluation = evaluate_checkpoint(lm, so_far, config, general, plan, locality_pre_edit, records_out=records_out,
-                                     counterfact_records=scored)
-    if config.stop_below_chance:
-        evaluation["last_batch_efficacy"] = last_batch_efficacy(lm, batches[-1], config)
+    evaluation = scoring.checkpoint(
+        lm, so_far, parts_path, {"batch": record["batch"], "edited_weights_sha256": record["edited_weights_sha256"]},
+        records_out=records_out)
+    if scoring.config.stop_below_chance:
+        evaluation["last_batch_efficacy"] = last_batch_efficacy(lm, batches[-1], scoring.config)
     return evaluation
 
 
-def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditRequest], general, folder: Path,
-             runtime, base_sha: str, consistency_ref, plan: GenerationPlan | None = None,
-             locality_pre_edit: dict[str, list[list[int]]] | None = None, *,
-             first_device: str | None = None) -> dict[str, Any]:
+def _timed_record(run: MethodRun, session, b: int, edits: int, total: float | None,
+                  phases: tuple[float | None, float]) -> dict[str, Any]:
+    """Batch ``b``'s progress line so far: its edit count and where its ``total`` seconds went
+    (``phases``: solve and journal seconds, :meth:`_PhaseTimer.take`); ``total`` is ``None`` for
+    a batch journaled before a crash, whose timings were lost."""
+    record: dict[str, Any] = {"batch": b, "edits": edits}
+    if total is None:
+        return record | {"total_s": None, "solve_s": None, "journal_s": None, "locate_s": None, "resumed": True}
+    solve_s, journal_s = phases
+    record.update(total_s=total, solve_s=solve_s, journal_s=journal_s, locate_s=total - (solve_s or 0.0) - journal_s)
+    info = session.store.read_entry(session.store.journal_count - 1).meta.get("info", {})
+    record.update(target_steps_summary(info.get("target_steps"), getattr(run.config, "v_num_grad_steps", None)))
+    if info.get("targets_replayed"):  # from the target log: this batch timed no optimisation
+        record["targets_replayed"] = True
+    elif info.get("targets_replayed_edits"):  # ROME resumed mid-batch: some requests were not timed
+        record["targets_replayed_edits"] = info["targets_replayed_edits"]
+    return record
+
+
+def _run_one(run: MethodRun, scoring: RunScoring, requests: list[EditRequest], folder: Path, runtime,
+             base_sha: str, *, first_device: str | None = None) -> dict[str, Any]:
     from ..model.weights import weights_sha256
     from ..session.session import Session
     from ..session.store import is_state_dir
 
+    config = scoring.config
     folder.mkdir(parents=True, exist_ok=True)
     write_run_name(folder, run.name)
     state_dir = folder / "state"
@@ -290,29 +303,16 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
                 if len(report.applied) != len(batch):
                     raise StateMismatchError(f"{run.name}: batch {b} applied {len(report.applied)} of {len(batch)} edits")
             total = time.perf_counter() - start
-            solve_s, journal_s = timer.take()
-            record: dict[str, Any] = {"batch": b, "edits": b * config.batch_size if b < len(batches) else len(requests)}
-            if applied_before:  # journaled before a crash; its timings were lost
-                record.update(total_s=None, solve_s=None, journal_s=None, locate_s=None, resumed=True)
-            else:
-                record.update(total_s=total, solve_s=solve_s, journal_s=journal_s,
-                              locate_s=total - (solve_s or 0.0) - journal_s)
-                info = session.store.read_entry(session.store.journal_count - 1).meta.get("info", {})
-                record.update(target_steps_summary(info.get("target_steps"),
-                                                   getattr(run.config, "v_num_grad_steps", None)))
-                if info.get("targets_replayed"):  # from the target log: this batch timed no optimisation
-                    record["targets_replayed"] = True
-                elif info.get("targets_replayed_edits"):  # ROME resumed mid-batch: some requests were not timed
-                    record["targets_replayed_edits"] = info["targets_replayed_edits"]
+            edits = b * config.batch_size if b < len(batches) else len(requests)
+            record = _timed_record(run, session, b, edits, None if applied_before else total, timer.take())
             record["diagnostics"] = diagnostics_summary(session.editor.diagnostics())
             record["edited_weights_sha256"] = edited_weights_sha256(session.lm, session.editor.layers)
             if b in checkpoints:
                 if checkpoints[b]:
                     record["checkpoint_for"] = checkpoints[b]  # the edit counts asked; "edits" is the actual one
                 last_records = [] if b == len(batches) else None  # the forgetting curve reads them
-                record["evaluation"] = _score_checkpoint(
-                    session.lm, batches[:b], record, config, general, plan, locality_pre_edit, parts_path,
-                    records_out=last_records)
+                record["evaluation"] = _score_checkpoint(session.lm, batches[:b], record, scoring, parts_path,
+                                                         records_out=last_records)
             record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             record.update(ran_on)
             if rebuilt and not rebuilt_noted:
@@ -331,7 +331,7 @@ def _run_one(run: MethodRun, config: MethodBenchConfig, requests: list[EditReque
         # the last batch's checkpoint scored exactly these on these weights, unless it ran in an
         # earlier process (a resumed run) or the method stopped early
         reuse = last_records if last_records and len(last_records) == len(applied) else None
-        final = final_extras(session.lm, applied, config, consistency_ref, records=reuse)
+        final = scoring.final(session.lm, applied, records=reuse)
         status = {"weights_sha256": weights_sha256(session.lm), "layers": list(session.editor.layers),
                   "edits_applied": len(session.index)}
     finally:

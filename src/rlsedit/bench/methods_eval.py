@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from ..errors import InvalidRequestError
 from ..requests import EditRequest
+from .counterfact_parts import counterfact_in_parts
 from .methods_config import GEN_CHAT, MethodBenchConfig
 
 log = logging.getLogger(__name__)
@@ -226,6 +227,35 @@ def final_extras(lm, requests: Sequence[EditRequest], config: MethodBenchConfig,
         }
         out["generation_seconds"] = time.perf_counter() - start
     return out
+
+
+@dataclass(frozen=True)
+class RunScoring:
+    """What every row of one benchmark run is scored with, fixed before its first edit: the
+    settings, the general suites, the generation plan (with the unedited continuations), EasyEdit
+    locality's unedited reference and consistency's reference texts. The unedited row and every
+    method's checkpoints score with the same one, so their figures compare."""
+
+    config: MethodBenchConfig
+    general: tuple[str, ...]
+    plan: GenerationPlan | None = None
+    locality_pre_edit: dict[str, list[list[int]]] | None = None
+    consistency_ref: Any = None
+
+    def checkpoint(self, lm, requests: Sequence[EditRequest], parts: Path, weights: dict[str, Any], *,
+                   records_out: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """:func:`evaluate_checkpoint` of ``lm`` after ``requests``, its CounterFact records scored
+        a part at a time into ``parts`` (:func:`~rlsedit.bench.counterfact_parts.counterfact_in_parts`,
+        ``weights`` naming the weights scored): a stop keeps the parts done."""
+        scored = counterfact_in_parts(lm, requests, parts, weights, batch_size=self.config.eval_batch_size,
+                                      pre_edit_locality=self.locality_pre_edit)
+        return evaluate_checkpoint(lm, requests, self.config, self.general, self.plan, self.locality_pre_edit,
+                                   records_out=records_out, counterfact_records=scored)
+
+    def final(self, lm, requests: Sequence[EditRequest],
+              records: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """:func:`final_extras` of ``lm`` after ``requests``."""
+        return final_extras(lm, requests, self.config, self.consistency_ref, records=records)
 
 
 def consistency_reference(config: MethodBenchConfig, requests: Sequence[EditRequest]):

@@ -27,10 +27,9 @@ from typing import Any, Sequence
 
 from ..errors import StateMismatchError
 from ..requests import EditRequest
-from .counterfact_parts import counterfact_in_parts
 from .edit_stream import checkpoint_plan
 from .methods_config import MethodBenchConfig
-from .methods_eval import GenerationPlan, evaluate_checkpoint, final_extras, generation_plan, locality_reference
+from .methods_eval import GenerationPlan, RunScoring, generation_plan, locality_reference
 from .resume import UNEDITED_SCORES, add_to_unedited, merge_into_unedited, unedited_once
 
 log = logging.getLogger(__name__)
@@ -41,20 +40,20 @@ UNEDITED_PARTS_FILE = "unedited-counterfact.jsonl"  # the unedited row's Counter
 
 
 def unedited_row(out: Path, config: MethodBenchConfig, requests: list[EditRequest], general: Sequence[str],
-                 consistency_ref) -> tuple[dict[str, Any], GenerationPlan | None]:
+                 consistency_ref) -> tuple[dict[str, Any], RunScoring]:
     """The finished unedited row of ``out`` (its missing stages computed first, module doc) and
-    the run's generation plan with the unedited continuations."""
+    what the run's rows are scored with: the unedited references its stages recorded."""
     unedited = unedited_once(out, lambda: _unedited_identity(config))
     if LOCALITY_PRE_EDIT not in unedited:
         unedited = add_to_unedited(out, (LOCALITY_PRE_EDIT,),
                                    lambda: {LOCALITY_PRE_EDIT: _locality_pre_edit(config, requests)})
-    plan = generation_plan_with_pre_edit(out, config, requests)
+    scoring = RunScoring(config, tuple(general), generation_plan_with_pre_edit(out, config, requests),
+                         unedited[LOCALITY_PRE_EDIT], consistency_ref)
     parts = out / UNEDITED_PARTS_FILE
     unedited = add_to_unedited(out, UNEDITED_SCORES, lambda: _score_unedited(
-        config, requests, general, consistency_ref, plan, unedited[LOCALITY_PRE_EDIT],
-        unedited["weights_sha256"], parts))
+        scoring, requests, unedited["weights_sha256"], parts))
     parts.unlink(missing_ok=True)  # in unedited.json now
-    return unedited, plan
+    return unedited, scoring
 
 
 def _base_model(config: MethodBenchConfig, base_sha: str | None = None):
@@ -78,8 +77,7 @@ def _unedited_identity(config) -> dict[str, Any]:
     return {"weights_sha256": weights_sha256(lm), "model_fingerprint": lm.fingerprint}
 
 
-def _score_unedited(config, requests, general, consistency_ref, plan: GenerationPlan | None,
-                    locality: dict[str, list[list[int]]], base_sha: str, parts: Path) -> dict[str, Any]:
+def _score_unedited(scoring: RunScoring, requests, base_sha: str, parts: Path) -> dict[str, Any]:
     """The unedited row's own scores (its last stage), on the weights its first stage recorded;
     its CounterFact records are kept in ``parts`` as they are scored (hours at 10,000 edits on a
     CPU), so a restart continues them.
@@ -88,13 +86,10 @@ def _score_unedited(config, requests, general, consistency_ref, plan: Generation
     batches (a determinism check): the methods' figures compare against the same references.
     """
     start = time.perf_counter()
-    lm = _base_model(config, base_sha)
-    scored = counterfact_in_parts(lm, requests, parts, {"weights_sha256": base_sha},
-                                  batch_size=config.eval_batch_size, pre_edit_locality=locality)
+    lm = _base_model(scoring.config, base_sha)
     records: list[dict[str, Any]] = []
-    evaluation = evaluate_checkpoint(lm, requests, config, general, plan, locality, records_out=records,
-                                     counterfact_records=scored)
-    extras = final_extras(lm, requests, config, consistency_ref, records=records)
+    evaluation = scoring.checkpoint(lm, requests, parts, {"weights_sha256": base_sha}, records_out=records)
+    extras = scoring.final(lm, requests, records=records)
     return {"evaluation": evaluation, "final": extras, "seconds": time.perf_counter() - start}
 
 
