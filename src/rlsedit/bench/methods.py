@@ -303,7 +303,7 @@ def _run_one(run: MethodRun, scoring: RunScoring, requests: list[EditRequest], f
                 if len(report.applied) != len(batch):
                     raise StateMismatchError(f"{run.name}: batch {b} applied {len(report.applied)} of {len(batch)} edits")
             total = time.perf_counter() - start
-            edits = b * config.batch_size if b < len(batches) else len(requests)
+            edits = min(b * config.batch_size, len(requests))  # the last batch may be short
             record = _timed_record(run, session, b, edits, None if applied_before else total, timer.take())
             record["diagnostics"] = diagnostics_summary(session.editor.diagnostics())
             record["edited_weights_sha256"] = edited_weights_sha256(session.lm, session.editor.layers)
