@@ -262,25 +262,7 @@ def _run_one(run: MethodRun, scoring: RunScoring, requests: list[EditRequest], f
         target_log = TargetLog(folder / TARGETS_DIR) if session.editor.logs_value_targets else None
         session.editor.target_log = target_log
 
-        def journaled(b: int) -> bool:
-            return all(r.id in session.index for r in batches[b - 1])
-
-        def rebuildable(b: int) -> bool:
-            if target_log is None:  # FT: no value targets; its batch is computed again from the weights before it
-                return True
-            return target_log.has_batch(session.editor, batches[b - 1])
-
-        # a progress line counts only if its batch is in the journal, or can be rebuilt: from the
-        # target log, or by computing it again where the method logs no targets (a state folder
-        # lost, e.g. on another machine, while progress.jsonl stayed must not make the run skip
-        # unapplied batches)
-        kept = [rec for rec in records if 1 <= rec["batch"] <= len(batches) and (journaled(rec["batch"])
-                                                                                 or rebuildable(rec["batch"]))]
-        if len(kept) != len(records):
-            log.warning("%s: %d progress lines have no journaled or logged batch; redoing those batches",
-                        run.name, len(records) - len(kept))
-            rewrite_progress(progress_path, kept)
-            records = kept
+        records = _kept_progress(run.name, records, batches, session, target_log, progress_path)
         done = {rec["batch"]: rec for rec in records}
         ran_on = {"code": code_description(), "machine": bench_machine(config)}  # written on each new progress line
         rebuilt: list[dict[str, Any]] = []
@@ -292,11 +274,11 @@ def _run_one(run: MethodRun, scoring: RunScoring, requests: list[EditRequest], f
                 log.info("%s: stopped at %d edits (%s)", run.name, stopped["at_edits"], stopped["reason"])
                 break
             if b in done:
-                if not journaled(b):  # lost with its session: rebuilt from its logged targets
+                if not _journaled(session, batch):  # lost with its session: rebuilt from its logged targets
                     rebuilt.append(rebuild_batch(session, batch, b, done[b]))
                     timer.take()
                 continue
-            applied_before = all(r.id in session.index for r in batch)
+            applied_before = _journaled(session, batch)
             start = time.perf_counter()
             if not applied_before:
                 report = session.edit(batch, batch_size=len(batch))
@@ -350,6 +332,29 @@ def _run_one(run: MethodRun, scoring: RunScoring, requests: list[EditRequest], f
         "setup_seconds_last_open": setup_s,
         "wall_seconds_this_process": time.perf_counter() - start_wall,
     }
+
+
+def _journaled(session, batch: list[EditRequest]) -> bool:
+    """Whether every edit of ``batch`` is in ``session``'s journal."""
+    return all(r.id in session.index for r in batch)
+
+
+def _kept_progress(name: str, records: list[dict[str, Any]], batches: list[list[EditRequest]], session,
+                   target_log: TargetLog | None, progress_path: Path) -> list[dict[str, Any]]:
+    """The progress lines a resumed run may skip past: those whose batch is in the journal or can be
+    rebuilt, from the target log or (a method that logs no targets, ``target_log`` ``None``) by
+    computing it again. A state folder lost while progress.jsonl stayed (another machine) must not
+    make the run skip unapplied batches; the lines dropped are rewritten out of ``progress_path``."""
+    def counts(b: int) -> bool:
+        batch = batches[b - 1]
+        return _journaled(session, batch) or target_log is None or target_log.has_batch(session.editor, batch)
+
+    kept = [rec for rec in records if 1 <= rec["batch"] <= len(batches) and counts(rec["batch"])]
+    if len(kept) != len(records):
+        log.warning("%s: %d progress lines have no journaled or logged batch; redoing those batches",
+                    name, len(records) - len(kept))
+        rewrite_progress(progress_path, kept)
+    return kept
 
 
 def edited_weights_sha256(lm, layers) -> str:
