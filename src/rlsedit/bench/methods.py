@@ -68,6 +68,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from ..editors.base import iter_batches
 from ..errors import InvalidRequestError, StateMismatchError
 from ..requests import EditRequest
 from .edit_stream import checkpoint_plan, collapse_stop, select_edits
@@ -257,7 +258,7 @@ def _run_one(run: MethodRun, scoring: RunScoring, requests: list[EditRequest], f
                     f"{run.name}: the freshly loaded model's weights ({sha[:12]}…) differ from the base model's "
                     f"({base_sha[:12]}…); refusing to benchmark on changed weights")
         timer = _PhaseTimer(session.editor, session.store)
-        batches = [requests[i:i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
+        batches = list(iter_batches(requests, config.batch_size))
         checkpoints = checkpoint_plan(len(requests), config.batch_size, config.checkpoints, config.checkpoint_edits)
         target_log = TargetLog(folder / TARGETS_DIR) if session.editor.logs_value_targets else None
         session.editor.target_log = target_log

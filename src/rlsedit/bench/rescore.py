@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..editors import get_editor_class
+from ..editors.base import iter_batches
 from ..errors import InvalidRequestError, StateMismatchError
 from .edit_stream import select_edits
 from .methods import TARGETS_DIR, bench_machine, rebuild_batch
@@ -104,7 +105,7 @@ def _rescore_run(run: MethodRun, config: MethodBenchConfig, requests, folder: Pa
     from ..session.store import is_state_dir
 
     by_batch = {rec["batch"]: rec for rec in records}
-    batches = [requests[i:i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
+    batches = list(iter_batches(requests, config.batch_size))
     editor_class = get_editor_class(run.method)
     target_log = None  # FT logs no value targets: its batches are computed again (rebuild_batch)
     if editor_class.logs_value_targets:
