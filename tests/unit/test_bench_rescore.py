@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 
-from rlsedit.bench.methods import run_method_bench
+from rlsedit.bench.methods import TARGETS_DIR, run_method_bench
 from rlsedit.bench.methods_eval import generation_plan
 from rlsedit.bench.methods_report import write_report
 from rlsedit.bench.rescore import rescore_generation, stale_checkpoints
@@ -131,6 +132,25 @@ def test_weights_that_do_not_rebuild_bit_for_bit_are_rescored_only_within_the_to
     assert ev["generation"]["summary"] == fresh["generation"]["summary"]  # the same weights in fact
     write_report(out, ["rlsedit"])
     assert "| 2 (2), re-scored ≈1.0e-07 |" in (out / "results.md").read_text()
+
+
+def test_a_checkpoint_whose_batch_left_no_logged_targets_is_refused(scored, tmp_path):
+    """Weights that could only be rebuilt by optimising again are not re-scored: the error names the
+    batch, and nothing is rewritten."""
+    out, config, _ = scored
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("state"))
+    progress = copy / "rlsedit" / "progress.jsonl"
+    records = read_progress(progress)
+    records[0]["evaluation"]["generation"]["counts"]["edits"] = 1  # stale again
+    rewrite_progress(progress, records)
+    logged = sorted((copy / "rlsedit" / TARGETS_DIR).glob("*.safetensors"))
+    assert len(logged) == 2  # one file per batch
+    for path in logged:
+        path.unlink()
+    with pytest.raises(StateMismatchError, match="batch 1 is not in the target log"):
+        rescore_generation(config, copy)
+    assert read_progress(progress) == records
 
 
 def test_rescoring_refuses_a_folder_without_a_benchmark_and_other_settings(scored, tmp_path):

@@ -348,7 +348,7 @@ def _kept_progress(name: str, records: list[dict[str, Any]], batches: list[list[
     make the run skip unapplied batches; the lines dropped are rewritten out of ``progress_path``."""
     def counts(b: int) -> bool:
         batch = batches[b - 1]
-        return _journaled(session, batch) or target_log is None or target_log.has_batch(session.editor, batch)
+        return _journaled(session, batch) or rebuildable(target_log, session.editor, batch)
 
     kept = [rec for rec in records if 1 <= rec["batch"] <= len(batches) and counts(rec["batch"])]
     if len(kept) != len(records):
@@ -368,6 +368,13 @@ def edited_weights_sha256(lm, layers) -> str:
     for l in layers:
         digest.update(get_W(lm, l).contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def rebuildable(target_log: TargetLog | None, editor, batch: list[EditRequest]) -> bool:
+    """Whether :func:`rebuild_batch` can apply ``batch`` again without optimising its value targets:
+    every entry ``editor`` (an editor or its class) logs for it is in ``target_log``, or the method
+    logs none (``target_log`` ``None``: FT computes its batches again)."""
+    return target_log is None or target_log.has_batch(editor, batch)
 
 
 def rebuild_batch(session, batch: list[EditRequest], b: int, record: dict[str, Any]) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from ..editors import get_editor_class
 from ..editors.base import iter_batches
 from ..errors import InvalidRequestError, StateMismatchError
 from .edit_stream import select_edits
-from .methods import TARGETS_DIR, bench_machine, rebuild_batch
+from .methods import TARGETS_DIR, bench_machine, rebuild_batch, rebuildable
 from .methods_config import MethodBenchConfig, MethodRun, plan_runs
 from .methods_eval import GenerationPlan, evaluate_generation_sample, retention_of_first
 from .provenance import code_description
@@ -107,13 +107,11 @@ def _rescore_run(run: MethodRun, config: MethodBenchConfig, requests, folder: Pa
     by_batch = {rec["batch"]: rec for rec in records}
     batches = list(iter_batches(requests, config.batch_size))
     editor_class = get_editor_class(run.method)
-    target_log = None  # FT logs no value targets: its batches are computed again (rebuild_batch)
-    if editor_class.logs_value_targets:
-        target_log = TargetLog(folder / TARGETS_DIR)
-        for b in range(1, max(stale) + 1):
-            if not target_log.has_batch(editor_class, batches[b - 1]):
-                raise StateMismatchError(f"{run.name}: batch {b} is not in the target log {folder / TARGETS_DIR}; "
-                                         "its checkpoints cannot be rebuilt without optimising again")
+    target_log = TargetLog(folder / TARGETS_DIR) if editor_class.logs_value_targets else None
+    for b in range(1, max(stale) + 1):
+        if not rebuildable(target_log, editor_class, batches[b - 1]):
+            raise StateMismatchError(f"{run.name}: batch {b} is not in the target log {folder / TARGETS_DIR}; "
+                                     "its checkpoints cannot be rebuilt without optimising again")
     state = folder / "state"
     # a bench editing this run holds its session's lock: refuse rather than rewrite its progress under it
     lock = StateLock(state) if is_state_dir(state) else contextlib.nullcontext()
