@@ -3,7 +3,6 @@ ROME's 21 context prefixes, and the clamp and size term against the MLP output's
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
