@@ -33,7 +33,7 @@ from ..errors import InvalidRequestError, StateMismatchError
 from .edit_stream import select_edits
 from .methods import TARGETS_DIR, bench_machine, rebuild_batch, rebuildable
 from .methods_config import MethodBenchConfig, MethodRun, plan_runs
-from .methods_eval import GenerationPlan, evaluate_generation_sample, retention_of_first
+from .methods_eval import GenerationPlan, RunScoring, evaluate_generation_sample, retention_of_first
 from .provenance import code_description
 from .resume import (SETTINGS_FILE, bench_settings, check_or_write_settings, read_progress, rewrite_progress,
                      write_json)
@@ -81,29 +81,29 @@ def rescore_generation(config: MethodBenchConfig, out: str | Path, *, progress: 
     runs = plan_runs(config)
     requests = select_edits(config.data, config.n, shuffle=config.shuffle, seed=config.seed)
     check_or_write_settings(out, bench_settings(config, requests, general))  # refuses other settings
-    plan = generation_plan_with_pre_edit(out, config, requests)
+    scoring = RunScoring(config, tuple(general), generation_plan_with_pre_edit(out, config, requests))
     runtime = Runtime(device=config.device, progress=progress, cache_dir=config.cache_dir, corpus=config.corpus,
                       target_rows=config.target_rows)
     summary: dict[str, Any] = {}
     for run in runs:
         folder = out / run.dir_name
         records = read_progress(folder / "progress.jsonl")
-        stale = stale_checkpoints(records, plan, config)
+        stale = stale_checkpoints(records, scoring.plan, config)
         if stale:
-            summary[run.name] = _rescore_run(run, config, requests, folder, runtime, plan, records, stale,
-                                             tolerance)
+            summary[run.name] = _rescore_run(run, scoring, requests, folder, runtime, records, stale, tolerance)
         else:
             summary[run.name] = []
             log.info("%s: every checkpoint already scored its full sample", run.name)
     return summary
 
 
-def _rescore_run(run: MethodRun, config: MethodBenchConfig, requests, folder: Path, runtime, plan: GenerationPlan,
-                 records: list[dict[str, Any]], stale: list[int], tolerance: float | None) -> list[dict[str, Any]]:
+def _rescore_run(run: MethodRun, scoring: RunScoring, requests, folder: Path, runtime, records: list[dict[str, Any]],
+                 stale: list[int], tolerance: float | None) -> list[dict[str, Any]]:
     from ..filelock import StateLock
     from ..session.session import Session
     from ..session.store import is_state_dir
 
+    config = scoring.config
     by_batch = {rec["batch"]: rec for rec in records}
     batches = list(iter_batches(requests, config.batch_size))
     editor_class = get_editor_class(run.method)
@@ -127,7 +127,7 @@ def _rescore_run(run: MethodRun, config: MethodBenchConfig, requests, folder: Pa
                     continue
                 rec = by_batch[b]
                 weights = _rebuilt_match(run.name, b, rebuilt, tolerance)
-                done.append(_rescore_checkpoint(session.lm, rec, batches[:b], config, plan, weights))
+                done.append(_rescore_checkpoint(session.lm, rec, batches[:b], scoring, weights))
                 rewrite_progress(folder / "progress.jsonl", records)
                 log.info("%s: batch %d re-scored (%s)", run.name, b, done[-1])
         finally:
@@ -157,8 +157,9 @@ def _rebuilt_match(name: str, b: int, rebuilt: dict[str, Any], tolerance: float 
            "--rebuild-tolerance accepts that)"))
 
 
-def _rescore_checkpoint(lm, rec: dict[str, Any], batches, config: MethodBenchConfig,
-                        plan: GenerationPlan, weights: dict[str, Any]) -> dict[str, Any]:
+def _rescore_checkpoint(lm, rec: dict[str, Any], batches, scoring: RunScoring,
+                        weights: dict[str, Any]) -> dict[str, Any]:
+    config, plan = scoring.config, scoring.plan
     so_far = [r for batch in batches for r in batch]
     ev = rec["evaluation"]
     before = {"generation_edits": ((ev.get("generation") or {}).get("counts") or {}).get("edits", 0),
