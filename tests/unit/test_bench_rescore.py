@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from rlsedit.bench.methods import TARGETS_DIR, run_method_bench
-from rlsedit.bench.methods_eval import generation_plan
+from rlsedit.bench.methods_eval import RunScoring, generation_plan
 from rlsedit.bench.methods_report import write_report
 from rlsedit.bench.rescore import rescore_generation, stale_checkpoints
 from rlsedit.bench.resume import read_progress, rewrite_progress
@@ -66,7 +66,7 @@ def test_a_checkpoint_scored_on_fewer_edits_is_rescored_on_the_rebuilt_weights(s
     progress = out / "rlsedit" / "progress.jsonl"
     before = read_progress(progress)
     plan = generation_plan(config, [None] * config.n)
-    assert stale_checkpoints(before, plan, config) == [1]
+    assert stale_checkpoints(before, RunScoring(config, (), plan)) == [1]
     summary = rescore_generation(config, out)
     assert summary == {"rlsedit": [{"batch": 1, "edits": 2,
                                     "before": {"generation_edits": 1, "first_generation_edits": 1},

@@ -33,7 +33,7 @@ from ..errors import InvalidRequestError, StateMismatchError
 from .edit_stream import select_edits
 from .methods import TARGETS_DIR, bench_machine, rebuild_batch, rebuildable
 from .methods_config import MethodBenchConfig, MethodRun, plan_runs
-from .methods_eval import GenerationPlan, RunScoring, evaluate_generation_sample, retention_of_first
+from .methods_eval import RunScoring, evaluate_generation_sample, retention_of_first
 from .provenance import code_description
 from .resume import (SETTINGS_FILE, bench_settings, check_or_write_settings, read_progress, rewrite_progress,
                      write_json)
@@ -43,9 +43,10 @@ from .unedited_row import generation_plan_with_pre_edit
 log = logging.getLogger(__name__)
 
 
-def stale_checkpoints(records: list[dict[str, Any]], plan: GenerationPlan, config: MethodBenchConfig) -> list[int]:
+def stale_checkpoints(records: list[dict[str, Any]], scoring: RunScoring) -> list[int]:
     """The batches whose checkpoint scored generation (or the first edits' *says it*) on fewer
-    sampled edits than ``plan`` asks now."""
+    sampled edits than ``scoring``'s plan asks now."""
+    config, plan = scoring.config, scoring.plan
     stale = []
     for rec in records:
         ev = rec.get("evaluation")
@@ -88,7 +89,7 @@ def rescore_generation(config: MethodBenchConfig, out: str | Path, *, progress: 
     for run in runs:
         folder = out / run.dir_name
         records = read_progress(folder / "progress.jsonl")
-        stale = stale_checkpoints(records, scoring.plan, config)
+        stale = stale_checkpoints(records, scoring)
         if stale:
             summary[run.name] = _rescore_run(run, scoring, requests, folder, runtime, records, stale, tolerance)
         else:
