@@ -599,6 +599,21 @@ def test_the_forgetting_curve_reads_the_last_checkpoints_scores(tiny_setup, monk
     assert "records" not in result["methods"]["rlsedit"]["batches"][-1]["evaluation"]["counterfact"]
 
 
+def test_progress_lines_name_the_commit_read_when_the_process_began(tiny_setup, monkeypatch):
+    """HEAD may move while a long run edits (a commit beside it): every line names the commit
+    read once, at the start, not whatever HEAD is when a later method begins."""
+    import rlsedit.bench.methods as methods
+
+    commits = iter(["started-here", "moved-later", "moved-again"])
+    monkeypatch.setattr(methods, "code_description",
+                        lambda: {"rlsedit": "x", "git_commit": next(commits), "git_dirty": False})
+    out = tiny_setup["root"] / "code-at-start"
+    result = run_method_bench(_config(tiny_setup, methods=("rlsedit", "memit-seq"), general=(), checkpoints=1), out)
+    lines = [rec for name in ("rlsedit", "memit-seq") for rec in result["methods"][name]["batches"]]
+    assert len(lines) == 4
+    assert {rec["code"]["git_commit"] for rec in lines} == {"started-here"}
+
+
 @pytest.mark.parametrize("method, entries", [("memit-seq", 2), ("rome", 4)])  # one per batch; per request
 def test_a_lost_session_is_rebuilt_from_the_target_log(finished, tiny_setup, method, entries):
     """A run folder whose session was lost (a new machine gets only the committed files) rebuilds

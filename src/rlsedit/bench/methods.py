@@ -140,6 +140,8 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
         raise InvalidRequestError(
             f"data: {config.data} holds MEND zsRE records, but the method benchmark scores CounterFact; "
             "evaluate zsRE with `rlsedit eval --suites zsre --zsre-convention memit|easyedit`")
+    # the commit this process runs, read before any long work: HEAD may move while it edits
+    code = code_description()
     general = general_suite_names(config.general)
     runs = plan_runs(config)  # checks methods, hparams files and the sweep before anything is written
     out = Path(out)
@@ -162,7 +164,7 @@ def run_method_bench(config: MethodBenchConfig, out: str | Path, *, progress: bo
             log.info("%s: already done (%s)", run.name, result_path)
             results[run.name] = json.loads(result_path.read_text())
             continue
-        results[run.name] = _run_one(run, scoring, requests, out / run.dir_name, runtime, base_sha,
+        results[run.name] = _run_one(run, scoring, requests, out / run.dir_name, runtime, base_sha, code,
                                      first_device=first_device)
         write_json(result_path, results[run.name])
         if on_method_done is not None:
@@ -227,7 +229,7 @@ def _timed_record(run: MethodRun, session, b: int, edits: int, total: float | No
 
 
 def _run_one(run: MethodRun, scoring: RunScoring, requests: list[EditRequest], folder: Path, runtime,
-             base_sha: str, *, first_device: str | None = None) -> dict[str, Any]:
+             base_sha: str, code: dict[str, Any], *, first_device: str | None = None) -> dict[str, Any]:
     from ..model.weights import weights_sha256
     from ..session.session import Session
     from ..session.store import is_state_dir
@@ -265,7 +267,7 @@ def _run_one(run: MethodRun, scoring: RunScoring, requests: list[EditRequest], f
 
         records = _kept_progress(run.name, records, batches, session, target_log, progress_path)
         done = {rec["batch"]: rec for rec in records}
-        ran_on = {"code": code_description(), "machine": bench_machine(config)}  # written on each new progress line
+        ran_on = {"code": code, "machine": bench_machine(config)}  # written on each new progress line
         rebuilt: list[dict[str, Any]] = []
         rebuilt_noted = False
         last_records: list[dict[str, Any]] | None = None

@@ -2,7 +2,8 @@
 
 A long benchmark spans many processes and code versions (it resumes after every stop), so each
 batch's progress line names the code and machine that ran it; a write-up can then say which
-batches ran at which commit without anyone having to remember.
+batches ran at which commit without anyone having to remember. A run reads the commit once, when
+it begins: HEAD may move under a process that edits for hours.
 """
 
 from __future__ import annotations

@@ -78,6 +78,7 @@ def rescore_generation(config: MethodBenchConfig, out: str | Path, *, progress: 
         raise InvalidRequestError(f"the rebuild tolerance must be in [0, 1e-3) (float rounding), got {tolerance}")
     if not config.gen_n:
         raise InvalidRequestError("--rescore-generation needs the run's --gen-n (generation metrics are off)")
+    code = code_description()  # the commit this process runs, before HEAD can move under it
     general = general_suite_names(config.general)
     runs = plan_runs(config)
     requests = select_edits(config.data, config.n, shuffle=config.shuffle, seed=config.seed)
@@ -91,7 +92,8 @@ def rescore_generation(config: MethodBenchConfig, out: str | Path, *, progress: 
         records = read_progress(folder / "progress.jsonl")
         stale = stale_checkpoints(records, scoring)
         if stale:
-            summary[run.name] = _rescore_run(run, scoring, requests, folder, runtime, records, stale, tolerance)
+            summary[run.name] = _rescore_run(run, scoring, requests, folder, runtime, records, stale, tolerance,
+                                            code)
         else:
             summary[run.name] = []
             log.info("%s: every checkpoint already scored its full sample", run.name)
@@ -99,7 +101,7 @@ def rescore_generation(config: MethodBenchConfig, out: str | Path, *, progress: 
 
 
 def _rescore_run(run: MethodRun, scoring: RunScoring, requests, folder: Path, runtime, records: list[dict[str, Any]],
-                 stale: list[int], tolerance: float | None) -> list[dict[str, Any]]:
+                 stale: list[int], tolerance: float | None, code: dict[str, Any]) -> list[dict[str, Any]]:
     from ..filelock import StateLock
     from ..session.session import Session
     from ..session.store import is_state_dir
@@ -128,7 +130,7 @@ def _rescore_run(run: MethodRun, scoring: RunScoring, requests, folder: Path, ru
                     continue
                 rec = by_batch[b]
                 weights = _rebuilt_match(run.name, b, rebuilt, tolerance)
-                done.append(_rescore_checkpoint(session.lm, rec, batches[:b], scoring, weights))
+                done.append(_rescore_checkpoint(session.lm, rec, batches[:b], scoring, weights, code))
                 rewrite_progress(folder / "progress.jsonl", records)
                 log.info("%s: batch %d re-scored (%s)", run.name, b, done[-1])
         finally:
@@ -158,8 +160,8 @@ def _rebuilt_match(name: str, b: int, rebuilt: dict[str, Any], tolerance: float 
            "--rebuild-tolerance accepts that)"))
 
 
-def _rescore_checkpoint(lm, rec: dict[str, Any], batches, scoring: RunScoring,
-                        weights: dict[str, Any]) -> dict[str, Any]:
+def _rescore_checkpoint(lm, rec: dict[str, Any], batches, scoring: RunScoring, weights: dict[str, Any],
+                        code: dict[str, Any]) -> dict[str, Any]:
     config, plan = scoring.config, scoring.plan
     so_far = [r for batch in batches for r in batch]
     ev = rec["evaluation"]
@@ -174,6 +176,6 @@ def _rescore_checkpoint(lm, rec: dict[str, Any], batches, scoring: RunScoring,
     after = {"generation_edits": ev["generation"]["counts"]["edits"],
              "first_generation_edits": ((ev.get("retention_first") or {}).get("generation") or {}).get("edits", 0)}
     ev["generation_rescored"] = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                 "code": code_description(), "machine": bench_machine(config), "before": before,
+                                 "code": code, "machine": bench_machine(config), "before": before,
                                  "weights": weights}
     return {"batch": rec["batch"], "edits": rec["edits"], "before": before, "after": after, "weights": weights}
