@@ -733,6 +733,29 @@ def test_timings_are_given_per_device_and_leave_out_replayed_targets():
     assert _timing_cells({"seconds_per_edit": None, "solve_seconds_per_batch": None}) == ("–", "–")
 
 
+def test_timings_are_given_per_cpu_model_when_a_stream_moved_between_cpus():
+    """A CPU stream resumed on another CPU model: one s/edit per model, named without trademark
+    marks; a line that named no CPU stays plain 'cpu'. One model throughout keeps one figure."""
+    from rlsedit.bench.methods_report import _timing_cells
+    from rlsedit.bench.timing import timing_summary
+
+    def line(b, total, cpu=None):
+        machine = {"device": "cpu", **({"cpu": cpu} if cpu else {})}
+        return {"batch": b, "edits": 10 * b, "total_s": total, "solve_s": 1.0, "machine": machine}
+
+    xeon, epyc = "Intel(R) Xeon(R) Processor", "AMD EPYC"
+    records = [line(1, 40.0, xeon), line(2, 42.0, xeon), line(3, 80.0, epyc), line(4, 84.0, epyc)]
+    t = timing_summary(records, first_device="cpu")
+    assert list(t["by_device"]) == ["cpu: Intel Xeon Processor", "cpu: AMD EPYC"]
+    assert t["by_device"]["cpu: Intel Xeon Processor"]["seconds_per_edit"] == pytest.approx(82.0 / 20)
+    assert t["by_device"]["cpu: AMD EPYC"]["seconds_per_edit"] == pytest.approx(164.0 / 20)
+    assert _timing_cells(t)[0] == "4.10 (cpu: Intel Xeon Processor) · 8.20 (cpu: AMD EPYC)"
+    unnamed = timing_summary([line(1, 40.0)] + records[1:], first_device="cpu")
+    assert list(unnamed["by_device"]) == ["cpu", "cpu: Intel Xeon Processor", "cpu: AMD EPYC"]
+    same = timing_summary([line(1, 40.0), line(2, 42.0, xeon)], first_device="cpu")
+    assert list(same["by_device"]) == ["cpu"] and _timing_cells(same)[0] == "4.10"
+
+
 def test_progress_without_a_journal_or_a_target_log_is_redone(finished, tiny_setup):
     """A run folder whose session and target log were both lost keeps no credit for its progress lines."""
     import shutil

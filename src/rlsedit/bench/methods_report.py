@@ -38,7 +38,8 @@ NOTES = [
     "solve_s is the closed-form solve summed over layers (None for FT). s/edit and solve s/batch leave out "
     "batches whose value targets, all or some, were replayed from the target log (targets_replayed; ROME resumed "
     "mid-batch: targets_replayed_edits) and are given per device "
-    "when batches ran on more than one (machine.device of each progress line)",
+    "when batches ran on more than one (machine.device of each progress line), and per CPU model when CPU "
+    "batches ran on more than one (machine.cpu)",
     "generation columns (settings.gen_n): at each checkpoint a seeded sample of min(gen_n, edits so far) of the edits "
     "applied, the same for every method (sampled edits: how many; the end of the stream and the unedited row score "
     "the stream's own sample of gen_n; a checkpoint scored on fewer is re-scored by --rescore-generation: "

@@ -3,6 +3,7 @@ the one rule the report's s/edit, its trajectory and the cost plot share."""
 
 from __future__ import annotations
 
+import re
 import statistics
 from typing import Any, Sequence
 
@@ -13,6 +14,13 @@ def batch_device(record: dict[str, Any], first_device: str | None) -> str | None
     settings were first written with (``settings.json``: a resumed run may change the device, but
     no run changed it before lines recorded it)."""
     return (record.get("machine") or {}).get("device") or first_device
+
+
+def _cpu_model(record: dict[str, Any]) -> str | None:
+    """The CPU a progress line's batch ran on, without trademark marks ('Intel Xeon Processor'),
+    or None for a line written before lines named it."""
+    cpu = (record.get("machine") or {}).get("cpu")
+    return re.sub(r"\s*\((R|TM)\)", "", cpu).strip() if cpu else None
 
 
 def times_an_edit(record: dict[str, Any]) -> bool:
@@ -27,13 +35,19 @@ def times_an_edit(record: dict[str, Any]) -> bool:
 def timed_batches(records: Sequence[dict[str, Any]],
                   first_device: str | None = None) -> list[tuple[dict[str, Any], int, str | None]]:
     """``(progress line, edits in its batch, device)`` of every line that :func:`times_an_edit`,
-    in batch order."""
+    in batch order. When the CPU batches ran on more than one CPU model (a resumed stream moved to
+    another machine), the device names the model too ('cpu: AMD EPYC'): the same code can run twice
+    as long on another CPU, and one mean over both describes neither."""
     out, previous = [], 0
     for rec in sorted(records, key=lambda r: r["batch"]):
         size, previous = rec["edits"] - previous, rec["edits"]
         if times_an_edit(rec):
             out.append((rec, size, batch_device(rec, first_device)))
-    return out
+    models = {_cpu_model(rec) for rec, _, device in out if device == "cpu"} - {None}
+    if len(models) < 2:
+        return out
+    return [(rec, size, f"cpu: {_cpu_model(rec)}" if device == "cpu" and _cpu_model(rec) else device)
+            for rec, size, device in out]
 
 
 def timing_summary(records: Sequence[dict[str, Any]], first_device: str | None = None) -> dict[str, Any]:
